@@ -1,0 +1,118 @@
+# pluto-k8s developer and CI entry points.  `make help` lists them.
+#
+# The venv uses a *strict* editable install: setuptools links every package file
+# into build/__editable__.* at install time, so a module added later is invisible
+# until the install is redone. `make venv` therefore tracks two things: the
+# dependencies (pyproject.toml: full install) and the set of package files
+# (re-link only, --no-deps).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STRICT := --config-settings editable_mode=strict
+# The machine's local wheel store (torch), when there is one.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP := $(PY) -m pip --disable-pip-version-check
+PIP_LOG := $(VENV)/pip-install.log
+# pip's (and setuptools') chatter goes to PIP_LOG; its tail is shown when pip fails.
+PIP_INSTALL = run_pip() { $(PIP) install $(FIND_LINKS) "$$@" >>$(PIP_LOG) 2>&1 \
+	|| { echo "pip install $$* failed; tail of $(PIP_LOG):" >&2; tail -n 40 $(PIP_LOG) >&2; \
+	     return 1; }; }; run_pip
+
+DEPS_STAMP := $(VENV)/.stamp-deps
+LINK_STAMP := $(VENV)/.stamp-links
+MANIFEST := $(VENV)/.package-files
+PACKAGE_DIRS := pluto server
+
+.PHONY: help venv postgres test lint demo clean distclean FORCE
+
+help:
+	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
+	@echo "make postgres  install PostgreSQL (Debian) unless initdb/postgres already exist"
+	@echo "make lint      ruff + mypy"
+	@echo "make test      lint, then pytest (needs venv and postgres)"
+	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
+	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/"
+
+venv: $(LINK_STAMP)
+
+# Full install: only when pyproject.toml changes (or the venv is new).
+$(DEPS_STAMP): pyproject.toml
+	@echo "==> venv: installing .[dev] into $(VENV) (python: $(PYTHON), log: $(PIP_LOG))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@: > $(PIP_LOG)
+	@$(PIP_INSTALL) --upgrade pip
+	@$(PIP_INSTALL) -e '.[dev]' $(STRICT)
+	@touch $@
+
+# The sorted list of package files; rewritten only when it changes, so its mtime
+# says "a module was added, removed or renamed".
+$(MANIFEST): FORCE
+	@mkdir -p $(VENV)
+	@{ find $(PACKAGE_DIRS) -type f \( -name '*.py' -o -name 'py.typed' -o -name '*.mako' \) \
+		-not -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort > $@.tmp
+	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
+
+# Re-link when the package files changed after the last install or re-link.
+# (MANIFEST is listed first: a full install that runs after it links everything.)
+$(LINK_STAMP): $(MANIFEST) $(DEPS_STAMP)
+	@if [ $(MANIFEST) -nt $(DEPS_STAMP) ] && { [ ! -e $@ ] || [ $(MANIFEST) -nt $@ ]; }; then \
+		echo "==> venv: re-linking the editable install (package files changed)"; \
+		$(PIP_INSTALL) --no-deps -e . $(STRICT); \
+	fi
+	@touch $@
+
+# Install PostgreSQL only when no server binaries are present
+# (PG_FORCE_INSTALL=1 runs the install branch anyway: apt-get makes it a no-op).
+postgres:
+	@if [ -z "$${PG_FORCE_INSTALL:-}" ] && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+		&& compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then \
+		echo "==> postgres: found $$(dirname $$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1))"; \
+	elif [ -z "$${PG_FORCE_INSTALL:-}" ] && command -v initdb >/dev/null \
+		&& command -v postgres >/dev/null; then \
+		echo "==> postgres: found $$(dirname $$(command -v initdb))"; \
+	else \
+		echo "==> postgres: no initdb/postgres found (or PG_FORCE_INSTALL); apt-get install postgresql"; \
+		SUDO=""; \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			if command -v sudo >/dev/null; then SUDO="sudo"; \
+			else echo "postgres: need root or sudo to apt-get install postgresql" >&2; exit 1; fi; \
+		fi; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+			|| { echo "postgres: install finished but initdb is still missing" >&2; exit 1; }; \
+		echo "==> postgres: installed $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"; \
+	fi
+
+lint: venv
+	@echo "==> ruff"
+	@$(BIN)/ruff check .
+	@echo "==> mypy (packages from pyproject.toml)"
+	@$(BIN)/mypy
+	@echo "==> mypy (tests/support, tests/conftest.py)"
+	@$(BIN)/mypy tests/support tests/conftest.py
+
+test: venv postgres
+	@$(MAKE) lint
+	@echo "==> pytest"
+	@$(BIN)/pytest -q
+
+demo: venv
+	@bash scripts/demo.sh
+
+clean:
+	@rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	@find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# build/ holds the strict editable link tree: it goes together with the venv.
+distclean: clean
+	@rm -rf $(VENV) build *.egg-info .pluto-data
+
+FORCE:

@@ -1,0 +1,3 @@
+from pluto.cli import main
+
+raise SystemExit(main())

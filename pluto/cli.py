@@ -1,0 +1,180 @@
+"""The ``pluto`` command: ``server``, ``keys``, ``runs``, ``lineage``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from pluto.errors import PlutoError
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path(".pluto-data"),
+                        help="directory of the embedded SQLite database (default: ./.pluto-data)")
+    parser.add_argument("--database-url", default=os.environ.get("PLUTO_DATABASE_URL"),
+                        help="postgresql://user@host/db to use PostgreSQL instead "
+                             "(env: PLUTO_DATABASE_URL)")
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="server URL (env: PLUTO_URL)")
+    parser.add_argument("--project", default=None, help="project (env: PLUTO_PROJECT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pluto", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run the tracking server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other turns auth on)")
+    server.add_argument("--port", type=int, default=7300, help="port (default 7300)")
+    _storage_flags(server)
+    server.add_argument("--auth", action="store_true",
+                        help="require an API key on every request")
+    server.add_argument("--max-body-mb", type=float, default=64.0,
+                        help="largest request body accepted, in MiB (default 64)")
+    server.add_argument("--public-url", default=None,
+                        help="URL users reach the server at, for run links")
+    server.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
+                        help="SQLite durability: FULL survives power loss (default)")
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--project", default=None, help="limit the key to one project")
+    _storage_flags(create)
+    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    _storage_flags(listing)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its lookup id")
+    revoke.add_argument("lookup")
+    _storage_flags(revoke)
+
+    runs = commands.add_parser("runs", help="list a project's runs")
+    runs.add_argument("project")
+    runs.add_argument("--url", default=None, help="server URL (env: PLUTO_URL)")
+
+    lineage = commands.add_parser("lineage", help="show a run's ancestors and descendants")
+    lineage.add_argument("run", help="numeric id, display id (MMP-3) or external id")
+    _client_flags(lineage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "server":
+            return _server(args)
+        if args.command == "keys":
+            return _keys(args, console)
+        if args.command == "runs":
+            return _runs(args, console)
+        if args.command == "lineage":
+            return _lineage(args, console)
+    except PlutoError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 1
+    return 2
+
+
+def _server(args: argparse.Namespace) -> int:
+    from pluto_server.main import serve
+    from pluto_server.settings import ServerSettings
+
+    serve(ServerSettings(
+        host=args.host, port=args.port, data_dir=args.data_dir, database_url=args.database_url,
+        auth=args.auth, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        public_url=args.public_url, sqlite_synchronous=args.sqlite_synchronous,
+    ))
+    return 0
+
+
+def _keys(args: argparse.Namespace, console: Console) -> int:
+    from pluto_server import auth
+    from pluto_server.database import Database, sqlite_url
+
+    if args.database_url is None:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(args.database_url or sqlite_url(args.data_dir.resolve()))
+    try:
+        database.migrate()
+        with database.write() as conn:
+            if args.keys_command == "create":
+                key = auth.create_key(conn, args.name, args.project)
+                # The only time the key is ever shown: print it alone so scripts can capture it.
+                print(key.plaintext)
+                Console(stderr=True).print(
+                    "[dim]Store this key now (e.g. in a Kubernetes Secret); "
+                    "it cannot be shown again.[/dim]")
+                return 0
+            if args.keys_command == "list":
+                table = Table("lookup", "name", "project", "revoked")
+                for row in auth.list_keys(conn):
+                    table.add_row(str(row["lookup"]), str(row["name"]),
+                                  str(row["project"] or "*"), "yes" if row["revoked_at"] else "")
+                console.print(table)
+                return 0
+            if auth.revoke_key(conn, args.lookup):
+                console.print(f"revoked {args.lookup}")
+                return 0
+            Console(stderr=True).print(f"no active key with lookup id {args.lookup}")
+            return 1
+    finally:
+        database.dispose()
+
+
+def _runs(args: argparse.Namespace, console: Console) -> int:
+    from pluto import query
+
+    table = Table("id", "display id", "name", "status", "forked from", "fork step", "steps")
+    for run in query.list_runs(args.project, url=args.url):
+        steps = "" if run.last_step is None else f"{run.first_step}-{run.last_step}"
+        table.add_row(str(run.id), run.display_id, run.name, run.status.value,
+                      run.forked_from_display_id or "", _opt(run.fork_step), steps)
+    console.print(table)
+    return 0
+
+
+def _lineage(args: argparse.Namespace, console: Console) -> int:
+    from pluto import query
+
+    view = query.get_lineage(args.run, args.project, url=args.url)
+    chain = " <- ".join(
+        f"{display}" + (f" (forked at {step})" if step is not None else "")
+        for _, display, step in view.ancestors
+    )
+    console.print(f"[bold]ancestors[/bold]: {chain}")
+    tree = Tree(_label(view.tree))
+    stack = [(view.tree, tree)]
+    while stack:
+        node, branch = stack.pop()
+        for child in node.children:
+            sub = branch.add(_label(child))
+            stack.append((child, sub))
+    console.print("[bold]descendants[/bold]:")
+    console.print(tree)
+    return 0
+
+
+def _label(node: object) -> str:
+    from pluto.query import LineageTree
+
+    assert isinstance(node, LineageTree)
+    fork = f" forked at step {node.fork_step}" if node.fork_step is not None else ""
+    return f"{node.display_id} {node.name!r}{fork}"
+
+
+def _opt(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The background half of ``run.log()``: rows -> chunks -> spool -> server.
+
+``log()`` only appends to ``rows``. One daemon thread packs rows into columnar
+chunks, appends each chunk to the durable spool, then delivers spooled chunks in
+order and acknowledges them once the server has applied them. When the server
+is away the spool grows on disk, not in memory, and is delivered when it
+returns; a chunk the server refuses for good goes to a dead-letter file.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pluto.errors import PlutoError, RequestRejected
+from pluto.spool import Spool, SpoolLocked
+from pluto.transport.base import Transport
+from pluto.wire import Chunk, LogLine, encode_msgpack
+
+log = logging.getLogger("pluto")
+
+Row = tuple[int, float, dict[str, float]]
+SEND_BATCH = 64  # chunks per request at most
+MAX_BACKOFF = 10.0
+
+
+@dataclass
+class DeliveryState:
+    """What ``finish()`` reports when it cannot deliver everything in time."""
+
+    delivered_points: int = 0
+    dead_letters: int = 0
+    last_error: str | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        run_id: int,
+        writer: int,
+        transport: Transport,
+        spool_root: Path,
+        flush_interval: float,
+        max_chunk_points: int,
+        max_buffered_calls: int,
+        fsync: bool,
+    ) -> None:
+        self.run_id = run_id
+        self.writer = writer
+        self.session = uuid.uuid4().hex
+        self.transport = transport
+        self.flush_interval = flush_interval
+        self.max_chunk_points = max_chunk_points
+        self.max_buffered_calls = max_buffered_calls
+        self.rows: collections.deque[Row] = collections.deque()
+        self.logs: collections.deque[LogLine] = collections.deque()
+        self.state = DeliveryState()
+        self.spool_root = spool_root
+        self.spool = Spool(spool_root / self.session, fsync=fsync)
+        self._seq = 0
+        self._wake = threading.Event()
+        self._room = threading.Condition()
+        self._stopping = False
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pluto-sender", daemon=True)
+        self._thread.start()
+
+    # -- called from the training thread -----------------------------------
+
+    def wait_for_room(self) -> None:
+        """Back-pressure: block the caller until the sender has caught up a little."""
+        self._wake.set()
+        with self._room:
+            while len(self.rows) >= self.max_buffered_calls and self._thread.is_alive():
+                self._room.wait(0.1)
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything logged so far is delivered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._idle.clear()
+            self._wake.set()
+            if self._idle.wait(min(0.5, max(0.0, deadline - time.monotonic()))) and (
+                not self.rows and not self.logs and self.spool.empty
+            ):
+                return True
+            if not self._thread.is_alive():
+                return False
+        return not self.rows and not self.logs and self.spool.empty
+
+    def close(self, timeout: float) -> bool:
+        delivered = self.drain(timeout)
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.spool.close(remove_if_empty=delivered)
+        return delivered
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.spool.pending_bytes
+
+    # -- the sender thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        self._adopt_orphans()
+        backoff = 0.0
+        while not self._stopping:
+            self._wake.wait(max(self.flush_interval, backoff))
+            self._wake.clear()
+            try:
+                self._pack()
+                backoff = 0.0 if self._send() else min(MAX_BACKOFF, max(0.2, backoff * 2))
+            except Exception as exc:  # the sender must outlive any one bad chunk
+                log.exception("pluto sender error")
+                self.state.last_error = repr(exc)
+                backoff = min(MAX_BACKOFF, max(0.2, backoff * 2))
+            if backoff:
+                backoff *= 0.5 + random.random()  # jitter: ranks don't retry in lockstep
+            if not self.rows and not self.logs and self.spool.empty:
+                self._idle.set()
+
+    def _pack(self) -> None:
+        while self.rows or self.logs:
+            keys: dict[str, int] = {}
+            key_index: list[int] = []
+            steps: list[int] = []
+            values: list[float] = []
+            times: list[float] = []
+            rows = self.rows
+            while rows and len(steps) < self.max_chunk_points:
+                step, at, data = rows.popleft()
+                for key, value in data.items():
+                    index = keys.get(key)
+                    if index is None:
+                        index = keys[key] = len(keys)
+                    key_index.append(index)
+                    steps.append(step)
+                    values.append(value)
+                    times.append(at)
+            lines: list[LogLine] = []
+            while self.logs and len(lines) < 10_000:
+                lines.append(self.logs.popleft())
+            with self._room:
+                self._room.notify_all()
+            if not steps and not lines:
+                continue
+            chunk = Chunk(run=self.run_id, session=self.session, seq=self._seq,
+                          writer=self.writer, keys=list(keys), key_index=key_index,
+                          steps=steps, values=values, times=times, logs=lines)
+            self._seq += 1
+            self.spool.append(encode_msgpack(chunk))
+
+    def _send(self) -> bool:
+        """Deliver spooled chunks in order; False when the server could not take them."""
+        return _deliver_spool(self.spool, self.transport, self.state, self.spool_root)
+
+    def _adopt_orphans(self) -> None:
+        """Deliver spools left by processes that died before delivering everything."""
+        for directory in sorted(self.spool_root.iterdir()):
+            if directory.name == self.session or not directory.is_dir():
+                continue
+            try:
+                orphan = Spool(directory, fsync=False)
+            except SpoolLocked:
+                continue  # a live process owns it
+            except OSError:
+                continue
+            try:
+                while not orphan.empty and not self._stopping:
+                    if not _deliver_spool(orphan, self.transport, self.state, self.spool_root):
+                        time.sleep(1.0)
+            finally:
+                orphan.close(remove_if_empty=True)
+
+
+def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,
+                   root: Path) -> bool:
+    while True:
+        records = spool.read(SEND_BATCH)
+        if not records:
+            return True
+        try:
+            result = transport.deliver([record.payload for record in records])
+        except RequestRejected as exc:
+            if not exc.permanent:
+                spool.rewind()
+                state.last_error = str(exc)
+                return False
+            if len(records) > 1:
+                # Find the bad chunk: send the rest one by one.
+                spool.rewind()
+                for record in spool.read(len(records)):
+                    if not _deliver_one(record.payload, transport, state, root):
+                        spool.rewind()
+                        return False
+                    spool.ack(record.end)
+                continue
+            _dead_letter(root, records[0].payload, exc, state)
+        except PlutoError as exc:
+            spool.rewind()
+            state.last_error = str(exc)
+            return False
+        else:
+            state.delivered_points += result.points
+        spool.ack(records[-1].end)
+
+
+def _deliver_one(payload: bytes, transport: Transport, state: DeliveryState,
+                 root: Path) -> bool:
+    try:
+        state.delivered_points += transport.deliver([payload]).points
+    except RequestRejected as exc:
+        if not exc.permanent:
+            return False
+        _dead_letter(root, payload, exc, state)
+    except PlutoError as exc:
+        state.last_error = str(exc)
+        return False
+    return True
+
+
+def _dead_letter(root: Path, payload: bytes, exc: RequestRejected, state: DeliveryState) -> None:
+    """Set a refused chunk aside with the server's reason: never retried forever, never lost."""
+    state.dead_letters += 1
+    path = root.parent / "dead-letter.msgpack"
+    record: dict[str, Any] = {"at": time.time(), "status": exc.status_code,
+                              "detail": exc.detail, "chunk": msgspec.Raw(payload)}
+    with open(path, "ab") as handle:
+        handle.write(encode_msgpack(record))
+    warnings.warn(
+        f"pluto: the server refused a chunk of data for good ({exc}); it was set aside in "
+        f"{path}", RuntimeWarning, stacklevel=2,
+    )

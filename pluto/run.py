@@ -1,0 +1,243 @@
+"""``Run``: what ``pluto.init()`` returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from pluto.console import ConsoleCapture
+from pluto.pipeline import Pipeline
+from pluto.settings import Settings
+from pluto.transport.base import Transport
+from pluto.values import ValueConverter
+from pluto.wire import RunAttached, RunFinish, RunStatus, RunUpdate
+
+log = logging.getLogger("pluto")
+
+
+class Run:
+    """One process's handle on a run. Every rank of a job holds its own ``Run``
+    for the same shared run; ``log()`` never blocks on I/O."""
+
+    def __init__(
+        self,
+        info: RunAttached,
+        *,
+        settings: Settings,
+        transport: Transport,
+        pipeline: Pipeline,
+        first_step: int,
+    ) -> None:
+        self._info = info
+        self.settings = settings
+        self._transport = transport
+        self._pipeline = pipeline
+        self._rows = pipeline.rows
+        self._limit = pipeline.max_buffered_calls
+        self._converter = ValueConverter()
+        self._step = first_step - 1
+        self._finished = False
+        self._finish_lock = threading.Lock()
+        self._console: ConsoleCapture | None = None
+        self._warned_log_error = False
+        self.undelivered_bytes = 0
+
+    # -- identity -------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """The server's numeric run id."""
+        return self._info.id
+
+    @property
+    def run_id(self) -> str | None:
+        """The external id shared by every rank (``PLUTO_RUN_ID``)."""
+        return self._info.run_id
+
+    @property
+    def display_id(self) -> str:
+        return self._info.display_id
+
+    @property
+    def resumed(self) -> bool:
+        """False for the one process that created the run, True for every other."""
+        return self._info.resumed
+
+    @property
+    def fork_run_id(self) -> int | None:
+        """The parent as resolved by the server: the ancestor that owns ``fork_step``."""
+        return self._info.forked_from
+
+    @property
+    def fork_step(self) -> int | None:
+        return self._info.fork_step
+
+    @property
+    def url(self) -> str:
+        return self._info.url
+
+    @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
+    def project(self) -> str:
+        return self._info.project
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._info.config
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._info.tags)
+
+    @property
+    def step(self) -> int:
+        """The step of the last ``log()`` call (-1 before the first)."""
+        return self._step
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def writer(self) -> int:
+        return self._pipeline.writer
+
+    # -- logging --------------------------------------------------------------
+
+    def log(self, data: Mapping[str, Any], step: int | None = None,
+            timestamp: float | None = None) -> None:
+        """Queue ``data`` at ``step`` (default: the previous step + 1) and return.
+
+        Never does I/O here. Values that are not numbers are skipped with one
+        warning per key.
+        """
+        try:
+            if self._finished:
+                self._warn_once("log() after finish() is ignored; start a new run with init()")
+                return
+            if step is None:
+                step = self._step + 1
+            elif type(step) is not int:
+                step = int(step)
+            self._step = step
+            values: dict[str, float] = {}
+            convert = self._converter.convert
+            for key, value in data.items():
+                kind = type(value)
+                if type(key) is not str:
+                    key = str(key)
+                if kind is float:
+                    values[key] = value
+                elif kind is int:
+                    values[key] = float(value)
+                else:
+                    converted = convert(str(key), value)
+                    if converted is not None:
+                        values[str(key)] = converted
+            if len(self._rows) >= self._limit:
+                self._pipeline.wait_for_room()
+            self._rows.append((step, time.time() if timestamp is None else timestamp, values))
+        except Exception as exc:  # never crash the training loop
+            self._warn_once(f"log() failed and skipped this call: {exc!r}")
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned_log_error:
+            self._warned_log_error = True
+            warnings.warn(f"pluto: {message}", RuntimeWarning, stacklevel=3)
+
+    # -- metadata -------------------------------------------------------------
+
+    def add_tags(self, tags: str | Iterable[str]) -> None:
+        self._update(RunUpdate(add_tags=[tags] if isinstance(tags, str) else list(tags)))
+
+    def remove_tags(self, tags: str | Iterable[str]) -> None:
+        self._update(RunUpdate(remove_tags=[tags] if isinstance(tags, str) else list(tags)))
+
+    def update_config(self, config: Mapping[str, Any]) -> None:
+        """Deep-merge ``config`` into the run's config (new keys win)."""
+        self._update(RunUpdate(config=dict(config)))
+
+    def _update(self, request: RunUpdate) -> None:
+        try:
+            info = self._transport.update_run(self.id, request)
+        except Exception as exc:
+            warnings.warn(f"pluto: could not update run {self.display_id}: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            return
+        self._info.config = info.config
+        self._info.tags = info.tags
+
+    # -- console ----------------------------------------------------------------
+
+    def _start_console(self) -> None:
+        logs = self._pipeline.logs
+        try:
+            self._console = ConsoleCapture(logs.append)
+        except OSError as exc:
+            warnings.warn(f"pluto: console capture is off: {exc}", RuntimeWarning, stacklevel=2)
+
+    # -- finishing --------------------------------------------------------------
+
+    def finish(self, code: int | None = None, *, status: RunStatus | str | None = None,
+               timeout: float | None = None) -> None:
+        """Deliver what was logged (bounded by ``finish_timeout``) and close the run.
+
+        ``code`` 0 or None means COMPLETED, anything else FAILED; ``status`` names
+        one directly. Anything not delivered in time stays in the local spool and
+        is sent by the next ``init()`` that uses the same ``dir``.
+        """
+        with self._finish_lock:
+            if self._finished:
+                return
+            self._finished = True
+        final = RunStatus(status) if status is not None else (
+            RunStatus.COMPLETED if not code else RunStatus.FAILED
+        )
+        try:
+            if self._console is not None:
+                self._console.stop()
+                self._console = None
+            delivered = self._pipeline.close(
+                self.settings.finish_timeout if timeout is None else timeout
+            )
+            if not delivered:
+                self.undelivered_bytes = self._pipeline.pending_bytes
+                reason = self._pipeline.state.last_error or "timed out"
+                warnings.warn(
+                    f"pluto: finish() could not deliver {self.undelivered_bytes} bytes of data "
+                    f"for run {self.display_id} ({reason}); they are kept in "
+                    f"{self._pipeline.spool.directory} and will be sent by the next "
+                    "pluto.init() with the same dir", RuntimeWarning, stacklevel=2,
+                )
+            self._transport.finish_run(self.id, RunFinish(status=final))
+        except Exception as exc:
+            warnings.warn(f"pluto: could not mark run {self.display_id} {final.value}: {exc}",
+                          RuntimeWarning, stacklevel=2)
+        finally:
+            self._transport.close()
+            from pluto import sdk
+
+            sdk.forget(self)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.finish()
+        elif issubclass(kind, KeyboardInterrupt):
+            self.finish(status=RunStatus.TERMINATED)
+        else:
+            self.finish(status=RunStatus.FAILED)
+
+    def __repr__(self) -> str:
+        return f"<pluto.Run {self.display_id} {self.name!r} project={self.project!r}>"

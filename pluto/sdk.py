@@ -1,0 +1,172 @@
+"""``pluto.init()`` and the module-level ``log`` / ``finish`` that act on the newest run."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import sys
+import threading
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from pluto.pipeline import Pipeline
+from pluto.settings import Settings, default_dir
+from pluto.transport.http import HttpTransport
+from pluto.wire import RunCreate, RunStatus
+
+if TYPE_CHECKING:
+    from pluto.run import Run
+
+DEFAULT_PROJECT = "default"
+
+_runs: list[Run] = []
+_lock = threading.Lock()
+_hooks_installed = False
+_uncaught: list[type[BaseException]] = []
+
+
+def init(
+    project: str | None = None,
+    name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    tags: list[str] | str | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
+    fork_run_id: str | int | None = None,
+    fork_step: int | None = None,
+    inherit_config: bool | None = None,
+    inherit_tags: bool | None = None,
+    dir: str | os.PathLike[str] | None = None,
+    settings: Settings | dict[str, Any] | None = None,
+) -> Run:
+    """Start a run, attach to a shared one, or fork one at a step.
+
+    Every process that passes the same ``run_id`` (or has the same
+    ``PLUTO_RUN_ID``) in the same project gets the same run: exactly one creates
+    it, the others get ``resumed=True``. ``resume=True`` additionally requires
+    the run to exist already (``run_id`` may then be its numeric or display id).
+    """
+    from pluto.run import Run
+
+    if (fork_run_id is None) != (fork_step is None):
+        missing = "fork_step" if fork_step is None else "fork_run_id"
+        raise ValueError(f"fork_run_id and fork_step go together: {missing} is missing")
+    if fork_step is not None and (type(fork_step) is not int or fork_step < 0):
+        raise ValueError(f"fork_step must be an int >= 0, got {fork_step!r}")
+    if fork_run_id is None and (inherit_config is not None or inherit_tags is not None):
+        warnings.warn("pluto: inherit_config/inherit_tags only apply to forks; ignored",
+                      RuntimeWarning, stacklevel=2)
+    resolved = Settings.build(settings)
+    project = project or os.environ.get("PLUTO_PROJECT") or DEFAULT_PROJECT
+    external = run_id or os.environ.get("PLUTO_RUN_ID") or os.environ.get("MLOP_RUN_ID")
+    if external is None:
+        if resume:
+            raise ValueError("resume=True needs run_id= (or PLUTO_RUN_ID) naming the run")
+        # A fresh id makes a retried create idempotent instead of making two runs.
+        external = secrets.token_hex(8)
+    request = RunCreate(
+        project=project,
+        run_id=external,
+        name=name,
+        config=dict(config) if config is not None else None,
+        tags=[tags] if isinstance(tags, str) else (list(tags) if tags is not None else None),
+        resume=resume,
+        fork_run_id=str(fork_run_id) if fork_run_id is not None else None,
+        fork_step=fork_step,
+        inherit_config=True if inherit_config is None else inherit_config,
+        inherit_tags=False if inherit_tags is None else inherit_tags,
+    )
+    transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)
+    try:
+        info = transport.open_run(request, resolved.init_timeout)
+    except BaseException:
+        transport.close()
+        raise
+    if info.resumed and name is not None and name != info.name:
+        warnings.warn(
+            f"pluto: run {info.display_id} already exists as {info.name!r}; the name {name!r} "
+            "given here is ignored", RuntimeWarning, stacklevel=2,
+        )
+    if resume and info.last_step is not None:
+        first_step = info.last_step + 1
+    elif info.fork_step is not None:
+        first_step = info.fork_step + 1
+    else:
+        first_step = 0
+    root = default_dir(dir)
+    pipeline = Pipeline(
+        run_id=info.id,
+        writer=resolved.writer,
+        transport=transport,
+        spool_root=Path(root) / "spool",
+        flush_interval=resolved.flush_interval,
+        max_chunk_points=resolved.max_chunk_points,
+        max_buffered_calls=resolved.max_buffered_calls,
+        fsync=resolved.fsync,
+    )
+    run = Run(info, settings=resolved, transport=transport, pipeline=pipeline,
+              first_step=first_step)
+    if resolved.console:
+        run._start_console()
+    with _lock:
+        _runs.append(run)
+    _install_hooks()
+    return run
+
+
+def current() -> Run | None:
+    """The newest run of this process that is not finished."""
+    with _lock:
+        return _runs[-1] if _runs else None
+
+
+def forget(run: Run) -> None:
+    with _lock:
+        if run in _runs:
+            _runs.remove(run)
+
+
+def log(data: Mapping[str, Any], step: int | None = None,
+        timestamp: float | None = None) -> None:
+    run = current()
+    if run is None:
+        warnings.warn("pluto.log() before pluto.init(): nothing was logged", RuntimeWarning,
+                      stacklevel=2)
+        return
+    run.log(data, step=step, timestamp=timestamp)
+
+
+def finish(code: int | None = None) -> None:
+    run = current()
+    if run is not None:
+        run.finish(code)
+
+
+def _install_hooks() -> None:
+    """At exit, finish open runs: FAILED after an uncaught exception, else COMPLETED."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException,
+                   tb: TracebackType | None) -> None:
+        _uncaught.append(kind)
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+    atexit.register(_finish_all)
+
+
+def _finish_all() -> None:
+    status = RunStatus.COMPLETED
+    if _uncaught:
+        interrupted = all(issubclass(kind, KeyboardInterrupt) for kind in _uncaught)
+        status = RunStatus.TERMINATED if interrupted else RunStatus.FAILED
+    for run in list(_runs):
+        run.finish(status=status)

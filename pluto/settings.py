@@ -1,0 +1,67 @@
+"""SDK settings: ``pluto.init(settings=...)`` takes a ``Settings`` or a dict of its fields."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:7300"
+
+
+def _env_rank() -> int:
+    for name in ("RANK", "PLUTO_RANK"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Tracking server URL. Env: ``PLUTO_URL``.
+    url: str = field(default_factory=lambda: os.environ.get("PLUTO_URL", DEFAULT_URL))
+    #: API key. Env: ``PLUTO_API_KEY``.
+    api_key: str | None = field(default_factory=lambda: os.environ.get("PLUTO_API_KEY"))
+    #: The writer label on every point: the process's rank. Env: ``RANK``.
+    writer: int = field(default_factory=_env_rank)
+    #: Ship stdout/stderr lines (fd level) as the run's log.
+    console: bool = field(
+        default_factory=lambda: os.environ.get("PLUTO_CONSOLE", "1") not in ("0", "false")
+    )
+    #: How long ``init()`` keeps trying to reach the server.
+    init_timeout: float = 15.0
+    #: How long ``finish()`` waits for delivery before giving up (data stays spooled).
+    finish_timeout: float = 30.0
+    #: The background thread sends at least this often (seconds).
+    flush_interval: float = 0.2
+    #: Points per chunk at most; bigger backlogs go in several chunks.
+    max_chunk_points: int = 200_000
+    #: ``log()`` blocks the caller once this many calls wait in memory (never drops).
+    max_buffered_calls: int = 500_000
+    #: fsync the spool on every chunk (survives power loss, not only a crash).
+    fsync: bool = True
+    #: Per-request HTTP timeout (seconds).
+    http_timeout: float = 30.0
+
+    @classmethod
+    def build(cls, value: Settings | dict[str, Any] | None) -> Settings:
+        if value is None:
+            return cls()
+        if isinstance(value, Settings):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown pluto setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return replace(cls(), **value)
+
+
+def default_dir(explicit: str | os.PathLike[str] | None) -> Path:
+    """Where the SDK keeps its spool: ``dir=``, ``PLUTO_DIR``, or ``./.pluto``."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get("PLUTO_DIR", ".pluto"))

@@ -1,0 +1,228 @@
+"""A durable, append-only spool of records, acknowledged in order.
+
+Records live in segment files as ``[u32 length][u32 crc32][payload]``. A
+cursor file (replaced atomically) remembers how far the records have been
+acknowledged. After a crash, a torn or corrupt tail is detected by its length
+or checksum and cut off, never replayed as garbage; everything before it is
+kept. Fully acknowledged segments are deleted.
+
+One process owns a spool directory at a time (an ``flock`` on ``LOCK``), so a
+spool left by a dead process can be adopted and replayed by another.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADER = struct.Struct("<II")
+CURSOR = struct.Struct("<QQ")
+SEGMENT_BYTES = 16 * 1024 * 1024
+LOCK_NAME = "LOCK"
+CURSOR_NAME = "CURSOR"
+
+
+class SpoolLocked(Exception):
+    """Another live process owns this spool directory."""
+
+
+@dataclass(frozen=True)
+class Position:
+    segment: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Record:
+    payload: bytes
+    end: Position  # acknowledging this record moves the cursor here
+
+
+@dataclass
+class Recovery:
+    """What opening a spool found: records kept, bytes of torn tail cut."""
+
+    records: int = 0
+    cut_bytes: int = 0
+
+
+class Spool:
+    def __init__(self, directory: Path, *, fsync: bool = True,
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"spool {directory} is in use by another process") from None
+        self.acked = self._read_cursor()
+        self.recovery = self._recover()
+        self._read_pos = self.acked
+        segments = self._segments()
+        self._write_segment = segments[-1] if segments else max(self.acked.segment, 1)
+        self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
+        self.pending_bytes = self._count_pending_bytes()
+
+    # -- writing ----------------------------------------------------------
+
+    def append(self, payload: bytes) -> None:
+        if self._writer.tell() >= self.segment_bytes:
+            self._rotate()
+        self._writer.write(HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._writer.flush()
+        if self.fsync:
+            os.fsync(self._writer.fileno())
+        self.pending_bytes += HEADER.size + len(payload)
+
+    def _rotate(self) -> None:
+        self._writer.close()
+        self._write_segment += 1
+        self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
+        if self.fsync:
+            _fsync_dir(self.directory)
+
+    # -- reading and acknowledging -----------------------------------------
+
+    def read(self, limit: int) -> list[Record]:
+        """Up to ``limit`` unread records after the last ones returned, oldest first."""
+        records: list[Record] = []
+        for record in self._iter_from(self._read_pos):
+            records.append(record)
+            if len(records) >= limit:
+                break
+        if records:
+            self._read_pos = records[-1].end
+        return records
+
+    def rewind(self) -> None:
+        """Read again from the first unacknowledged record (after a failed send)."""
+        self._read_pos = self.acked
+
+    def ack(self, position: Position) -> None:
+        """Everything up to ``position`` is delivered: move the cursor, drop old segments."""
+        freed = self._bytes_between(self.acked, position)
+        self.acked = position
+        tmp = self.directory / (CURSOR_NAME + ".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(CURSOR.pack(position.segment, position.offset))
+            handle.flush()
+            if self.fsync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / CURSOR_NAME)
+        self.pending_bytes = max(0, self.pending_bytes - freed)
+        for segment in self._segments():
+            if segment < position.segment:
+                self._path(segment).unlink(missing_ok=True)
+
+    @property
+    def empty(self) -> bool:
+        return self.pending_bytes == 0
+
+    def close(self, *, remove_if_empty: bool = False) -> None:
+        self._writer.close()
+        if remove_if_empty and self.empty:
+            for path in self.directory.iterdir():
+                path.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self.directory.rmdir()
+            return
+        os.close(self._lock_fd)
+
+    # -- internals ----------------------------------------------------------
+
+    def _path(self, segment: int) -> Path:
+        return self.directory / f"{segment:012d}.seg"
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
+
+    def _read_cursor(self) -> Position:
+        try:
+            data = (self.directory / CURSOR_NAME).read_bytes()
+            segment, offset = CURSOR.unpack(data)
+            return Position(segment, offset)
+        except (FileNotFoundError, struct.error):
+            segments = self._segments()
+            return Position(segments[0] if segments else 1, 0)
+
+    def _iter_from(self, start: Position) -> Iterator[Record]:
+        for segment in self._segments():
+            if segment < start.segment:
+                continue
+            offset = start.offset if segment == start.segment else 0
+            with open(self._path(segment), "rb") as handle:
+                handle.seek(offset)
+                while True:
+                    header = handle.read(HEADER.size)
+                    if len(header) < HEADER.size:
+                        break
+                    length, crc = HEADER.unpack(header)
+                    payload = handle.read(length)
+                    if len(payload) < length or zlib.crc32(payload) != crc:
+                        break
+                    offset += HEADER.size + length
+                    yield Record(payload, Position(segment, offset))
+
+    def _recover(self) -> Recovery:
+        """Cut each segment after its last intact record."""
+        recovery = Recovery()
+        for segment in self._segments():
+            path = self._path(segment)
+            good = 0
+            with open(path, "rb") as handle:
+                while True:
+                    header = handle.read(HEADER.size)
+                    if len(header) < HEADER.size:
+                        break
+                    length, crc = HEADER.unpack(header)
+                    payload = handle.read(length)
+                    if len(payload) < length or zlib.crc32(payload) != crc:
+                        break
+                    good += HEADER.size + length
+                    if segment > self.acked.segment or (
+                        segment == self.acked.segment and good > self.acked.offset
+                    ):
+                        recovery.records += 1
+            size = path.stat().st_size
+            if size > good:
+                recovery.cut_bytes += size - good
+                with open(path, "r+b") as handle:
+                    handle.truncate(good)
+        return recovery
+
+    def _count_pending_bytes(self) -> int:
+        total = 0
+        for segment in self._segments():
+            size = self._path(segment).stat().st_size
+            if segment == self.acked.segment:
+                total += max(0, size - self.acked.offset)
+            elif segment > self.acked.segment:
+                total += size
+        return total
+
+    def _bytes_between(self, start: Position, end: Position) -> int:
+        if start.segment == end.segment:
+            return max(0, end.offset - start.offset)
+        total = 0
+        for segment in self._segments():
+            if start.segment <= segment < end.segment:
+                size = self._path(segment).stat().st_size
+                total += size - (start.offset if segment == start.segment else 0)
+        return total + end.offset
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,29 @@
+"""What the SDK needs from a transport; the sidecar transport implements the same."""
+
+from __future__ import annotations
+
+import abc
+
+from pluto.wire import IngestResult, RunAttached, RunCreate, RunFinish, RunInfo, RunUpdate
+
+
+class Transport(abc.ABC):
+    """Control calls block and raise ``PlutoError``s; ``deliver`` is called from the
+    background sender only and raises ``RequestRejected`` (permanent or not) or
+    ``ServerUnavailable``."""
+
+    @abc.abstractmethod
+    def open_run(self, request: RunCreate, timeout: float) -> RunAttached: ...
+
+    @abc.abstractmethod
+    def update_run(self, run_id: int, request: RunUpdate) -> RunInfo: ...
+
+    @abc.abstractmethod
+    def finish_run(self, run_id: int, request: RunFinish) -> RunInfo: ...
+
+    @abc.abstractmethod
+    def deliver(self, chunks: list[bytes]) -> IngestResult:
+        """Send msgpack-encoded ``Chunk``s; they are applied exactly once."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

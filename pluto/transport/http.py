@@ -1,0 +1,125 @@
+"""Direct HTTP transport: the SDK talks to the tracking server itself."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.transport.base import Transport
+from pluto.wire import (
+    API_PREFIX,
+    JSON,
+    MSGPACK,
+    IngestResult,
+    RunAttached,
+    RunCreate,
+    RunFinish,
+    RunInfo,
+    RunUpdate,
+    encode_json,
+)
+
+T = TypeVar("T")
+
+_INGEST_HEAD = msgspec.msgpack.encode({"chunks": []})[:-1]  # fixmap(1) "chunks" then array
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def ingest_body(chunks: list[bytes]) -> bytes:
+    """An ``IngestBatch`` built from already-encoded chunks, without re-encoding them."""
+    return _INGEST_HEAD + _array_header(len(chunks)) + b"".join(chunks)
+
+
+class ApiClient:
+    """A small typed client of the server's JSON/msgpack API."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"user-agent": "pluto-sdk"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.Client(base_url=self.url + API_PREFIX, headers=headers,
+                                    timeout=timeout)
+
+    def call(self, method: str, path: str, reply: type[T], *, body: Any = None,
+             params: dict[str, Any] | None = None, msgpack_reply: bool = False,
+             raw_body: bytes | None = None, content_type: str = JSON) -> T:
+        headers = {"accept": MSGPACK if msgpack_reply else JSON}
+        content: bytes | None = raw_body
+        if body is not None:
+            content = encode_json(body)
+        if content is not None:
+            headers["content-type"] = content_type
+        try:
+            response = self._client.request(method, path, content=content, params=params,
+                                            headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnavailable(
+                f"cannot reach the pluto server at {self.url}: {exc.__class__.__name__}: {exc}; "
+                "start it with 'pluto server' or set PLUTO_URL"
+            ) from exc
+        if response.status_code >= 400:
+            raise RequestRejected(response.status_code, _detail(response))
+        if response.headers.get("content-type", "").startswith(MSGPACK):
+            return msgspec.msgpack.decode(response.content, type=reply)
+        return msgspec.json.decode(response.content, type=reply)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return str(detail) if detail else response.text[:500] or response.reason_phrase
+
+
+class HttpTransport(Transport):
+    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        self.client = ApiClient(url, api_key, timeout)
+
+    def open_run(self, request: RunCreate, timeout: float) -> RunAttached:
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            try:
+                return self.client.call("POST", "/runs", RunAttached, body=request)
+            except ServerUnavailable as exc:
+                last = exc
+            except RequestRejected as exc:
+                if exc.permanent:
+                    raise
+                last = ServerUnavailable(str(exc))
+            if time.monotonic() + delay > deadline:
+                raise ServerUnavailable(
+                    f"pluto.init() gave up after {timeout:.0f}s: {last}"
+                ) from last
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    def update_run(self, run_id: int, request: RunUpdate) -> RunInfo:
+        return self.client.call("PATCH", f"/runs/{run_id}", RunInfo, body=request)
+
+    def finish_run(self, run_id: int, request: RunFinish) -> RunInfo:
+        return self.client.call("POST", f"/runs/{run_id}/finish", RunInfo, body=request)
+
+    def deliver(self, chunks: list[bytes]) -> IngestResult:
+        return self.client.call("POST", "/ingest", IngestResult, raw_body=ingest_body(chunks),
+                                content_type=MSGPACK, msgpack_reply=True)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,284 @@
+"""The wire formats: every body the SDK, the sidecar and the server exchange.
+
+Defined once, here, so the three cannot drift. The control plane (runs, forks,
+status) travels as JSON; the data plane (metric and log chunks) travels as
+MessagePack because it is the hot path and MessagePack keeps NaN and +/-Inf as
+real floats. Both are encoded and validated with msgspec.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Final
+
+import msgspec
+
+API_PREFIX: Final = "/api/v1"
+MSGPACK: Final = "application/msgpack"
+JSON: Final = "application/json"
+
+#: The JSON encoding of non-finite floats in metric query answers (JSON has no NaN).
+NON_FINITE_JSON: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    TERMINATED = "TERMINATED"
+
+    @property
+    def severity(self) -> int:
+        """Concurrent finishes from many ranks converge on the most severe status."""
+        return _SEVERITY[self]
+
+
+_SEVERITY: Final = {
+    RunStatus.RUNNING: 0,
+    RunStatus.COMPLETED: 1,
+    RunStatus.TERMINATED: 2,
+    RunStatus.FAILED: 3,
+}
+
+
+class Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Request bodies reject unknown fields so a typo is an error, not a silent no-op."""
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """Response bodies ignore unknown fields so an older client reads a newer server."""
+
+
+# ---------------------------------------------------------------------------
+# Runs
+
+
+class RunCreate(Body):
+    """Create a run, or attach to the one with the same (project, run_id)."""
+
+    project: str
+    run_id: str | None = None
+    name: str | None = None
+    config: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    resume: bool = False
+    fork_run_id: str | None = None
+    fork_step: int | None = None
+    inherit_config: bool = True
+    inherit_tags: bool = False
+
+
+class RunUpdate(Body):
+    """Config is deep-merged into the stored config; tags are added, then removed."""
+
+    config: dict[str, Any] | None = None
+    add_tags: list[str] | None = None
+    remove_tags: list[str] | None = None
+
+
+class RunFinish(Body):
+    status: RunStatus = RunStatus.COMPLETED
+
+
+class StatusChange(Reply):
+    status: RunStatus
+    at: float
+
+
+class RunInfo(Reply):
+    id: int
+    project: str
+    display_id: str
+    run_id: str | None
+    name: str
+    config: dict[str, Any]
+    tags: list[str]
+    status: RunStatus
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    forked_from: int | None = None
+    forked_from_display_id: str | None = None
+    fork_step: int | None = None
+    status_history: list[StatusChange] = []
+    first_step: int | None = None
+    last_step: int | None = None
+    url: str = ""
+
+
+class RunAttached(RunInfo, kw_only=True):
+    """The answer to RunCreate: the run, and whether this caller created it."""
+
+    resumed: bool = False
+
+
+class RunList(Reply):
+    runs: list[RunInfo]
+
+
+class ProjectInfo(Reply):
+    name: str
+    prefix: str
+    runs: int
+    created_at: float
+
+
+class ProjectList(Reply):
+    projects: list[ProjectInfo]
+
+
+class AncestorLink(Reply):
+    """One step up a lineage: ``run`` owns the steps up to and including ``until_step``."""
+
+    id: int
+    display_id: str
+    name: str
+    fork_step: int | None
+    until_step: int | None
+
+
+class LineageNode(Reply):
+    """One run of a descendant tree, as an adjacency list (any depth, no recursion)."""
+
+    id: int
+    display_id: str
+    name: str
+    parent: int | None
+    fork_step: int | None
+    depth: int
+
+
+class Lineage(Reply):
+    """``ancestors`` runs from the run itself up to the root; ``descendants`` is the
+    tree below the run in pre-order, starting with the run itself (depth 0)."""
+
+    ancestors: list[AncestorLink]
+    descendants: list[LineageNode]
+
+
+# ---------------------------------------------------------------------------
+# Data plane
+
+
+class LogLine(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    time: float
+    stream: int  # 1 stdout, 2 stderr
+    line: str
+
+
+class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Points and console lines from one writer, applied exactly once.
+
+    ``(run, session, seq)`` is the idempotency key: ``session`` identifies one
+    writer process for its lifetime and ``seq`` counts its chunks. Points are
+    columnar: point ``i`` is ``(keys[key_index[i]], steps[i], values[i], times[i])``.
+    """
+
+    run: int
+    session: str
+    seq: int
+    writer: int
+    keys: list[str] = []
+    key_index: list[int] = []
+    steps: list[int] = []
+    values: list[float] = []
+    times: list[float] = []
+    logs: list[LogLine] = []
+
+    @property
+    def point_count(self) -> int:
+        return len(self.steps)
+
+
+class IngestBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    chunks: list[Chunk]
+
+
+class IngestResult(Reply):
+    applied: int
+    duplicates: int
+    points: int
+
+
+class MetricSeries(Reply):
+    """Points of one key (and one writer unless aggregated), step-ordered.
+
+    Raw queries fill ``values`` and ``times``; downsampled ones fill
+    ``mins``/``maxs``/``means``/``counts``, with ``steps`` holding each
+    bucket's first step and ``last_steps`` its last. ``owners`` is the
+    run that owns each point or bucket (a bucket never straddles a fork).
+    """
+
+    key: str
+    writer: int | None
+    steps: list[int]
+    owners: list[int]
+    values: list[float] = []
+    times: list[float] = []
+    last_steps: list[int] = []
+    mins: list[float] = []
+    maxs: list[float] = []
+    means: list[float] = []
+    counts: list[int] = []
+
+
+class MetricQueryResult(Reply):
+    run: int
+    lineage: bool
+    series: list[MetricSeries]
+
+
+class MetricKeys(Reply):
+    keys: list[str]
+
+
+class LogRecord(Reply):
+    id: int
+    writer: int
+    time: float
+    stream: int
+    line: str
+
+
+class LogPage(Reply):
+    lines: list[LogRecord]
+    next_after: int | None
+
+
+class ApiError(Reply):
+    """Every 4xx/5xx answer: what went wrong and what to change."""
+
+    detail: str
+
+
+# ---------------------------------------------------------------------------
+# Codecs, shared so every side encodes the same way
+
+_msgpack_encoder: Final = msgspec.msgpack.Encoder()
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_msgpack(obj: Any) -> bytes:
+    return _msgpack_encoder.encode(obj)
+
+
+def encode_json(obj: Any) -> bytes:
+    return _json_encoder.encode(obj)
+
+
+def json_float(value: float) -> float | str:
+    """JSON has no NaN or Infinity: send them as the strings in ``NON_FINITE_JSON``."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def parse_json_float(value: float | str | None) -> float:
+    if isinstance(value, str):
+        return NON_FINITE_JSON[value]
+    if value is None:
+        return math.nan
+    return float(value)

@@ -1,0 +1,235 @@
+"""The HTTP API: thin routes over ``Service``; bodies are ``pluto.wire`` structs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+import msgspec
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+import pluto_server
+from pluto.wire import (
+    API_PREFIX,
+    JSON,
+    MSGPACK,
+    IngestBatch,
+    IngestResult,
+    Lineage,
+    LogPage,
+    MetricKeys,
+    MetricQueryResult,
+    ProjectList,
+    RunAttached,
+    RunCreate,
+    RunFinish,
+    RunInfo,
+    RunList,
+    RunUpdate,
+    encode_json,
+    encode_msgpack,
+    json_float,
+)
+from pluto_server import openapi
+from pluto_server.auth import KeyIdentity
+from pluto_server.bodies import decode, read_body, wants_msgpack
+from pluto_server.database import Database
+from pluto_server.errors import ApiError
+from pluto_server.queries import MetricQuery
+from pluto_server.service import Service
+from pluto_server.settings import ServerSettings
+
+log = logging.getLogger("pluto.server")
+
+ProjectParam = Annotated[str | None, Query(description="project of a display or external id")]
+
+
+def identity(request: Request) -> KeyIdentity | None:
+    """The caller's API key (``Authorization: Bearer`` or ``X-API-Key``), when auth is on."""
+    header = request.headers.get("authorization", "")
+    presented = header[7:].strip() if header.lower().startswith("bearer ") else None
+    presented = presented or request.headers.get("x-api-key")
+    service: Service = request.app.state.service
+    return service.authenticate(presented)
+
+
+Who = Annotated[KeyIdentity | None, Depends(identity)]
+
+
+def create_app(settings: ServerSettings, database: Database | None = None) -> FastAPI:
+    database = database or Database(settings.effective_database_url,
+                                    sqlite_synchronous=settings.sqlite_synchronous)
+    database.migrate()
+    service = Service(settings, database)
+    app = FastAPI(
+        title="Pluto tracking server",
+        version=pluto_server.__version__,
+        description="Runs, forks and lineage, metrics and logs of multi-node PyTorch training.",
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    app.state.service = service
+    _install_error_handlers(app)
+    openapi.install(app)
+
+    @app.get(f"{API_PREFIX}/health", tags=["server"])
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": pluto_server.__version__,
+            "database": database.dialect,
+            "schema": database.schema_revision(),
+            "auth": settings.auth_required,
+        }
+
+    @app.post(f"{API_PREFIX}/runs", tags=["runs"],
+              openapi_extra=openapi.route(body=RunCreate, reply=RunAttached))
+    async def create_run(request: Request, who: Who) -> Response:
+        """Create a run, or attach to the one with the same (project, run_id)."""
+        req = decode(request, await read_body(request, settings.max_body_bytes), RunCreate)
+        run = await run_in_threadpool(service.create_run, req, who)
+        return _reply(request, run, status=200 if run.resumed else 201)
+
+    @app.get(f"{API_PREFIX}/projects", tags=["projects"],
+             openapi_extra=openapi.route(reply=ProjectList))
+    def list_projects(request: Request, who: Who) -> Response:
+        return _reply(request, service.list_projects(who))
+
+    @app.get(f"{API_PREFIX}/projects/{{project}}/runs", tags=["projects"],
+             openapi_extra=openapi.route(reply=RunList))
+    def list_runs(request: Request, project: str, who: Who) -> Response:
+        return _reply(request, service.list_runs(project, who))
+
+    @app.get(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
+             openapi_extra=openapi.route(reply=RunInfo))
+    def get_run(request: Request, ref: str, who: Who, project: ProjectParam = None) -> Response:
+        """A run by numeric id, display id (``MMP-42``) or external id."""
+        return _reply(request, service.get_run(ref, project, who))
+
+    @app.patch(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
+               openapi_extra=openapi.route(body=RunUpdate, reply=RunInfo))
+    async def update_run(request: Request, ref: str, who: Who,
+                         project: ProjectParam = None) -> Response:
+        req = decode(request, await read_body(request, settings.max_body_bytes), RunUpdate)
+        return _reply(request, await run_in_threadpool(service.update_run, ref, project, req,
+                                                       who))
+
+    @app.post(f"{API_PREFIX}/runs/{{ref}}/finish", tags=["runs"],
+              openapi_extra=openapi.route(body=RunFinish, reply=RunInfo))
+    async def finish_run(request: Request, ref: str, who: Who,
+                         project: ProjectParam = None) -> Response:
+        req = decode(request, await read_body(request, settings.max_body_bytes), RunFinish)
+        return _reply(request, await run_in_threadpool(service.finish_run, ref, project, req,
+                                                       who))
+
+    @app.get(f"{API_PREFIX}/runs/{{ref}}/lineage", tags=["runs"],
+             openapi_extra=openapi.route(reply=Lineage))
+    def get_lineage(request: Request, ref: str, who: Who,
+                    project: ProjectParam = None) -> Response:
+        return _reply(request, service.lineage(ref, project, who))
+
+    @app.post(f"{API_PREFIX}/ingest", tags=["data"],
+              openapi_extra=openapi.route(body=IngestBatch, reply=IngestResult, msgpack=True))
+    async def ingest(request: Request, who: Who) -> Response:
+        """Apply chunks of points and console lines, each exactly once."""
+        batch = decode(request, await read_body(request, settings.max_body_bytes), IngestBatch)
+        return _reply(request, await run_in_threadpool(service.ingest, batch, who))
+
+    @app.get(f"{API_PREFIX}/runs/{{ref}}/metrics", tags=["data"],
+             openapi_extra=openapi.route(reply=MetricQueryResult, msgpack=True))
+    def get_metrics(
+        request: Request,
+        ref: str,
+        who: Who,
+        project: ProjectParam = None,
+        keys: Annotated[list[str] | None, Query(description="metric keys; all when omitted")]
+        = None,
+        lineage: Annotated[bool, Query(description="stitch the ancestors' points in")] = False,
+        writer: Annotated[int | None, Query(ge=0, description="only this writer (rank)")] = None,
+        aggregate: Annotated[Literal["none", "mean"], Query(
+            description="'none': a series per writer; 'mean': averaged across writers")] = "none",
+        buckets: Annotated[int | None, Query(ge=1, le=100_000,
+                                             description="downsample to N buckets")] = None,
+        step_min: Annotated[int | None, Query()] = None,
+        step_max: Annotated[int | None, Query()] = None,
+    ) -> Response:
+        query = MetricQuery(run_id=0, keys=keys, lineage=lineage, writer=writer,
+                            aggregate=aggregate, buckets=buckets, step_min=step_min,
+                            step_max=step_max)
+        result = service.metrics(ref, project, query, who)
+        if wants_msgpack(request):
+            return Response(encode_msgpack(result), media_type=MSGPACK)
+        return Response(encode_json(_json_safe(result)), media_type=JSON)
+
+    @app.get(f"{API_PREFIX}/runs/{{ref}}/keys", tags=["data"],
+             openapi_extra=openapi.route(reply=MetricKeys))
+    def get_keys(request: Request, ref: str, who: Who, project: ProjectParam = None,
+                 lineage: bool = False) -> Response:
+        return _reply(request, service.metric_keys(ref, project, lineage, who))
+
+    @app.get(f"{API_PREFIX}/runs/{{ref}}/logs", tags=["data"],
+             openapi_extra=openapi.route(reply=LogPage))
+    def get_logs(
+        request: Request,
+        ref: str,
+        who: Who,
+        project: ProjectParam = None,
+        after: Annotated[int | None, Query(ge=0, description="only lines after this id")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        writer: Annotated[int | None, Query(ge=0)] = None,
+        q: Annotated[str | None, Query(max_length=200, description="substring to find")] = None,
+    ) -> Response:
+        page = service.logs(ref, project, who, after=after, limit=limit, writer=writer,
+                            contains=q)
+        return _reply(request, page)
+
+    return app
+
+
+def _reply(request: Request, body: Any, status: int = 200) -> Response:
+    if wants_msgpack(request):
+        return Response(encode_msgpack(body), status_code=status, media_type=MSGPACK)
+    return Response(encode_json(body), status_code=status, media_type=JSON)
+
+
+FLOAT_FIELDS = ("values", "mins", "maxs", "means")
+
+
+def _json_safe(result: MetricQueryResult) -> dict[str, Any]:
+    """JSON cannot carry NaN or Infinity: they become the strings "NaN", "Infinity"."""
+    encoded: dict[str, Any] = msgspec.to_builtins(result)
+    for series in encoded["series"]:
+        for name in FLOAT_FIELDS:
+            series[name] = [json_float(v) for v in series[name]]
+    return encoded
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return Response(encode_json({"detail": exc.detail}), status_code=exc.status_code,
+                        media_type=JSON)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg')}"
+            for error in exc.errors()
+        )
+        return Response(encode_json({"detail": f"invalid parameters: {problems}"}),
+                        status_code=422, media_type=JSON)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return Response(
+            encode_json({"detail": "internal server error; the server log has the details"}),
+            status_code=500, media_type=JSON,
+        )
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,194 @@
+"""Ingest: apply each chunk exactly once, stored as one columnar block per key.
+
+The chunk's ``(run, session, seq)`` row in ``ingest_log`` is inserted in the
+same transaction as its points. A retried chunk finds its row already there and
+is skipped; a chunk whose first attempt rolled back is applied by the retry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pluto.wire import Chunk, IngestBatch, IngestResult
+from pluto_server.errors import NotFound, Unprocessable
+from pluto_server.schema import ingest_log, log_lines, metric_blocks, metric_keys, run_keys, runs
+from pluto_server.sql import insert_ignore
+
+MAX_KEY_LENGTH = 256
+MAX_LOG_LINE = 64 * 1024
+MAX_SESSION_LENGTH = 64
+
+
+class KeyCache:
+    """(project, key) -> key id. Ids never change once committed, so they are
+    remembered across requests; ids seen in a transaction join only after it commits."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, project_id: int, key: str) -> int | None:
+        return self._ids.get((project_id, key))
+
+    def remember(self, entries: dict[tuple[int, str], int]) -> None:
+        with self._lock:
+            self._ids.update(entries)
+
+
+def validate(batch: IngestBatch) -> None:
+    """Reject a malformed batch whole, before anything is written."""
+    for position, chunk in enumerate(batch.chunks):
+        where = f"chunk {position} (run {chunk.run}, session {chunk.session!r}, seq {chunk.seq})"
+        n = len(chunk.steps)
+        for name in ("key_index", "values", "times"):
+            length = len(getattr(chunk, name))
+            if length != n:
+                raise Unprocessable(
+                    f"{where}: {name} has {length} entries but steps has {n}; "
+                    "every point needs a key index, step, value and time"
+                )
+        if not chunk.session or len(chunk.session) > MAX_SESSION_LENGTH:
+            raise Unprocessable(f"{where}: session must be 1-{MAX_SESSION_LENGTH} characters")
+        if chunk.seq < 0 or chunk.writer < 0:
+            raise Unprocessable(f"{where}: seq and writer must be >= 0")
+        for key in chunk.keys:
+            if not key or len(key) > MAX_KEY_LENGTH:
+                raise Unprocessable(f"{where}: metric key {key[:40]!r} must be 1-256 characters")
+        if n:
+            key_index = np.asarray(chunk.key_index, dtype=np.int64)
+            if key_index.min() < 0 or key_index.max() >= len(chunk.keys):
+                raise Unprocessable(
+                    f"{where}: key_index refers to a key that is not in keys "
+                    f"({len(chunk.keys)} keys)"
+                )
+            if min(chunk.steps) < 0:
+                raise Unprocessable(f"{where}: steps must be >= 0")
+        for line in chunk.logs:
+            if len(line.line) > MAX_LOG_LINE:
+                raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
+
+
+def apply(conn: Connection, batch: IngestBatch, keys: KeyCache) -> tuple[IngestResult, dict[
+        tuple[int, str], int]]:
+    """Apply a validated batch in the caller's transaction.
+
+    Returns the result and the key ids to remember once the transaction commits.
+    """
+    run_ids = sorted({chunk.run for chunk in batch.chunks})
+    projects_of = dict(
+        conn.execute(sa.select(runs.c.id, runs.c.project_id).where(runs.c.id.in_(run_ids))).all()
+    )
+    missing = [run for run in run_ids if run not in projects_of]
+    if missing:
+        raise NotFound(
+            f"run {missing[0]} does not exist; create it with POST /api/v1/runs before logging"
+        )
+    applied = duplicates = points = 0
+    new_keys: dict[tuple[int, str], int] = {}
+    now = time.time()
+    # A fixed order keeps concurrent PostgreSQL transactions from deadlocking.
+    for chunk in sorted(batch.chunks, key=lambda c: (c.run, c.session, c.seq)):
+        fresh = conn.execute(
+            insert_ignore(conn, ingest_log, ["run_id", "session", "seq"])
+            .values(run_id=chunk.run, session=chunk.session, seq=chunk.seq, applied_at=now)
+            .returning(ingest_log.c.seq)
+        ).first()
+        if fresh is None:
+            duplicates += 1
+            continue
+        applied += 1
+        points += chunk.point_count
+        project_id = int(projects_of[chunk.run])
+        if chunk.point_count:
+            key_ids = _key_ids(conn, project_id, chunk.keys, keys, new_keys)
+            _insert_blocks(conn, chunk, key_ids)
+        if chunk.logs:
+            conn.execute(
+                sa.insert(log_lines),
+                [
+                    {"run_id": chunk.run, "writer": chunk.writer, "time": line.time,
+                     "stream": line.stream, "line": line.line}
+                    for line in chunk.logs
+                ],
+            )
+    return IngestResult(applied=applied, duplicates=duplicates, points=points), new_keys
+
+
+def _key_ids(
+    conn: Connection,
+    project_id: int,
+    names: list[str],
+    cache: KeyCache,
+    new_keys: dict[tuple[int, str], int],
+) -> list[int]:
+    ids: list[int | None] = [
+        cache.get(project_id, name) or new_keys.get((project_id, name)) for name in names
+    ]
+    unknown = [name for name, key_id in zip(names, ids, strict=True) if key_id is None]
+    if unknown:
+        conn.execute(
+            insert_ignore(conn, metric_keys, ["project_id", "key"]),
+            [{"project_id": project_id, "key": name} for name in unknown],
+        )
+        rows = conn.execute(
+            sa.select(metric_keys.c.key, metric_keys.c.id).where(
+                metric_keys.c.project_id == project_id, metric_keys.c.key.in_(unknown)
+            )
+        )
+        for name, key_id in rows:
+            new_keys[(project_id, name)] = int(key_id)
+        ids = [key_id if key_id is not None else new_keys[(project_id, name)]
+               for name, key_id in zip(names, ids, strict=True)]
+    return [int(key_id) for key_id in ids if key_id is not None]
+
+
+def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int]) -> None:
+    key_index = np.asarray(chunk.key_index, dtype=np.int64)
+    steps = np.asarray(chunk.steps, dtype="<i8")
+    values = np.asarray(chunk.values, dtype="<f8")
+    times = np.asarray(chunk.times, dtype="<f8")
+    order = np.argsort(key_index, kind="stable")
+    sorted_keys = key_index[order]
+    bounds: npt.NDArray[np.intp] = np.flatnonzero(np.diff(sorted_keys)) + 1
+    rows: list[dict[str, Any]] = []
+    for group in np.split(order, bounds):
+        group_steps = steps[group]
+        rows.append({
+            "run_id": chunk.run,
+            "key_id": key_ids[int(key_index[group[0]])],
+            "writer": chunk.writer,
+            "step_min": int(group_steps.min()),
+            "step_max": int(group_steps.max()),
+            "n": len(group),
+            "steps": group_steps.tobytes(),
+            "vals": values[group].tobytes(),
+            "times": times[group].tobytes(),
+        })
+    conn.execute(sa.insert(metric_blocks), rows)
+    used = sorted({row["key_id"] for row in rows})
+    conn.execute(
+        insert_ignore(conn, run_keys, ["run_id", "key_id"]),
+        [{"run_id": chunk.run, "key_id": key_id} for key_id in used],
+    )
+    low, high = int(steps.min()), int(steps.max())
+    conn.execute(
+        sa.update(runs)
+        .where(runs.c.id == chunk.run)
+        .values(
+            first_step=sa.case(
+                (sa.or_(runs.c.first_step.is_(None), runs.c.first_step > low), low),
+                else_=runs.c.first_step,
+            ),
+            last_step=sa.case(
+                (sa.or_(runs.c.last_step.is_(None), runs.c.last_step < high), high),
+                else_=runs.c.last_step,
+            ),
+        )
+    )

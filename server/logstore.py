@@ -1,0 +1,37 @@
+"""Console lines of a run, in arrival order, filterable by writer and text."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pluto.wire import LogPage, LogRecord
+from pluto_server.schema import log_lines
+
+MAX_PAGE = 10_000
+
+
+def read_logs(
+    conn: Connection,
+    run_id: int,
+    *,
+    after: int | None = None,
+    limit: int = 1000,
+    writer: int | None = None,
+    contains: str | None = None,
+) -> LogPage:
+    limit = max(1, min(limit, MAX_PAGE))
+    query = sa.select(log_lines).where(log_lines.c.run_id == run_id)
+    if after is not None:
+        query = query.where(log_lines.c.id > after)
+    if writer is not None:
+        query = query.where(log_lines.c.writer == writer)
+    if contains:
+        query = query.where(log_lines.c.line.contains(contains, autoescape=True))
+    rows = conn.execute(query.order_by(log_lines.c.id).limit(limit + 1)).mappings().all()
+    page = [
+        LogRecord(id=r["id"], writer=r["writer"], time=r["time"], stream=r["stream"],
+                  line=r["line"])
+        for r in rows[:limit]
+    ]
+    return LogPage(lines=page, next_after=page[-1].id if len(rows) > limit else None)

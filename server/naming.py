@@ -1,0 +1,57 @@
+"""Project names, display ids and run references."""
+
+from __future__ import annotations
+
+import re
+
+from pluto_server.errors import Unprocessable
+
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+DISPLAY_ID = re.compile(r"^([A-Z0-9]{1,8})-([0-9]+)$")
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def check_project_name(name: str) -> str:
+    if not PROJECT_NAME.match(name):
+        raise Unprocessable(
+            f"project name {name!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_external_id(run_id: str) -> str:
+    if not EXTERNAL_ID.match(run_id):
+        raise Unprocessable(
+            f"run_id {run_id!r} is not valid: use 1-128 letters, digits or . _ : / @ + -, "
+            "starting with a letter or digit"
+        )
+    return run_id
+
+
+def project_prefix(name: str) -> str:
+    """``my-model-project`` -> ``MMP``; ``mnist`` -> ``MNI``; ``BigNet`` -> ``BN``.
+
+    The initials of up to three words, or the first three characters of a
+    single word, so display ids read like issue keys.
+    """
+    words = _WORD.findall(name)
+    if len(words) >= 2:
+        prefix = "".join(word[0] for word in words[:3])
+    elif words:
+        prefix = words[0][:3]
+    else:
+        prefix = "RUN"
+    return prefix.upper()
+
+
+def display_id(prefix: str, number: int | None) -> str:
+    return f"{prefix}-{number if number is not None else 0}"
+
+
+def parse_display_id(ref: str) -> tuple[str, int] | None:
+    match = DISPLAY_ID.match(ref.upper())
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))

@@ -1,0 +1,70 @@
+"""OpenAPI for routes whose bodies are msgspec structs from ``pluto.wire``.
+
+FastAPI documents pydantic models by itself; our bodies are msgspec structs
+(one codec for SDK, sidecar and server), so each route declares its body and
+answer here and the schemas are merged into the document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from pluto.wire import JSON, MSGPACK, ApiError
+
+REF = "#/components/schemas/{name}"
+_registered: set[type[Any]] = {ApiError}
+
+
+def _ref(kind: type[Any]) -> dict[str, Any]:
+    _registered.add(kind)
+    return {"$ref": REF.format(name=kind.__name__)}
+
+
+def route(
+    *,
+    body: type[Any] | None = None,
+    reply: type[Any] | None = None,
+    msgpack: bool = False,
+    status: int = 200,
+) -> dict[str, Any]:
+    """``openapi_extra`` for one route."""
+    extra: dict[str, Any] = {}
+    media = [JSON, MSGPACK] if msgpack else [JSON]
+    if body is not None:
+        schema = _ref(body)
+        extra["requestBody"] = {
+            "required": True,
+            "content": {m: {"schema": schema} for m in media},
+        }
+    responses: dict[str, Any] = {}
+    if reply is not None:
+        responses[str(status)] = {
+            "description": "OK",
+            "content": {m: {"schema": _ref(reply)} for m in media},
+        }
+    error = {"content": {JSON: {"schema": _ref(ApiError)}}}
+    for code, text in (("400", "Bad request"), ("401", "API key missing or refused"),
+                       ("404", "Not found"), ("413", "Body too large"),
+                       ("422", "Invalid body or parameters")):
+        responses[code] = {"description": text, **error}
+    extra["responses"] = responses
+    return extra
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                               description=app.description)
+        _, components = msgspec.json.schema_components(sorted(_registered, key=str),
+                                                        ref_template=REF)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,220 @@
+"""Metric queries: own or stitched points, by writer or averaged, optionally downsampled.
+
+Blocks are read in one SQL statement (the lineage chain is a recursive CTE
+joined to the blocks), then cut to each owner's step range, merged and
+bucketed with numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pluto.wire import MetricQueryResult, MetricSeries
+from pluto_server.errors import Unprocessable
+from pluto_server.lineage import CHAIN_CTE
+from pluto_server.schema import metric_keys, run_keys, runs
+
+Aggregate = Literal["none", "mean"]
+MAX_BUCKETS = 100_000
+MAX_KEYS = 1000
+
+STITCHED_BLOCKS = CHAIN_CTE + """
+SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times, c.fork_step, c.upper
+FROM metric_blocks b JOIN chain c ON b.run_id = c.id
+WHERE b.key_id IN :key_ids
+  AND (c.fork_step IS NULL OR b.step_max > c.fork_step)
+  AND (c.upper IS NULL OR b.step_min <= c.upper)
+  AND b.step_max >= :step_min AND b.step_min <= :step_max
+"""
+
+OWN_BLOCKS = """
+SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times,
+       CAST(NULL AS BIGINT), CAST(NULL AS BIGINT)
+FROM metric_blocks b
+WHERE b.run_id = :run_id AND b.key_id IN :key_ids
+  AND b.step_max >= :step_min AND b.step_min <= :step_max
+"""
+
+STEP_LIMIT = 2**62
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    run_id: int
+    keys: list[str] | None = None
+    lineage: bool = False
+    writer: int | None = None
+    aggregate: Aggregate = "none"
+    buckets: int | None = None
+    step_min: int | None = None
+    step_max: int | None = None
+
+    def check(self) -> None:
+        if self.buckets is not None and not 1 <= self.buckets <= MAX_BUCKETS:
+            raise Unprocessable(f"buckets must be between 1 and {MAX_BUCKETS}")
+        if self.aggregate not in ("none", "mean"):
+            raise Unprocessable("aggregate must be 'none' (one series per writer) or 'mean'")
+        if self.keys is not None and len(self.keys) > MAX_KEYS:
+            raise Unprocessable(f"ask for at most {MAX_KEYS} keys at once")
+
+
+@dataclass
+class _Parts:
+    steps: list[npt.NDArray[np.int64]]
+    values: list[npt.NDArray[np.float64]]
+    times: list[npt.NDArray[np.float64]]
+    owners: list[npt.NDArray[np.int64]]
+
+
+def metric_keys_of(conn: Connection, run_id: int, lineage: bool) -> list[str]:
+    if lineage:
+        sql = CHAIN_CTE + (
+            "SELECT DISTINCT k.key FROM run_keys rk JOIN chain c ON rk.run_id = c.id "
+            "JOIN metric_keys k ON k.id = rk.key_id ORDER BY k.key"
+        )
+        return [str(k) for (k,) in conn.execute(sa.text(sql), {"run_id": run_id})]
+    rows = conn.execute(
+        sa.select(metric_keys.c.key)
+        .join(run_keys, run_keys.c.key_id == metric_keys.c.id)
+        .where(run_keys.c.run_id == run_id)
+        .order_by(metric_keys.c.key)
+    )
+    return [str(k) for (k,) in rows]
+
+
+def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
+    query.check()
+    project_id = conn.execute(
+        sa.select(runs.c.project_id).where(runs.c.id == query.run_id)
+    ).scalar_one()
+    names = query.keys if query.keys is not None else metric_keys_of(
+        conn, query.run_id, query.lineage
+    )
+    key_rows = conn.execute(
+        sa.select(metric_keys.c.id, metric_keys.c.key).where(
+            metric_keys.c.project_id == project_id, metric_keys.c.key.in_(names)
+        )
+    ).all() if names else []
+    key_names = {int(i): str(k) for i, k in key_rows}
+    if not key_names:
+        return MetricQueryResult(run=query.run_id, lineage=query.lineage, series=[])
+    sql = STITCHED_BLOCKS if query.lineage else OWN_BLOCKS
+    params = {
+        "run_id": query.run_id,
+        "key_ids": list(key_names),
+        "step_min": query.step_min if query.step_min is not None else -STEP_LIMIT,
+        "step_max": query.step_max if query.step_max is not None else STEP_LIMIT,
+    }
+    if query.writer is not None:
+        sql += " AND b.writer = :writer"
+        params["writer"] = query.writer
+    statement = sa.text(sql).bindparams(sa.bindparam("key_ids", expanding=True))
+    groups: dict[tuple[int, int], _Parts] = {}
+    for run_id, key_id, writer, raw_steps, raw_vals, raw_times, lower, upper in conn.execute(
+        statement, params
+    ):
+        steps = np.frombuffer(raw_steps, dtype="<i8")
+        values = np.frombuffer(raw_vals, dtype="<f8")
+        times = np.frombuffer(raw_times, dtype="<f8")
+        mask: npt.NDArray[np.bool_] = np.ones(len(steps), dtype=bool)
+        if lower is not None:
+            mask &= steps > lower
+        if upper is not None:
+            mask &= steps <= upper
+        if query.step_min is not None:
+            mask &= steps >= query.step_min
+        if query.step_max is not None:
+            mask &= steps <= query.step_max
+        if not mask.all():
+            steps, values, times = steps[mask], values[mask], times[mask]
+        if not len(steps):
+            continue
+        group_writer = -1 if query.aggregate == "mean" else int(writer)
+        parts = groups.setdefault((int(key_id), group_writer), _Parts([], [], [], []))
+        parts.steps.append(steps)
+        parts.values.append(values)
+        parts.times.append(times)
+        parts.owners.append(np.full(len(steps), int(run_id), dtype=np.int64))
+    series = []
+    for (key_id, writer), parts in sorted(groups.items(), key=lambda g: (key_names[g[0][0]],
+                                                                          g[0][1])):
+        steps = np.concatenate(parts.steps)
+        values = np.concatenate(parts.values)
+        times = np.concatenate(parts.times)
+        owners = np.concatenate(parts.owners)
+        # Stable by step, then by wall time, so repeated logs of a step keep their order.
+        order = np.lexsort((times, steps))
+        steps, values, times, owners = steps[order], values[order], times[order], owners[order]
+        if query.aggregate == "mean":
+            steps, values, times, owners = _mean_per_step(steps, values, times, owners)
+        label = None if writer < 0 else writer
+        if query.buckets is None:
+            series.append(MetricSeries(
+                key=key_names[key_id], writer=label, steps=steps.tolist(),
+                owners=owners.tolist(), values=values.tolist(), times=times.tolist(),
+            ))
+        else:
+            series.append(_downsample(key_names[key_id], label, steps, values, owners,
+                                      query.buckets))
+    return MetricQueryResult(run=query.run_id, lineage=query.lineage, series=series)
+
+
+def _mean_per_step(
+    steps: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float64],
+    times: npt.NDArray[np.float64],
+    owners: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64],
+           npt.NDArray[np.int64]]:
+    """One point per step: the mean over writers (NaN ignored), latest time, its owner."""
+    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
+    means = _nanmean_reduceat(values, starts)
+    last_times = np.maximum.reduceat(times, starts)
+    return steps[starts], means, last_times, owners[starts]
+
+
+def _nanmean_reduceat(
+    values: npt.NDArray[np.float64], starts: npt.NDArray[np.intp]
+) -> npt.NDArray[np.float64]:
+    valid = ~np.isnan(values)
+    sums = np.add.reduceat(np.where(valid, values, 0.0), starts)
+    counts = np.add.reduceat(valid.astype(np.int64), starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means: npt.NDArray[np.float64] = np.where(counts > 0, sums / np.maximum(counts, 1),
+                                                  np.nan)
+    return means
+
+
+def _downsample(
+    key: str,
+    writer: int | None,
+    steps: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float64],
+    owners: npt.NDArray[np.int64],
+    buckets: int,
+) -> MetricSeries:
+    """Equal-width step buckets with min/max/mean; a bucket never straddles a fork."""
+    first, last = int(steps[0]), int(steps[-1])
+    width = last - first + 1
+    index = ((steps - first) * buckets) // width
+    starts = np.flatnonzero(
+        np.r_[True, (index[1:] != index[:-1]) | (owners[1:] != owners[:-1])]
+    )
+    ends = np.r_[starts[1:], len(steps)]
+    return MetricSeries(
+        key=key,
+        writer=writer,
+        steps=steps[starts].tolist(),
+        last_steps=steps[ends - 1].tolist(),
+        owners=owners[starts].tolist(),
+        mins=np.fmin.reduceat(values, starts).tolist(),
+        maxs=np.fmax.reduceat(values, starts).tolist(),
+        means=_nanmean_reduceat(values, starts).tolist(),
+        counts=(ends - starts).tolist(),
+    )

@@ -1,0 +1,164 @@
+"""The operations behind the HTTP API, each in its own transaction."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from pluto.wire import (
+    IngestBatch,
+    IngestResult,
+    Lineage,
+    LogPage,
+    MetricKeys,
+    MetricQueryResult,
+    ProjectInfo,
+    ProjectList,
+    RunAttached,
+    RunCreate,
+    RunFinish,
+    RunInfo,
+    RunList,
+    RunUpdate,
+)
+from pluto_server import auth, ingest, lineage, logstore, queries, runs
+from pluto_server.database import Database
+from pluto_server.errors import Forbidden
+from pluto_server.schema import projects
+from pluto_server.schema import runs as runs_table
+from pluto_server.settings import ServerSettings
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, database: Database) -> None:
+        self.settings = settings
+        self.db = database
+        self.keys = ingest.KeyCache()
+        self.verifier = auth.KeyVerifier()
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    # -- auth -------------------------------------------------------------
+
+    def authenticate(self, presented: str | None) -> auth.KeyIdentity | None:
+        if not self.settings.auth_required:
+            return None
+        with self.db.read() as conn:
+            return self.verifier.check(conn, presented)
+
+    @staticmethod
+    def guard(identity: auth.KeyIdentity | None, project: str) -> None:
+        """A key scoped to a project reaches only that project's runs."""
+        if identity is not None and identity.project not in (None, project):
+            raise Forbidden(
+                f"this API key is limited to project {identity.project!r} and cannot reach "
+                f"project {project!r}"
+            )
+
+    # -- runs -------------------------------------------------------------
+
+    def create_run(self, req: RunCreate, who: auth.KeyIdentity | None) -> RunAttached:
+        runs.check_create(req)
+        self.guard(who, req.project)
+        with self.db.write() as conn:
+            run, resumed = runs.create_or_attach(conn, req)
+            return run.to_attached(conn, self.base_url, resumed)
+
+    def get_run(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> RunInfo:
+        with self.db.read() as conn:
+            run = runs.find_run(conn, ref, project)
+            self.guard(who, run.project)
+            return run.to_info(conn, self.base_url)
+
+    def _resolve(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> int:
+        with self.db.read() as conn:
+            run = runs.find_run(conn, ref, project)
+        self.guard(who, run.project)
+        return run.id
+
+    def update_run(self, ref: str, project: str | None, req: RunUpdate,
+                   who: auth.KeyIdentity | None) -> RunInfo:
+        run_id = self._resolve(ref, project, who)
+        with self.db.write() as conn:
+            return runs.update(conn, run_id, req).to_info(conn, self.base_url)
+
+    def finish_run(self, ref: str, project: str | None, req: RunFinish,
+                   who: auth.KeyIdentity | None) -> RunInfo:
+        run_id = self._resolve(ref, project, who)
+        with self.db.write() as conn:
+            return runs.finish(conn, run_id, req.status).to_info(conn, self.base_url)
+
+    def list_runs(self, project: str, who: auth.KeyIdentity | None) -> RunList:
+        self.guard(who, project)
+        with self.db.read() as conn:
+            rows = runs.list_runs(conn, project)
+            return RunList(runs=[row.to_info(conn, self.base_url, history=False)
+                                 for row in rows])
+
+    def list_projects(self, who: auth.KeyIdentity | None) -> ProjectList:
+        with self.db.read() as conn:
+            counts = (
+                sa.select(runs_table.c.project_id, sa.func.count().label("n"))
+                .group_by(runs_table.c.project_id).subquery()
+            )
+            rows = conn.execute(
+                sa.select(projects.c.name, projects.c.prefix, projects.c.created_at,
+                          sa.func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.project_id == projects.c.id)
+                .order_by(projects.c.name)
+            ).all()
+        return ProjectList(projects=[
+            ProjectInfo(name=name, prefix=prefix, runs=int(n), created_at=created)
+            for name, prefix, created, n in rows
+            if who is None or who.project in (None, name)
+        ])
+
+    def lineage(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> Lineage:
+        run_id = self._resolve(ref, project, who)
+        with self.db.read() as conn:
+            return Lineage(ancestors=lineage.ancestors(conn, run_id),
+                           descendants=lineage.descendants(conn, run_id))
+
+    # -- data -------------------------------------------------------------
+
+    def ingest(self, batch: IngestBatch, who: auth.KeyIdentity | None) -> IngestResult:
+        ingest.validate(batch)
+        if who is not None and who.project is not None and batch.chunks:
+            with self.db.read() as conn:
+                names = conn.execute(
+                    sa.select(projects.c.name).distinct()
+                    .join(runs_table, runs_table.c.project_id == projects.c.id)
+                    .where(runs_table.c.id.in_({c.run for c in batch.chunks}))
+                ).scalars().all()
+            for name in names:
+                self.guard(who, name)
+        with self.db.write() as conn:
+            result, new_keys = ingest.apply(conn, batch, self.keys)
+        self.keys.remember(new_keys)
+        return result
+
+    def metrics(self, ref: str, project: str | None, query: queries.MetricQuery,
+                who: auth.KeyIdentity | None) -> MetricQueryResult:
+        run_id = self._resolve(ref, project, who)
+        with self.db.read() as conn:
+            return queries.run_metrics(conn, _with_run(query, run_id))
+
+    def metric_keys(self, ref: str, project: str | None, lineage_view: bool,
+                    who: auth.KeyIdentity | None) -> MetricKeys:
+        run_id = self._resolve(ref, project, who)
+        with self.db.read() as conn:
+            return MetricKeys(keys=queries.metric_keys_of(conn, run_id, lineage_view))
+
+    def logs(self, ref: str, project: str | None, who: auth.KeyIdentity | None, *,
+             after: int | None, limit: int, writer: int | None, contains: str | None) -> LogPage:
+        run_id = self._resolve(ref, project, who)
+        with self.db.read() as conn:
+            return logstore.read_logs(conn, run_id, after=after, limit=limit, writer=writer,
+                                      contains=contains)
+
+
+def _with_run(query: queries.MetricQuery, run_id: int) -> queries.MetricQuery:
+    from dataclasses import replace
+
+    return replace(query, run_id=run_id)

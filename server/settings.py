@@ -1,0 +1,49 @@
+"""Server settings, from flags (see ``pluto server --help``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pluto_server.database import sqlite_url
+
+DEFAULT_PORT = 7300
+DEFAULT_DATA_DIR = Path(".pluto-data")
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR)
+    database_url: str | None = None
+    auth: bool = False
+    max_body_bytes: int = 64 * 1024 * 1024
+    public_url: str | None = None
+    sqlite_synchronous: str = "FULL"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir.resolve())
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def auth_required(self) -> bool:
+        """Auth is on when asked for, and always when reachable beyond this machine."""
+        return self.auth or not self.loopback_only
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host if self.loopback_only else "127.0.0.1"
+        return f"http://{host}:{self.port}"
