@@ -151,7 +151,8 @@ class LineageNode(Reply):
 
 class Lineage(Reply):
     """``ancestors`` runs from the run itself up to the root; ``descendants`` is the
-    tree below the run in pre-order, starting with the run itself (depth 0)."""
+    tree below the run in pre-order, starting with the run itself (depth 0, whose
+    ``parent`` is its own fork parent, outside the tree)."""
 
     ancestors: list[AncestorLink]
     descendants: list[LineageNode]

@@ -43,7 +43,8 @@ def decode(request: Request, body: bytes, kind: type[T]) -> T:
             return msgspec.msgpack.decode(body, type=kind)
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        raise Unprocessable(f"invalid {kind.__name__}: {exc}") from None
+        hint = " (check the field names: see /api/docs)" if "unknown field" in str(exc) else ""
+        raise Unprocessable(f"invalid {kind.__name__}: {exc}{hint}") from None
     except msgspec.DecodeError as exc:
         fmt = "MessagePack" if content_type == MSGPACK else "JSON"
         raise Unprocessable(f"the body is not valid {fmt}: {exc}") from None

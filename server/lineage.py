@@ -42,7 +42,7 @@ SELECT id FROM walk ORDER BY depth DESC LIMIT 1
 
 DESCENDANTS_SQL = sa.text("""
 WITH RECURSIVE tree(id, parent_id, fork_step, depth) AS (
-    SELECT id, CAST(NULL AS INTEGER), fork_step, 0 FROM runs WHERE id = :run_id
+    SELECT id, forked_from_id, fork_step, 0 FROM runs WHERE id = :run_id
     UNION ALL
     SELECT r.id, r.forked_from_id, r.fork_step, t.depth + 1
     FROM runs r JOIN tree t ON r.forked_from_id = t.id
