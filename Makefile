@@ -29,6 +29,8 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 LINK_STAMP := $(VENV)/.stamp-links
 MANIFEST := $(VENV)/.package-files
 PACKAGE_DIRS := pluto server
+# Typed code outside the packages that pyproject's [tool.mypy] lists.
+MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
 .PHONY: help venv postgres test lint demo clean distclean FORCE
 
@@ -38,7 +40,7 @@ help:
 	@echo "make lint      ruff + mypy"
 	@echo "make test      lint, then pytest (needs venv and postgres)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
-	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/"
+	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
 
 venv: $(LINK_STAMP)
 
@@ -96,8 +98,8 @@ lint: venv
 	@$(BIN)/ruff check .
 	@echo "==> mypy (packages from pyproject.toml)"
 	@$(BIN)/mypy
-	@echo "==> mypy (tests/support, tests/conftest.py)"
-	@$(BIN)/mypy tests/support tests/conftest.py
+	@echo "==> mypy (test support, examples)"
+	@$(BIN)/mypy $(MYPY_EXTRA)
 
 test: venv postgres
 	@$(MAKE) lint
@@ -108,11 +110,12 @@ demo: venv
 	@bash scripts/demo.sh
 
 clean:
-	@rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
-	@find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	@find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .pytest_cache \
+		-o -name .mypy_cache -o -name .ruff_cache -o -name .hypothesis \) -prune \
+		-exec rm -rf {} +
 
 # build/ holds the strict editable link tree: it goes together with the venv.
 distclean: clean
-	@rm -rf $(VENV) build *.egg-info .pluto-data
+	@rm -rf $(VENV) build *.egg-info .pluto-data .pluto
 
 FORCE:

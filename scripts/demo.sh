@@ -56,7 +56,7 @@ stop_server() {
 }
 cleanup() {
     local rc=$?
-    if [[ $rc -ne 0 && -s "$SERVER_LOG" ]]; then
+    if [[ $rc -ne 0 && $rc -ne 130 && $rc -ne 143 && -s "$SERVER_LOG" ]]; then
         echo "demo: failed (exit $rc); last lines of the server log:" >&2
         tail -n 40 "$SERVER_LOG" >&2
     fi
@@ -143,6 +143,18 @@ read -r FORK_ID FORK_DISPLAY _ <<<"$(ids_of "$WORK/fork.out") ? ?"
 say "lineage of the fork ($FORK_EXT)"
 pluto lineage "$FORK_EXT" --project "$PROJECT"
 
+say "the fork's stitched train/loss around the fork step (mean over ranks)"
+python - "$FORK_EXT" "$PROJECT" "$FORK_STEP" <<'PY'
+import sys
+from pluto import query
+
+run, project, fork_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rows = query.get_metrics(run, project=project, keys=["train/loss"], lineage=True,
+                         aggregate="mean", step_min=fork_step - 2, step_max=fork_step + 3)
+for row in rows["train/loss"]:
+    print(f"  step {row.step:3d}  loss {row.value:.4f}  owned by run {row.run}")
+PY
+
 say "where to look"
 cat <<EOF
   server      $URL   (this demo stops it on exit; restart it with:
@@ -151,9 +163,11 @@ cat <<EOF
   runs        baseline $BASE_DISPLAY (id $BASE_ID, PLUTO_RUN_ID=$BASE_EXT)
               fork     $FORK_DISPLAY (id $FORK_ID, PLUTO_RUN_ID=$FORK_EXT), forked at step $FORK_STEP
   lineage     PLUTO_URL=$URL $BIN/pluto lineage $FORK_EXT --project $PROJECT
-  query       PLUTO_URL=$URL $BIN/python -c 'import pluto; help(pluto.query)'
-              e.g. pluto.query(project="$PROJECT", run="$FORK_EXT", keys=["train/loss"])
-              for the fork's stitched train/loss (steps 1..$FORK_STEP from the baseline)
+  query       PLUTO_URL=$URL $BIN/python
+              >>> from pluto import query
+              >>> query.get_metrics("$FORK_EXT", project="$PROJECT", keys=["train/loss"],
+              ...                   lineage=True)   # stitched: steps 1..$FORK_STEP from the baseline
+              >>> query.get_metrics("$BASE_EXT", project="$PROJECT", keys=["train/grad_norm"])
 EOF
 
 if [[ "${PLUTO_DEMO_KEEP:-0}" == "1" ]]; then

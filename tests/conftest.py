@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pwd
 from collections.abc import Callable, Generator, Iterator
 from functools import cache
 from pathlib import Path
@@ -115,8 +116,6 @@ def _postgres_unavailable() -> str | None:
     except PostgresNotFound as exc:
         return str(exc)
     if os.geteuid() == 0:
-        import pwd
-
         try:
             pwd.getpwnam("postgres")
         except KeyError:

@@ -86,11 +86,11 @@ http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 """
 
 
-def stand_in(tmp_path: Path, mode: str = "ok", **kwargs: float) -> ServerProcess:
+def stand_in(tmp_path: Path, mode: str = "ok", startup_timeout: float = 60.0) -> ServerProcess:
     return ServerProcess(
         tmp_path / "data",
         command=lambda proc: [sys.executable, "-c", STAND_IN, mode, str(proc.port)],
-        **kwargs,  # type: ignore[arg-type]
+        startup_timeout=startup_timeout,
     )
 
 
