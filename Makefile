@@ -32,7 +32,7 @@ PACKAGE_DIRS := pluto server
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres test lint demo clean distclean FORCE
+.PHONY: help venv postgres test lint demo bench clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
@@ -40,6 +40,7 @@ help:
 	@echo "make lint      ruff + mypy"
 	@echo "make test      lint, then pytest (needs venv and postgres)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
+	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
 
 venv: $(LINK_STAMP)
@@ -108,6 +109,9 @@ test: venv postgres
 
 demo: venv
 	@bash scripts/demo.sh
+
+bench: venv
+	@$(PY) benchmarks/sdk_log.py
 
 clean:
 	@find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .pytest_cache \

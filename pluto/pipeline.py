@@ -31,6 +31,7 @@ log = logging.getLogger("pluto")
 
 Row = tuple[int, float, dict[str, float]]
 SEND_BATCH = 64  # chunks per request at most
+SEND_BYTES = 8 * 1024 * 1024  # and about this many bytes: well under the server's body limit
 MAX_BACKOFF = 10.0
 
 
@@ -191,7 +192,7 @@ class Pipeline:
 def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,
                    root: Path) -> bool:
     while True:
-        records = spool.read(SEND_BATCH)
+        records = spool.read(SEND_BATCH, SEND_BYTES)
         if not records:
             return True
         try:

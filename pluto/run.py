@@ -19,6 +19,8 @@ from pluto.wire import RunAttached, RunFinish, RunStatus, RunUpdate
 
 log = logging.getLogger("pluto")
 
+MAX_KEY_LENGTH = 256  # the server's limit; checked here so one bad key can't sink a chunk
+
 
 class Run:
     """One process's handle on a run. Every rank of a job holds its own ``Run``
@@ -127,6 +129,9 @@ class Run:
                 step = self._step + 1
             elif type(step) is not int:
                 step = int(step)
+            if step < 0:
+                self._warn_once(f"log() needs a step >= 0, got {step}; this call was skipped")
+                return
             self._step = step
             values: dict[str, float] = {}
             convert = self._converter.convert
@@ -134,6 +139,9 @@ class Run:
                 kind = type(value)
                 if type(key) is not str:
                     key = str(key)
+                if not 0 < len(key) <= MAX_KEY_LENGTH:
+                    self._converter.reject_key(key)
+                    continue
                 if kind is float:
                     values[key] = value
                 elif kind is int:

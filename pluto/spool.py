@@ -92,11 +92,16 @@ class Spool:
 
     # -- reading and acknowledging -----------------------------------------
 
-    def read(self, limit: int) -> list[Record]:
-        """Up to ``limit`` unread records after the last ones returned, oldest first."""
+    def read(self, limit: int, max_bytes: int | None = None) -> list[Record]:
+        """Up to ``limit`` unread records (and about ``max_bytes``; always at least one)
+        after the last ones returned, oldest first."""
         records: list[Record] = []
+        size = 0
         for record in self._iter_from(self._read_pos):
+            if records and max_bytes is not None and size + len(record.payload) > max_bytes:
+                break
             records.append(record)
+            size += len(record.payload)
             if len(records) >= limit:
                 break
         if records:

@@ -40,6 +40,15 @@ class ValueConverter:
             return None
         return result
 
+    def reject_key(self, key: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"pluto: not logging key {key[:40]!r}...: a metric key must be 1-256 characters "
+            "(this warning is shown once per key)", RuntimeWarning, stacklevel=4,
+        )
+
     def _skip(self, key: str, value: Any, why: str | None = None) -> None:
         if key in self._warned:
             return
