@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -194,6 +194,28 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class IngestBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     chunks: list[Chunk]
+
+
+JsonFloat = float | Literal["NaN", "Infinity", "-Infinity"] | None
+
+
+class JsonChunk(Chunk, kw_only=True, forbid_unknown_fields=True):
+    """A ``Chunk`` sent as JSON: values may be "NaN", "Infinity", "-Infinity" (or null
+    for NaN), since JSON has no such numbers."""
+
+    values: list[JsonFloat] = []  # type: ignore[assignment]
+
+    def to_chunk(self) -> Chunk:
+        fields = {name: getattr(self, name) for name in self.__struct_fields__}
+        fields["values"] = [v if type(v) is float else parse_json_float(v) for v in self.values]
+        return Chunk(**fields)
+
+
+class JsonIngestBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    chunks: list[JsonChunk]
+
+    def to_batch(self) -> IngestBatch:
+        return IngestBatch(chunks=[chunk.to_chunk() for chunk in self.chunks])
 
 
 class IngestResult(Reply):

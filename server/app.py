@@ -18,6 +18,7 @@ from pluto.wire import (
     MSGPACK,
     IngestBatch,
     IngestResult,
+    JsonIngestBatch,
     Lineage,
     LogPage,
     MetricKeys,
@@ -38,6 +39,7 @@ from pluto_server.auth import KeyIdentity
 from pluto_server.bodies import decode, read_body, wants_msgpack
 from pluto_server.database import Database
 from pluto_server.errors import ApiError
+from pluto_server.ingest import INT32_MAX, INT64_MAX
 from pluto_server.queries import MetricQuery
 from pluto_server.service import Service
 from pluto_server.settings import ServerSettings
@@ -87,7 +89,8 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         }
 
     @app.post(f"{API_PREFIX}/runs", tags=["runs"],
-              openapi_extra=openapi.route(body=RunCreate, reply=RunAttached))
+              openapi_extra=openapi.route(body=RunCreate, reply=RunAttached,
+                                          statuses=(200, 201)))
     async def create_run(request: Request, who: Who) -> Response:
         """Create a run, or attach to the one with the same (project, run_id)."""
         req = decode(request, await read_body(request, settings.max_body_bytes), RunCreate)
@@ -136,7 +139,11 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
               openapi_extra=openapi.route(body=IngestBatch, reply=IngestResult, msgpack=True))
     async def ingest(request: Request, who: Who) -> Response:
         """Apply chunks of points and console lines, each exactly once."""
-        batch = decode(request, await read_body(request, settings.max_body_bytes), IngestBatch)
+        body = await read_body(request, settings.max_body_bytes)
+        if request.headers.get("content-type", "").startswith(MSGPACK):
+            batch = decode(request, body, IngestBatch)
+        else:  # JSON spells NaN and Infinity as strings
+            batch = decode(request, body, JsonIngestBatch, "IngestBatch").to_batch()
         return _reply(request, await run_in_threadpool(service.ingest, batch, who))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}/metrics", tags=["data"],
@@ -149,13 +156,14 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         keys: Annotated[list[str] | None, Query(description="metric keys; all when omitted")]
         = None,
         lineage: Annotated[bool, Query(description="stitch the ancestors' points in")] = False,
-        writer: Annotated[int | None, Query(ge=0, description="only this writer (rank)")] = None,
+        writer: Annotated[int | None, Query(ge=0, le=INT32_MAX,
+                                            description="only this writer (rank)")] = None,
         aggregate: Annotated[Literal["none", "mean"], Query(
             description="'none': a series per writer; 'mean': averaged across writers")] = "none",
         buckets: Annotated[int | None, Query(ge=1, le=100_000,
                                              description="downsample to N buckets")] = None,
-        step_min: Annotated[int | None, Query()] = None,
-        step_max: Annotated[int | None, Query()] = None,
+        step_min: Annotated[int | None, Query(ge=-INT64_MAX - 1, le=INT64_MAX)] = None,
+        step_max: Annotated[int | None, Query(ge=-INT64_MAX - 1, le=INT64_MAX)] = None,
     ) -> Response:
         query = MetricQuery(run_id=0, keys=keys, lineage=lineage, writer=writer,
                             aggregate=aggregate, buckets=buckets, step_min=step_min,
@@ -178,9 +186,10 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         ref: str,
         who: Who,
         project: ProjectParam = None,
-        after: Annotated[int | None, Query(ge=0, description="only lines after this id")] = None,
+        after: Annotated[int | None, Query(ge=0, le=INT64_MAX,
+                                           description="only lines after this id")] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        writer: Annotated[int | None, Query(ge=0)] = None,
+        writer: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
         q: Annotated[str | None, Query(max_length=200, description="substring to find")] = None,
     ) -> Response:
         page = service.logs(ref, project, who, after=after, limit=limit, writer=writer,

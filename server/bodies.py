@@ -36,7 +36,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def decode(request: Request, body: bytes, kind: type[T]) -> T:
+def decode(request: Request, body: bytes, kind: type[T], name: str | None = None) -> T:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     try:
         if content_type == MSGPACK:
@@ -44,7 +44,7 @@ def decode(request: Request, body: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         hint = " (check the field names: see /api/docs)" if "unknown field" in str(exc) else ""
-        raise Unprocessable(f"invalid {kind.__name__}: {exc}{hint}") from None
+        raise Unprocessable(f"invalid {name or kind.__name__}: {exc}{hint}") from None
     except msgspec.DecodeError as exc:
         fmt = "MessagePack" if content_type == MSGPACK else "JSON"
         raise Unprocessable(f"the body is not valid {fmt}: {exc}") from None

@@ -24,6 +24,8 @@ from pluto_server.sql import insert_ignore
 MAX_KEY_LENGTH = 256
 MAX_LOG_LINE = 64 * 1024
 MAX_SESSION_LENGTH = 64
+INT32_MAX = 2**31 - 1  # run ids and writers are 32-bit columns
+INT64_MAX = 2**63 - 1  # steps and sequence numbers are 64-bit
 
 
 class KeyCache:
@@ -54,10 +56,15 @@ def validate(batch: IngestBatch) -> None:
                     f"{where}: {name} has {length} entries but steps has {n}; "
                     "every point needs a key index, step, value and time"
                 )
+        if not 1 <= chunk.run <= INT32_MAX:
+            raise NotFound(f"run {chunk.run} does not exist; create it with POST /api/v1/runs "
+                           "before logging")
         if not chunk.session or len(chunk.session) > MAX_SESSION_LENGTH:
             raise Unprocessable(f"{where}: session must be 1-{MAX_SESSION_LENGTH} characters")
-        if chunk.seq < 0 or chunk.writer < 0:
-            raise Unprocessable(f"{where}: seq and writer must be >= 0")
+        if not 0 <= chunk.seq <= INT64_MAX:
+            raise Unprocessable(f"{where}: seq must be between 0 and 2**63-1")
+        if not 0 <= chunk.writer <= INT32_MAX:
+            raise Unprocessable(f"{where}: writer (the rank) must be between 0 and 2**31-1")
         for key in chunk.keys:
             if not key or len(key) > MAX_KEY_LENGTH:
                 raise Unprocessable(f"{where}: metric key {key[:40]!r} must be 1-256 characters")
@@ -68,30 +75,64 @@ def validate(batch: IngestBatch) -> None:
                     f"{where}: key_index refers to a key that is not in keys "
                     f"({len(chunk.keys)} keys)"
                 )
-            if min(chunk.steps) < 0:
-                raise Unprocessable(f"{where}: steps must be >= 0")
+            if min(chunk.steps) < 0 or max(chunk.steps) > INT64_MAX:
+                raise Unprocessable(f"{where}: steps must be between 0 and 2**63-1")
         for line in chunk.logs:
             if len(line.line) > MAX_LOG_LINE:
                 raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
 
 
-def apply(conn: Connection, batch: IngestBatch, keys: KeyCache) -> tuple[IngestResult, dict[
-        tuple[int, str], int]]:
-    """Apply a validated batch in the caller's transaction.
-
-    Returns the result and the key ids to remember once the transaction commits.
-    """
+def run_projects(conn: Connection, batch: IngestBatch) -> dict[int, int]:
+    """The project of every run the batch writes to; 404 for a run that does not exist."""
     run_ids = sorted({chunk.run for chunk in batch.chunks})
-    projects_of = dict(
-        conn.execute(sa.select(runs.c.id, runs.c.project_id).where(runs.c.id.in_(run_ids))).all()
-    )
+    projects_of = {
+        int(run): int(project)
+        for run, project in conn.execute(
+            sa.select(runs.c.id, runs.c.project_id).where(runs.c.id.in_(run_ids))
+        )
+    }
     missing = [run for run in run_ids if run not in projects_of]
     if missing:
         raise NotFound(
             f"run {missing[0]} does not exist; create it with POST /api/v1/runs before logging"
         )
+    return projects_of
+
+
+def unknown_keys(batch: IngestBatch, projects_of: dict[int, int],
+                 cache: KeyCache) -> list[tuple[int, str]]:
+    wanted = {(projects_of[chunk.run], key) for chunk in batch.chunks if chunk.steps
+              for key in chunk.keys}
+    return sorted(pair for pair in wanted if cache.get(*pair) is None)
+
+
+def ensure_keys(conn: Connection, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
+    """Create metric keys, in sorted order, in a transaction of their own.
+
+    One fixed order and a short transaction mean concurrent batches that meet the
+    same new keys wait for each other briefly instead of deadlocking; a key whose
+    data transaction later fails is harmless.
+    """
+    ids: dict[tuple[int, str], int] = {}
+    for project_id in sorted({project for project, _ in pairs}):
+        names = [name for project, name in pairs if project == project_id]
+        conn.execute(
+            insert_ignore(conn, metric_keys, ["project_id", "key"]),
+            [{"project_id": project_id, "key": name} for name in names],
+        )
+        rows = conn.execute(
+            sa.select(metric_keys.c.key, metric_keys.c.id).where(
+                metric_keys.c.project_id == project_id, metric_keys.c.key.in_(names)
+            )
+        )
+        ids.update({(project_id, str(name)): int(key_id) for name, key_id in rows})
+    return ids
+
+
+def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
+          keys: KeyCache) -> IngestResult:
+    """Apply a validated batch in the caller's transaction; its keys already exist."""
     applied = duplicates = points = 0
-    new_keys: dict[tuple[int, str], int] = {}
     now = time.time()
     # A fixed order keeps concurrent PostgreSQL transactions from deadlocking.
     for chunk in sorted(batch.chunks, key=lambda c: (c.run, c.session, c.seq)):
@@ -105,9 +146,13 @@ def apply(conn: Connection, batch: IngestBatch, keys: KeyCache) -> tuple[IngestR
             continue
         applied += 1
         points += chunk.point_count
-        project_id = int(projects_of[chunk.run])
         if chunk.point_count:
-            key_ids = _key_ids(conn, project_id, chunk.keys, keys, new_keys)
+            project_id = projects_of[chunk.run]
+            key_ids = []
+            for name in chunk.keys:
+                key_id = keys.get(project_id, name)
+                assert key_id is not None, "ensure_keys() runs before apply()"
+                key_ids.append(key_id)
             _insert_blocks(conn, chunk, key_ids)
         if chunk.logs:
             conn.execute(
@@ -118,35 +163,7 @@ def apply(conn: Connection, batch: IngestBatch, keys: KeyCache) -> tuple[IngestR
                     for line in chunk.logs
                 ],
             )
-    return IngestResult(applied=applied, duplicates=duplicates, points=points), new_keys
-
-
-def _key_ids(
-    conn: Connection,
-    project_id: int,
-    names: list[str],
-    cache: KeyCache,
-    new_keys: dict[tuple[int, str], int],
-) -> list[int]:
-    ids: list[int | None] = [
-        cache.get(project_id, name) or new_keys.get((project_id, name)) for name in names
-    ]
-    unknown = [name for name, key_id in zip(names, ids, strict=True) if key_id is None]
-    if unknown:
-        conn.execute(
-            insert_ignore(conn, metric_keys, ["project_id", "key"]),
-            [{"project_id": project_id, "key": name} for name in unknown],
-        )
-        rows = conn.execute(
-            sa.select(metric_keys.c.key, metric_keys.c.id).where(
-                metric_keys.c.project_id == project_id, metric_keys.c.key.in_(unknown)
-            )
-        )
-        for name, key_id in rows:
-            new_keys[(project_id, name)] = int(key_id)
-        ids = [key_id if key_id is not None else new_keys[(project_id, name)]
-               for name, key_id in zip(names, ids, strict=True)]
-    return [int(key_id) for key_id in ids if key_id is not None]
+    return IngestResult(applied=applied, duplicates=duplicates, points=points)
 
 
 def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int]) -> None:

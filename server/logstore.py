@@ -27,7 +27,8 @@ def read_logs(
     if writer is not None:
         query = query.where(log_lines.c.writer == writer)
     if contains:
-        query = query.where(log_lines.c.line.contains(contains, autoescape=True))
+        # Case-insensitive on every backend (SQLite's LIKE is, PostgreSQL's is not).
+        query = query.where(log_lines.c.line.icontains(contains, autoescape=True))
     rows = conn.execute(query.order_by(log_lines.c.id).limit(limit + 1)).mappings().all()
     page = [
         LogRecord(id=r["id"], writer=r["writer"], time=r["time"], stream=r["stream"],

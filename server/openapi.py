@@ -13,7 +13,7 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from pluto.wire import JSON, MSGPACK, ApiError
+from pluto.wire import JSON, MSGPACK, ApiError, IngestBatch, JsonIngestBatch
 
 REF = "#/components/schemas/{name}"
 _registered: set[type[Any]] = {ApiError}
@@ -29,23 +29,23 @@ def route(
     body: type[Any] | None = None,
     reply: type[Any] | None = None,
     msgpack: bool = False,
-    status: int = 200,
+    statuses: tuple[int, ...] = (200,),
 ) -> dict[str, Any]:
     """``openapi_extra`` for one route."""
     extra: dict[str, Any] = {}
     media = [JSON, MSGPACK] if msgpack else [JSON]
     if body is not None:
-        schema = _ref(body)
-        extra["requestBody"] = {
-            "required": True,
-            "content": {m: {"schema": schema} for m in media},
-        }
+        content = {m: {"schema": _ref(body)} for m in media}
+        if body is IngestBatch:  # as JSON, NaN and Infinity travel as strings
+            content[JSON] = {"schema": _ref(JsonIngestBatch)}
+        extra["requestBody"] = {"required": True, "content": content}
     responses: dict[str, Any] = {}
     if reply is not None:
-        responses[str(status)] = {
-            "description": "OK",
-            "content": {m: {"schema": _ref(reply)} for m in media},
-        }
+        for status in statuses:
+            responses[str(status)] = {
+                "description": "Created" if status == 201 else "OK",
+                "content": {m: {"schema": _ref(reply)} for m in media},
+            }
     error = {"content": {JSON: {"schema": _ref(ApiError)}}}
     for code, text in (("400", "Bad request"), ("401", "API key missing or refused"),
                        ("404", "Not found"), ("413", "Body too large"),

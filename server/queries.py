@@ -41,7 +41,7 @@ WHERE b.run_id = :run_id AND b.key_id IN :key_ids
   AND b.step_max >= :step_min AND b.step_min <= :step_max
 """
 
-STEP_LIMIT = 2**62
+STEP_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,13 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
     params = {
         "run_id": query.run_id,
         "key_ids": list(key_names),
-        "step_min": query.step_min if query.step_min is not None else -STEP_LIMIT,
+        "step_min": query.step_min if query.step_min is not None else -STEP_LIMIT - 1,
         "step_max": query.step_max if query.step_max is not None else STEP_LIMIT,
     }
     if query.writer is not None:
         sql += " AND b.writer = :writer"
         params["writer"] = query.writer
+    sql += " ORDER BY b.id"  # arrival order: ties in (step, time) keep it on every backend
     statement = sa.text(sql).bindparams(sa.bindparam("key_ids", expanding=True))
     groups: dict[tuple[int, int], _Parts] = {}
     for run_id, key_id, writer, raw_steps, raw_vals, raw_times, lower, upper in conn.execute(
@@ -202,7 +203,11 @@ def _downsample(
     """Equal-width step buckets with min/max/mean; a bucket never straddles a fork."""
     first, last = int(steps[0]), int(steps[-1])
     width = last - first + 1
-    index = ((steps - first) * buckets) // width
+    offsets = steps - first
+    if width * buckets < 2**62:
+        index = (offsets * buckets) // width
+    else:  # steps near 2**63: the exact product would overflow int64
+        index = np.minimum((offsets / width * buckets).astype(np.int64), buckets - 1)
     starts = np.flatnonzero(
         np.r_[True, (index[1:] != index[:-1]) | (owners[1:] != owners[:-1])]
     )

@@ -30,6 +30,7 @@ from pluto_server.sql import insert_ignore
 MAX_TAGS = 256
 MAX_TAG_LENGTH = 128
 MAX_NAME_LENGTH = 256
+MAX_RUN_ID = 2**31 - 1
 
 parent = runs.alias("parent")
 
@@ -178,27 +179,40 @@ def get_run(conn: Connection, run_id: int) -> RunRow:
     return RunRow.from_mapping(row)
 
 
-def find_run(conn: Connection, ref: str, project: str | None = None) -> RunRow:
+def exists(conn: Connection, run_id: int) -> bool:
+    if run_id > MAX_RUN_ID:
+        return False
+    return conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first() is not None
+
+
+def find_run(conn: Connection, ref: str, project: str | None = None, *,
+             reveal_projects: bool = True) -> RunRow:
     """A run by numeric id, display id (``MMP-42``) or external id, in that order.
 
+    An all-digit ref that is no run's numeric id (or names a run of another
+    project) is looked up as an external id too: job ids make good run ids.
     With ``project`` given, display and external ids are looked up in it; a run
-    that exists only in another project is reported as such.
+    that exists only elsewhere is reported as such, unless ``reveal_projects`` is
+    off (a project-scoped key must not learn other projects' names).
     """
     ref = ref.strip()
-    if ref.isdigit():
-        run = get_run(conn, int(ref))
-        if project is not None and run.project != project:
-            raise BadRequest(
-                f"run {ref} belongs to project {run.project!r}, not {project!r}; "
-                f"use project={run.project!r}"
-            )
-        return run
+    by_number: RunRow | None = None
+    if ref.isdigit() and int(ref) <= MAX_RUN_ID:
+        row = conn.execute(_run_query().where(runs.c.id == int(ref))).mappings().first()
+        by_number = None if row is None else RunRow.from_mapping(row)
+        if by_number is not None and (project is None or by_number.project == project):
+            return by_number
     candidates = _runs_by_display_id(conn, ref) + _runs_by_external_id(conn, ref)
     if project is not None:
         in_project = [run for run in candidates if run.project == project]
         if in_project:
             return in_project[0]
-        if candidates:
+        if by_number is not None and reveal_projects:
+            raise BadRequest(
+                f"run {ref} belongs to project {by_number.project!r}, not {project!r}; "
+                f"use project={by_number.project!r}"
+            )
+        if candidates and reveal_projects:
             others = sorted({run.project for run in candidates})
             raise BadRequest(
                 f"run {ref!r} is not in project {project!r} but exists in {', '.join(others)}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from pluto.wire import (
     IngestBatch,
@@ -22,7 +23,7 @@ from pluto.wire import (
 )
 from pluto_server import auth, ingest, lineage, logstore, queries, runs
 from pluto_server.database import Database
-from pluto_server.errors import Forbidden
+from pluto_server.errors import Forbidden, NotFound
 from pluto_server.schema import projects
 from pluto_server.schema import runs as runs_table
 from pluto_server.settings import ServerSettings
@@ -65,17 +66,30 @@ class Service:
             run, resumed = runs.create_or_attach(conn, req)
             return run.to_attached(conn, self.base_url, resumed)
 
+    def _find(self, conn: Connection, ref: str, project: str | None,
+              who: auth.KeyIdentity | None) -> runs.RunRow:
+        """Resolve a run reference; a project-scoped key looks only inside its project."""
+        if who is not None and who.project is not None:
+            self.guard(who, project or who.project)
+            try:
+                run = runs.find_run(conn, ref, who.project, reveal_projects=False)
+            except NotFound:
+                if ref.isdigit() and runs.exists(conn, int(ref)):
+                    raise Forbidden(f"this API key is limited to project {who.project!r} and "
+                                    f"cannot reach run {ref}") from None
+                raise
+        else:
+            run = runs.find_run(conn, ref, project)
+        self.guard(who, run.project)
+        return run
+
     def get_run(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> RunInfo:
         with self.db.read() as conn:
-            run = runs.find_run(conn, ref, project)
-            self.guard(who, run.project)
-            return run.to_info(conn, self.base_url)
+            return self._find(conn, ref, project, who).to_info(conn, self.base_url)
 
     def _resolve(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> int:
         with self.db.read() as conn:
-            run = runs.find_run(conn, ref, project)
-        self.guard(who, run.project)
-        return run.id
+            return self._find(conn, ref, project, who).id
 
     def update_run(self, ref: str, project: str | None, req: RunUpdate,
                    who: auth.KeyIdentity | None) -> RunInfo:
@@ -133,10 +147,15 @@ class Service:
                 ).scalars().all()
             for name in names:
                 self.guard(who, name)
+        with self.db.read() as conn:
+            projects_of = ingest.run_projects(conn, batch)
+        missing = ingest.unknown_keys(batch, projects_of, self.keys)
+        if missing:
+            with self.db.write() as conn:
+                created = ingest.ensure_keys(conn, missing)
+            self.keys.remember(created)  # committed: safe to remember
         with self.db.write() as conn:
-            result, new_keys = ingest.apply(conn, batch, self.keys)
-        self.keys.remember(new_keys)
-        return result
+            return ingest.apply(conn, batch, projects_of, self.keys)
 
     def metrics(self, ref: str, project: str | None, query: queries.MetricQuery,
                 who: auth.KeyIdentity | None) -> MetricQueryResult:
