@@ -23,9 +23,9 @@ from typing import Any
 import msgspec
 
 from pluto.errors import PlutoError, RequestRejected
-from pluto.spool import Spool, SpoolLocked
+from pluto.spool import Spool, SpoolLocked, is_spool_name
 from pluto.transport.base import Transport
-from pluto.wire import Chunk, LogLine, encode_msgpack
+from pluto.wire import Chunk, LogLine, RunStatus, encode_msgpack
 
 log = logging.getLogger("pluto")
 
@@ -70,6 +70,8 @@ class Pipeline:
         self.spool_root = spool_root
         self.spool = Spool(spool_root / self.session, fsync=fsync)
         self._seq = 0
+        self._final: RunStatus | None = None
+        self._final_spooled = False
         self._wake = threading.Event()
         self._room = threading.Condition()
         self._stopping = False
@@ -89,6 +91,11 @@ class Pipeline:
     def kick(self) -> None:
         self._wake.set()
 
+    def finish(self, status: RunStatus) -> None:
+        """After everything logged so far, the run ends with ``status``."""
+        self._final = status
+        self._wake.set()
+
     def drain(self, timeout: float) -> bool:
         """Wait until everything logged so far is delivered; False on timeout."""
         deadline = time.monotonic() + timeout
@@ -96,12 +103,12 @@ class Pipeline:
             self._idle.clear()
             self._wake.set()
             if self._idle.wait(min(0.5, max(0.0, deadline - time.monotonic()))) and (
-                not self.rows and not self.logs and self.spool.empty
+                self._quiet()
             ):
                 return True
             if not self._thread.is_alive():
                 return False
-        return not self.rows and not self.logs and self.spool.empty
+        return self._quiet()
 
     def close(self, timeout: float) -> bool:
         delivered = self.drain(timeout)
@@ -118,7 +125,10 @@ class Pipeline:
     # -- the sender thread ---------------------------------------------------
 
     def _run(self) -> None:
-        self._adopt_orphans()
+        try:
+            self._adopt_orphans()
+        except Exception:  # adoption is a courtesy; this run's own data comes first
+            log.exception("pluto: delivering spools left by earlier processes failed")
         backoff = 0.0
         while not self._stopping:
             self._wake.wait(max(self.flush_interval, backoff))
@@ -132,10 +142,15 @@ class Pipeline:
                 backoff = min(MAX_BACKOFF, max(0.2, backoff * 2))
             if backoff:
                 backoff *= 0.5 + random.random()  # jitter: ranks don't retry in lockstep
-            if not self.rows and not self.logs and self.spool.empty:
+            if self._quiet():
                 self._idle.set()
 
+    def _quiet(self) -> bool:
+        return (not self.rows and not self.logs and self.spool.empty
+                and (self._final is None or self._final_spooled))
+
     def _pack(self) -> None:
+        final = self._final  # read first: every row logged before finish() is queued by now
         while self.rows or self.logs:
             keys: dict[str, int] = {}
             key_index: list[int] = []
@@ -165,6 +180,12 @@ class Pipeline:
                           steps=steps, values=values, times=times, logs=lines)
             self._seq += 1
             self.spool.append(encode_msgpack(chunk))
+        if final is not None and not self._final_spooled:
+            chunk = Chunk(run=self.run_id, session=self.session, seq=self._seq,
+                          writer=self.writer, finish=final)
+            self._seq += 1
+            self.spool.append(encode_msgpack(chunk))
+            self._final_spooled = True
 
     def _send(self) -> bool:
         """Deliver spooled chunks in order; False when the server could not take them."""
@@ -173,14 +194,15 @@ class Pipeline:
     def _adopt_orphans(self) -> None:
         """Deliver spools left by processes that died before delivering everything."""
         for directory in sorted(self.spool_root.iterdir()):
-            if directory.name == self.session or not directory.is_dir():
+            if (directory.name == self.session or not is_spool_name(directory.name)
+                    or not directory.is_dir()):
                 continue
             try:
                 orphan = Spool(directory, fsync=False)
             except SpoolLocked:
                 continue  # a live process owns it
             except OSError:
-                continue
+                continue  # vanished or half-removed: not an orphan
             try:
                 while not orphan.empty and not self._stopping:
                     if not _deliver_spool(orphan, self.transport, self.state, self.spool_root):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 from pluto.settings import DEFAULT_URL
 from pluto.transport.http import ApiClient
@@ -102,6 +102,33 @@ def get_run(run: str | int, project: str | None = None, *, url: str | None = Non
         return client.call("GET", f"/runs/{run}", RunInfo, params=_params(project))
     finally:
         client.close()
+
+
+@overload
+def get_metrics(
+    run: str | int, keys: list[str] | str | None = ..., lineage: bool = ...,
+    writer: int | None = ..., buckets: None = ..., *, aggregate: Literal["none", "mean"] = ...,
+    step_min: int | None = ..., step_max: int | None = ..., project: str | None = ...,
+    url: str | None = ..., api_key: str | None = ...,
+) -> dict[str, list[MetricRow]]: ...
+
+
+@overload
+def get_metrics(
+    run: str | int, keys: list[str] | str | None = ..., lineage: bool = ...,
+    writer: int | None = ..., *, buckets: int, aggregate: Literal["none", "mean"] = ...,
+    step_min: int | None = ..., step_max: int | None = ..., project: str | None = ...,
+    url: str | None = ..., api_key: str | None = ...,
+) -> dict[str, list[MetricBucket]]: ...
+
+
+@overload
+def get_metrics(
+    run: str | int, keys: list[str] | str | None, lineage: bool, writer: int | None,
+    buckets: int, *, aggregate: Literal["none", "mean"] = ...,
+    step_min: int | None = ..., step_max: int | None = ..., project: str | None = ...,
+    url: str | None = ..., api_key: str | None = ...,
+) -> dict[str, list[MetricBucket]]: ...
 
 
 def get_metrics(

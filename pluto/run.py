@@ -15,7 +15,7 @@ from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
 from pluto.values import ValueConverter
-from pluto.wire import RunAttached, RunFinish, RunStatus, RunUpdate
+from pluto.wire import RunAttached, RunStatus, RunUpdate
 
 log = logging.getLogger("pluto")
 
@@ -213,6 +213,8 @@ class Run:
             if self._console is not None:
                 self._console.stop()
                 self._console = None
+            # The status rides in the spool behind the data: it is set when the data lands.
+            self._pipeline.finish(final)
             delivered = self._pipeline.close(
                 self.settings.finish_timeout if timeout is None else timeout
             )
@@ -222,10 +224,10 @@ class Run:
                 warnings.warn(
                     f"pluto: finish() could not deliver {self.undelivered_bytes} bytes of data "
                     f"for run {self.display_id} ({reason}); they are kept in "
-                    f"{self._pipeline.spool.directory} and will be sent by the next "
-                    "pluto.init() with the same dir", RuntimeWarning, stacklevel=2,
+                    f"{self._pipeline.spool.directory} and will be sent, and the run marked "
+                    f"{final.value}, by the next pluto.init() with the same dir",
+                    RuntimeWarning, stacklevel=2,
                 )
-            self._transport.finish_run(self.id, RunFinish(status=final))
         except Exception as exc:
             warnings.warn(f"pluto: could not mark run {self.display_id} {final.value}: {exc}",
                           RuntimeWarning, stacklevel=2)

@@ -7,7 +7,10 @@ or checksum and cut off, never replayed as garbage; everything before it is
 kept. Fully acknowledged segments are deleted.
 
 One process owns a spool directory at a time (an ``flock`` on ``LOCK``), so a
-spool left by a dead process can be adopted and replayed by another.
+spool left by a dead process can be adopted and replayed by another. A new
+spool is built under a hidden name and renamed into place already locked, and
+an emptied one is renamed away before it is taken apart, so a process looking
+for orphans never sees a spool that is half made or half removed.
 """
 
 from __future__ import annotations
@@ -57,13 +60,10 @@ class Spool:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise SpoolLocked(f"spool {directory} is in use by another process") from None
+        if directory.is_dir():
+            self._lock_fd = self._lock_existing(directory)
+        else:
+            self._lock_fd = self._create_locked(directory)
         self.acked = self._read_cursor()
         self.recovery = self._recover()
         self._read_pos = self.acked
@@ -71,6 +71,30 @@ class Spool:
         self._write_segment = segments[-1] if segments else max(self.acked.segment, 1)
         self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
         self.pending_bytes = self._count_pending_bytes()
+
+    @staticmethod
+    def _lock_existing(directory: Path) -> int:
+        # No O_CREAT: a spool being taken apart must not get a fresh LOCK from us.
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"spool {directory} is in use by another process") from None
+        if not (directory / LOCK_NAME).exists():  # removed while we waited: not a spool now
+            os.close(fd)
+            raise FileNotFoundError(directory / LOCK_NAME)
+        return fd
+
+    @staticmethod
+    def _create_locked(directory: Path) -> int:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.parent / f".new-{directory.name}-{os.getpid()}"
+        staging.mkdir()
+        fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, directory)
+        return fd
 
     # -- writing ----------------------------------------------------------
 
@@ -135,12 +159,16 @@ class Spool:
     def close(self, *, remove_if_empty: bool = False) -> None:
         self._writer.close()
         if remove_if_empty and self.empty:
-            for path in self.directory.iterdir():
+            # Hide it first (still locked), then take it apart: nobody can adopt it now.
+            doomed = self.directory.parent / f".gone-{self.directory.name}-{os.getpid()}"
+            os.rename(self.directory, doomed)
+            for path in doomed.iterdir():
                 path.unlink(missing_ok=True)
             os.close(self._lock_fd)
-            self.directory.rmdir()
+            doomed.rmdir()
             return
         os.close(self._lock_fd)
+
 
     # -- internals ----------------------------------------------------------
 
@@ -231,3 +259,8 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_spool_name(name: str) -> bool:
+    """Spools in the making or being removed have hidden names; orphans never do."""
+    return not name.startswith(".")

@@ -174,6 +174,8 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``(run, session, seq)`` is the idempotency key: ``session`` identifies one
     writer process for its lifetime and ``seq`` counts its chunks. Points are
     columnar: point ``i`` is ``(keys[key_index[i]], steps[i], values[i], times[i])``.
+    A writer's last chunk carries ``finish``: the run's status is set with the
+    last data, in the same transaction, however late that chunk is delivered.
     """
 
     run: int
@@ -186,6 +188,7 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     values: list[float] = []
     times: list[float] = []
     logs: list[LogLine] = []
+    finish: RunStatus | None = None
 
     @property
     def point_count(self) -> int:

@@ -16,8 +16,9 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import Chunk, IngestBatch, IngestResult
+from pluto.wire import Chunk, IngestBatch, IngestResult, RunStatus
 from pluto_server.errors import NotFound, Unprocessable
+from pluto_server.runs import finish as finish_run
 from pluto_server.schema import ingest_log, log_lines, metric_blocks, metric_keys, run_keys, runs
 from pluto_server.sql import insert_ignore
 
@@ -77,6 +78,8 @@ def validate(batch: IngestBatch) -> None:
                 )
             if min(chunk.steps) < 0 or max(chunk.steps) > INT64_MAX:
                 raise Unprocessable(f"{where}: steps must be between 0 and 2**63-1")
+        if chunk.finish is RunStatus.RUNNING:
+            raise Unprocessable(f"{where}: finish must be COMPLETED, FAILED or TERMINATED")
         for line in chunk.logs:
             if len(line.line) > MAX_LOG_LINE:
                 raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
@@ -163,6 +166,8 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
                     for line in chunk.logs
                 ],
             )
+        if chunk.finish is not None:
+            finish_run(conn, chunk.run, chunk.finish)
     return IngestResult(applied=applied, duplicates=duplicates, points=points)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 
-from pluto.wire import IngestResult, RunAttached, RunCreate, RunFinish, RunInfo, RunUpdate
+from pluto.wire import IngestResult, RunAttached, RunCreate, RunInfo, RunUpdate
 
 
 class Transport(abc.ABC):
@@ -17,9 +17,6 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def update_run(self, run_id: int, request: RunUpdate) -> RunInfo: ...
-
-    @abc.abstractmethod
-    def finish_run(self, run_id: int, request: RunFinish) -> RunInfo: ...
 
     @abc.abstractmethod
     def deliver(self, chunks: list[bytes]) -> IngestResult:

@@ -18,7 +18,6 @@ from pluto.wire import (
     IngestResult,
     RunAttached,
     RunCreate,
-    RunFinish,
     RunInfo,
     RunUpdate,
     encode_json,
@@ -104,18 +103,17 @@ class HttpTransport(Transport):
                 if exc.permanent:
                     raise
                 last = ServerUnavailable(str(exc))
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ServerUnavailable(
-                    f"pluto.init() gave up after {timeout:.0f}s: {last}"
+                    f"pluto.init() gave up after {timeout:g}s: {last}"
                 ) from last
-            time.sleep(delay * (0.5 + random.random()))
+            # Sleep with jitter, but never past the deadline: the last try is at it.
+            time.sleep(min(remaining, delay * (0.5 + random.random())))
             delay = min(delay * 2, 2.0)
 
     def update_run(self, run_id: int, request: RunUpdate) -> RunInfo:
         return self.client.call("PATCH", f"/runs/{run_id}", RunInfo, body=request)
-
-    def finish_run(self, run_id: int, request: RunFinish) -> RunInfo:
-        return self.client.call("POST", f"/runs/{run_id}/finish", RunInfo, body=request)
 
     def deliver(self, chunks: list[bytes]) -> IngestResult:
         return self.client.call("POST", "/ingest", IngestResult, raw_body=ingest_body(chunks),
