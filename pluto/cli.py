@@ -1,4 +1,4 @@
-"""The ``pluto`` command: ``server``, ``keys``, ``runs``, ``lineage``."""
+"""The ``pluto`` command: ``server``, ``sidecar``, ``keys``, ``runs``, ``lineage``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,42 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
                         help="SQLite durability: FULL survives power loss (default)")
 
+    sidecar = commands.add_parser(
+        "sidecar", help="run the per-pod sidecar (ranks log to it over a Unix socket)")
+    sidecar.add_argument("--socket", type=Path, default=None,
+                         help="Unix socket to serve (env PLUTO_SIDECAR_SOCKET; "
+                              "default /var/run/pluto/pluto.sock)")
+    sidecar.add_argument("--server", default=None,
+                         help="tracking server URL (env PLUTO_URL; default http://127.0.0.1:7300)")
+    sidecar.add_argument("--spool-dir", type=Path, default=None,
+                         help="durable spool directory (env PLUTO_SPOOL_DIR; "
+                              "default /var/run/pluto/spool)")
+    sidecar.add_argument("--api-key-file", type=Path, default=None,
+                         help="file holding the API key (else env PLUTO_API_KEY); "
+                              "never pass a key on the command line")
+    sidecar.add_argument("--spool-max-mb", type=float, default=1024,
+                         help="unsent data the spool may hold before clients are slowed "
+                              "down (default 1024)")
+    sidecar.add_argument("--batch-max-kb", type=float, default=4096,
+                         help="send a batch once it holds this much (default 4096)")
+    sidecar.add_argument("--batch-max-age", type=float, default=0.2,
+                         help="... or once its oldest record is this old, seconds (default 0.2)")
+    sidecar.add_argument("--drain-seconds", type=float, default=25.0,
+                         help="on SIGTERM, forward for at most this long (default 25)")
+    sidecar.add_argument("--open-wait", type=float, default=5.0,
+                         help="how long opening a run waits for the server before the "
+                              "run is pending (default 5)")
+    sidecar.add_argument("--health-host", default="127.0.0.1",
+                         help="address of /healthz, /readyz, /metrics (default 127.0.0.1)")
+    sidecar.add_argument("--health-port", type=int, default=7301,
+                         help="port of /healthz, /readyz, /metrics (default 7301; 0: any)")
+    sidecar.add_argument("--sys-interval", type=float, default=10.0,
+                         help="system metrics every N seconds, 0 to turn off (default 10)")
+    sidecar.add_argument("--node-rank", type=int, default=None,
+                         help="this node's rank, the writer of its system metrics "
+                              "(env PLUTO_NODE_RANK; default 0)")
+    sidecar.add_argument("--log-level", default="INFO")
+
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print it once")
@@ -75,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return _server(args)
         if args.command == "keys":
             return _keys(args, console)
+        if args.command == "sidecar":
+            return _sidecar(args)
         if args.command == "runs":
             return _runs(args, console)
         if args.command == "lineage":
@@ -95,6 +133,33 @@ def _server(args: argparse.Namespace) -> int:
         public_url=args.public_url, sqlite_synchronous=args.sqlite_synchronous,
     ))
     return 0
+
+
+def _sidecar(args: argparse.Namespace) -> int:
+    from pluto_sidecar.main import run
+    from pluto_sidecar.settings import SidecarSettings
+
+    env = SidecarSettings.env_defaults()
+    api_key = os.environ.get("PLUTO_API_KEY")
+    if args.api_key_file is not None:
+        api_key = args.api_key_file.read_text().strip()
+    settings = SidecarSettings(
+        socket=args.socket or Path(env.get("socket", SidecarSettings().socket)),
+        server=args.server or env.get("server", SidecarSettings().server),
+        spool_dir=args.spool_dir or Path(env.get("spool_dir", SidecarSettings().spool_dir)),
+        api_key=api_key,
+        spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
+        batch_max_bytes=int(args.batch_max_kb * 1024),
+        batch_max_age=args.batch_max_age,
+        drain_seconds=args.drain_seconds,
+        open_wait=args.open_wait,
+        health_host=args.health_host,
+        health_port=args.health_port,
+        sys_interval=args.sys_interval,
+        node_rank=args.node_rank if args.node_rank is not None else int(env.get("node_rank", 0)),
+        log_level=args.log_level,
+    )
+    return run(settings)
 
 
 def _keys(args: argparse.Namespace, console: Console) -> int:

@@ -56,10 +56,15 @@ class Pipeline:
         max_chunk_points: int,
         max_buffered_calls: int,
         fsync: bool,
+        session: str | None = None,
+        run_ref: tuple[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
+        #: (project, external id): chunks name their run this way when a sidecar forwards
+        #: them, so data can flow before the numeric id is known.
+        self.run_ref = run_ref
         self.writer = writer
-        self.session = uuid.uuid4().hex
+        self.session = session or uuid.uuid4().hex
         self.transport = transport
         self.flush_interval = flush_interval
         self.max_chunk_points = max_chunk_points
@@ -175,17 +180,23 @@ class Pipeline:
                 self._room.notify_all()
             if not steps and not lines:
                 continue
-            chunk = Chunk(run=self.run_id, session=self.session, seq=self._seq,
-                          writer=self.writer, keys=list(keys), key_index=key_index,
-                          steps=steps, values=values, times=times, logs=lines)
+            chunk = self._chunk(keys=list(keys), key_index=key_index, steps=steps,
+                                values=values, times=times, logs=lines)
             self._seq += 1
             self.spool.append(encode_msgpack(chunk))
         if final is not None and not self._final_spooled:
-            chunk = Chunk(run=self.run_id, session=self.session, seq=self._seq,
-                          writer=self.writer, finish=final)
+            chunk = self._chunk(finish=final)
             self._seq += 1
             self.spool.append(encode_msgpack(chunk))
             self._final_spooled = True
+
+    def _chunk(self, **fields: Any) -> Chunk:
+        if self.run_ref is not None:
+            project, ref = self.run_ref
+            return Chunk(run=0, project=project, run_ref=ref, session=self.session,
+                         seq=self._seq, writer=self.writer, **fields)
+        return Chunk(run=self.run_id, session=self.session, seq=self._seq, writer=self.writer,
+                     **fields)
 
     def _send(self) -> bool:
         """Deliver spooled chunks in order; False when the server could not take them."""

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from pluto.console import ConsoleCapture
+from pluto.merge import deep_merge
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
@@ -53,8 +54,13 @@ class Run:
 
     @property
     def id(self) -> int:
-        """The server's numeric run id."""
+        """The server's numeric run id (0 while a sidecar waits for the server)."""
         return self._info.id
+
+    @property
+    def pending(self) -> bool:
+        """True while the server has not answered yet (sidecar mode, server down at init)."""
+        return self._info.id == 0
 
     @property
     def run_id(self) -> str | None:
@@ -177,11 +183,24 @@ class Run:
         try:
             info = self._transport.update_run(self.id, request)
         except Exception as exc:
-            warnings.warn(f"pluto: could not update run {self.display_id}: {exc}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"pluto: could not update run {self.display_id or self.run_id}: "
+                          f"{exc}", RuntimeWarning, stacklevel=3)
             return
-        self._info.config = info.config
-        self._info.tags = info.tags
+        if info is not None:
+            self._info.config = info.config
+            self._info.tags = info.tags
+            return
+        # Queued by the sidecar: apply the same rule here so this process sees it now.
+        if request.config:
+            self._info.config = deep_merge(self._info.config, request.config)
+        tags = list(dict.fromkeys([*self._info.tags, *(request.add_tags or [])]))
+        removed = set(request.remove_tags or [])
+        self._info.tags = [tag for tag in tags if tag not in removed]
+
+    def _resolved(self, info: RunAttached) -> None:
+        """The sidecar reports the server's answer for a run that was pending at init."""
+        self._info = info
+        self._pipeline.run_id = info.id
 
     # -- console ----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 import threading
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings, default_dir
+from pluto.transport.base import Transport
 from pluto.transport.http import HttpTransport
+from pluto.transport.sidecar import SidecarTransport
 from pluto.wire import RunCreate, RunStatus
 
 if TYPE_CHECKING:
@@ -80,7 +83,14 @@ def init(
         inherit_config=True if inherit_config is None else inherit_config,
         inherit_tags=False if inherit_tags is None else inherit_tags,
     )
-    transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)
+    session = uuid.uuid4().hex
+    transport: Transport
+    if resolved.sidecar_socket:
+        sidecar = SidecarTransport(resolved.sidecar_socket, session=session,
+                                   writer=resolved.writer, timeout=resolved.http_timeout)
+        transport = sidecar
+    else:
+        transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)
     try:
         info = transport.open_run(request, resolved.init_timeout)
     except BaseException:
@@ -106,10 +116,15 @@ def init(
         flush_interval=resolved.flush_interval,
         max_chunk_points=resolved.max_chunk_points,
         max_buffered_calls=resolved.max_buffered_calls,
-        fsync=resolved.fsync,
+        # Through a sidecar, its spool is the durable one; ours only bridges reconnects.
+        fsync=resolved.fsync and not resolved.sidecar_socket,
+        session=session,
+        run_ref=(project, external) if resolved.sidecar_socket else None,
     )
     run = Run(info, settings=resolved, transport=transport, pipeline=pipeline,
               first_step=first_step)
+    if resolved.sidecar_socket:
+        sidecar.on_resolved(run._resolved)
     if resolved.console:
         run._start_console()
     with _lock:

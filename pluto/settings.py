@@ -10,6 +10,16 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:7300"
 
 
+def _sidecar_socket() -> str | None:
+    """``PLUTO_SIDECAR_SOCKET``, else the operator's default path when it exists."""
+    from pluto.wire import DEFAULT_SOCKET
+
+    configured = os.environ.get("PLUTO_SIDECAR_SOCKET")
+    if configured:
+        return configured
+    return DEFAULT_SOCKET if os.path.exists(DEFAULT_SOCKET) else None
+
+
 def _env_rank() -> int:
     for name in ("RANK", "PLUTO_RANK"):
         value = os.environ.get(name)
@@ -24,6 +34,9 @@ class Settings:
     url: str = field(default_factory=lambda: os.environ.get("PLUTO_URL", DEFAULT_URL))
     #: API key. Env: ``PLUTO_API_KEY``.
     api_key: str | None = field(default_factory=lambda: os.environ.get("PLUTO_API_KEY"))
+    #: Log through the pod's sidecar at this Unix socket instead of to ``url`` directly.
+    #: Env: ``PLUTO_SIDECAR_SOCKET``; default: /var/run/pluto/pluto.sock if it exists.
+    sidecar_socket: str | None = field(default_factory=_sidecar_socket)
     #: The writer label on every point: the process's rank. Env: ``RANK``.
     writer: int = field(default_factory=_env_rank)
     #: Ship stdout/stderr lines (fd level) as the run's log.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import struct
 from typing import Any, Final, Literal
 
 import msgspec
@@ -182,6 +183,10 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session: str
     seq: int
     writer: int
+    #: With ``run`` 0, the run is named by (project, external id) instead: a sidecar
+    #: spools data before the server has told anyone the numeric id.
+    project: str | None = None
+    run_ref: str | None = None
     keys: list[str] = []
     key_index: list[int] = []
     steps: list[int] = []
@@ -276,6 +281,105 @@ class ApiError(Reply):
     """Every 4xx/5xx answer: what went wrong and what to change."""
 
     detail: str
+
+
+# ---------------------------------------------------------------------------
+# Sidecar socket frames
+#
+# A frame is a 12-byte header, then a MessagePack payload:
+#   magic b"PL" | protocol version u8 | kind u8 | request id u32 | payload length u32
+# (little-endian). Replies carry the request id of the frame they answer; frames the
+# sidecar sends on its own (a run resolved later) carry 0.
+
+FRAME_MAGIC: Final = b"PL"
+PROTOCOL_VERSION: Final = 1
+FRAME_HEADER: Final = struct.Struct("<2sBBII")
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_SOCKET: Final = "/var/run/pluto/pluto.sock"
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1  # client -> sidecar: Hello, first frame of every connection
+    WELCOME = 2  # sidecar -> client: Welcome
+    OPEN_RUN = 3  # client -> sidecar: RunCreate
+    RUN = 4  # sidecar -> client: RunOpened (a reply, or pushed once a pending run resolves)
+    CHUNK = 5  # client -> sidecar: Chunk
+    ACK = 6  # sidecar -> client: Ack, once the chunk is in the sidecar's durable spool
+    UPDATE_RUN = 7  # client -> sidecar: RunUpdateRequest
+    UPDATED = 8  # sidecar -> client: Ack (queued durably)
+    ERROR = 9  # sidecar -> client: FrameError
+
+
+class Hello(Body):
+    protocol: int
+    session: str
+    writer: int
+    pid: int
+
+
+class Welcome(Reply):
+    protocol: int
+    max_frame_bytes: int
+    sidecar: str
+
+
+class RunOpened(Reply):
+    """``run`` is None while the server has not answered yet (``pending`` says why)."""
+
+    project: str
+    run_ref: str
+    run: RunAttached | None = None
+    pending: str | None = None
+
+
+class RunUpdateRequest(Body):
+    project: str
+    run_ref: str
+    update: RunUpdate
+
+
+class Ack(Reply):
+    seq: int
+
+
+class FrameError(Reply):
+    """``fatal``: the sidecar closes the connection after sending it."""
+
+    detail: str
+    fatal: bool = False
+
+
+class FrameFormatError(ValueError):
+    """A frame header that cannot be right: what the peer must change."""
+
+
+def encode_frame(kind: FrameKind, request_id: int, payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, kind, request_id,
+                             len(payload)) + payload
+
+
+def parse_frame_header(header: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[
+        FrameKind, int, int]:
+    """(kind, request id, payload length) of a frame header, or ``FrameFormatError``."""
+    magic, version, kind, request_id, length = FRAME_HEADER.unpack(header)
+    if magic != FRAME_MAGIC:
+        raise FrameFormatError("not a pluto frame (bad magic): is this client speaking the "
+                               "pluto sidecar protocol?")
+    if version != PROTOCOL_VERSION:
+        raise FrameFormatError(
+            f"protocol version {version} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION}); use matching pluto SDK and sidecar versions"
+        )
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise FrameFormatError(f"unknown frame kind {kind}") from None
+    if length > max_bytes:
+        raise FrameFormatError(
+            f"frame of {length} bytes is larger than the limit of {max_bytes}; "
+            "send smaller chunks (Settings.max_chunk_points)"
+        )
+    return frame_kind, request_id, length
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,15 @@ from sqlalchemy.engine import Connection
 from pluto.wire import Chunk, IngestBatch, IngestResult, RunStatus
 from pluto_server.errors import NotFound, Unprocessable
 from pluto_server.runs import finish as finish_run
-from pluto_server.schema import ingest_log, log_lines, metric_blocks, metric_keys, run_keys, runs
+from pluto_server.schema import (
+    ingest_log,
+    log_lines,
+    metric_blocks,
+    metric_keys,
+    projects,
+    run_keys,
+    runs,
+)
 from pluto_server.sql import insert_ignore
 
 MAX_KEY_LENGTH = 256
@@ -57,7 +65,11 @@ def validate(batch: IngestBatch) -> None:
                     f"{where}: {name} has {length} entries but steps has {n}; "
                     "every point needs a key index, step, value and time"
                 )
-        if not 1 <= chunk.run <= INT32_MAX:
+        if chunk.run == 0:
+            if not chunk.project or not chunk.run_ref:
+                raise Unprocessable(f"{where}: name the run: a numeric run id, or run 0 with "
+                                    "project and run_ref (its external id)")
+        elif not 1 <= chunk.run <= INT32_MAX:
             raise NotFound(f"run {chunk.run} does not exist; create it with POST /api/v1/runs "
                            "before logging")
         if not chunk.session or len(chunk.session) > MAX_SESSION_LENGTH:
@@ -85,8 +97,28 @@ def validate(batch: IngestBatch) -> None:
                 raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
 
 
+def resolve_run_refs(conn: Connection, batch: IngestBatch) -> None:
+    """Give chunks addressed by (project, external id) their numeric run id."""
+    refs = sorted({(c.project or "", c.run_ref or "") for c in batch.chunks if c.run == 0})
+    found: dict[tuple[str, str], int] = {}
+    for project, ref in refs:
+        run_id = conn.execute(
+            sa.select(runs.c.id)
+            .join(projects, projects.c.id == runs.c.project_id)
+            .where(projects.c.name == project, runs.c.external_id == ref)
+        ).scalar()
+        if run_id is None:
+            raise NotFound(f"run {ref!r} does not exist in project {project!r}; open it with "
+                           "POST /api/v1/runs before logging to it")
+        found[(project, ref)] = int(run_id)
+    for chunk in batch.chunks:
+        if chunk.run == 0:
+            chunk.run = found[(chunk.project or "", chunk.run_ref or "")]
+
+
 def run_projects(conn: Connection, batch: IngestBatch) -> dict[int, int]:
     """The project of every run the batch writes to; 404 for a run that does not exist."""
+    resolve_run_refs(conn, batch)
     run_ids = sorted({chunk.run for chunk in batch.chunks})
     projects_of = {
         int(run): int(project)

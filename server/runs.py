@@ -13,10 +13,10 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from pluto.merge import deep_merge, union_tags
 from pluto.wire import RunAttached, RunCreate, RunInfo, RunStatus, RunUpdate, StatusChange
 from pluto_server import lineage
 from pluto_server.errors import BadRequest, Conflict, NotFound, Unprocessable
-from pluto_server.merge import deep_merge, union_tags
 from pluto_server.naming import (
     check_external_id,
     check_project_name,

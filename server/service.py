@@ -138,17 +138,18 @@ class Service:
 
     def ingest(self, batch: IngestBatch, who: auth.KeyIdentity | None) -> IngestResult:
         ingest.validate(batch)
-        if who is not None and who.project is not None and batch.chunks:
-            with self.db.read() as conn:
-                names = conn.execute(
-                    sa.select(projects.c.name).distinct()
-                    .join(runs_table, runs_table.c.project_id == projects.c.id)
-                    .where(runs_table.c.id.in_({c.run for c in batch.chunks}))
-                ).scalars().all()
-            for name in names:
-                self.guard(who, name)
+        if who is not None and who.project is not None:
+            for chunk in batch.chunks:
+                if chunk.run == 0:
+                    self.guard(who, chunk.project or "")
         with self.db.read() as conn:
             projects_of = ingest.run_projects(conn, batch)
+            if who is not None and who.project is not None and batch.chunks:
+                names = conn.execute(
+                    sa.select(projects.c.name).where(projects.c.id.in_(set(projects_of.values())))
+                ).scalars().all()
+                for name in names:
+                    self.guard(who, name)
         missing = ingest.unknown_keys(batch, projects_of, self.keys)
         if missing:
             with self.db.write() as conn:

@@ -72,7 +72,8 @@ def _stale_editable_modules() -> list[str]:
     subprocess (``python -m pluto server``) until the install is redone.
     """
     missing: list[str] = []
-    for package, folder in (("pluto", "pluto"), ("pluto_server", "server")):
+    for package, folder in (("pluto", "pluto"), ("pluto_server", "server"),
+                            ("pluto_sidecar", "sidecar")):
         src = ROOT / folder
         try:
             spec = importlib.util.find_spec(package)

@@ -439,3 +439,27 @@ def test_a_gzip_bomb_is_refused_by_a_server_with_the_default_limit(api: Api, run
         resp, 413, "larger than this server's limit of 67108864 bytes", "(after decompression)"
     )
     assert api.keys(run["id"]).json()["keys"] == []
+
+
+# -- chunks addressed by external id (how the sidecar spools before ids are known) ------------
+
+
+def test_a_chunk_can_name_its_run_by_project_and_external_id(api: Api) -> None:
+    project = unique_project("byref")
+    run = api.create_ok(project, run_id="job-7")
+    addressed = chunk(0, {"loss": ramp(0, 4)})
+    addressed.project, addressed.run_ref = project, "job-7"
+    assert api.ingest_ok(addressed)["applied"] == 1
+    assert api.ingest_ok(addressed)["duplicates"] == 1  # same (run, session, seq): once
+    assert api.one_series(run["id"], "loss").steps == [0, 1, 2, 3, 4]
+
+
+def test_a_chunk_naming_an_unknown_or_half_named_run_is_refused(api: Api) -> None:
+    project = unique_project("byref")
+    api.create_ok(project, run_id="job-8")
+    unknown = chunk(0, {"loss": [(0, 1.0)]})
+    unknown.project, unknown.run_ref = project, "job-9"
+    assert_error(api.ingest(unknown), 404, "'job-9' does not exist", "POST /api/v1/runs")
+    half = chunk(0, {"loss": [(0, 1.0)]})
+    half.run_ref = "job-8"
+    assert_error(api.ingest(half), 422, "project and run_ref")

@@ -2,5 +2,6 @@
 
 from pluto.transport.base import Transport
 from pluto.transport.http import HttpTransport
+from pluto.transport.sidecar import SidecarTransport
 
-__all__ = ["HttpTransport", "Transport"]
+__all__ = ["HttpTransport", "SidecarTransport", "Transport"]

@@ -16,7 +16,8 @@ class Transport(abc.ABC):
     def open_run(self, request: RunCreate, timeout: float) -> RunAttached: ...
 
     @abc.abstractmethod
-    def update_run(self, run_id: int, request: RunUpdate) -> RunInfo: ...
+    def update_run(self, run_id: int, request: RunUpdate) -> RunInfo | None:
+        """The run as updated, or None when the update was queued to be applied later."""
 
     @abc.abstractmethod
     def deliver(self, chunks: list[bytes]) -> IngestResult:

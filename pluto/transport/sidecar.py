@@ -1,0 +1,262 @@
+"""Sidecar transport: the SDK talks to the pod's sidecar over a Unix socket.
+
+The training process needs no credentials and no route to the server. Calls are
+request/reply frames (``pluto.wire``); the sidecar may also push a RUN frame when
+a run that was pending (server away at ``init``) becomes known. Any socket error
+is "unavailable": the pipeline backs off, reconnects and resends what was not
+acknowledged, and the server applies each chunk once, so a resend is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.transport.base import Transport
+from pluto.wire import (
+    FRAME_HEADER,
+    PROTOCOL_VERSION,
+    Ack,
+    FrameError,
+    FrameFormatError,
+    FrameKind,
+    Hello,
+    IngestResult,
+    RunAttached,
+    RunCreate,
+    RunInfo,
+    RunOpened,
+    RunStatus,
+    RunUpdate,
+    RunUpdateRequest,
+    Welcome,
+    encode_frame,
+    encode_msgpack,
+    parse_frame_header,
+)
+
+T = TypeVar("T")
+Resolved = Callable[[RunAttached], None]
+
+
+class SidecarTransport(Transport):
+    def __init__(self, path: str, *, session: str, writer: int, timeout: float = 30.0) -> None:
+        self.path = path
+        self.session = session
+        self.writer = writer
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._lock = threading.RLock()
+        self._next_id = 1
+        self._request: RunCreate | None = None
+        self._on_resolved: Resolved | None = None
+        self._max_frame = 0
+        self._opened = False
+        self.run_key: tuple[str, str] | None = None
+
+    # -- connection -------------------------------------------------------------
+
+    def _connection(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ServerUnavailable(
+                f"cannot reach the pluto sidecar at {self.path}: {exc.strerror or exc}"
+            ) from exc
+        self._sock = sock
+        try:
+            welcome = self._call(FrameKind.HELLO, Hello(
+                protocol=PROTOCOL_VERSION, session=self.session, writer=self.writer,
+                pid=os.getpid()), FrameKind.WELCOME, Welcome)
+            self._max_frame = welcome.max_frame_bytes
+            if self._opened:  # a reconnect (perhaps a new sidecar process): open again
+                self._reopen()
+        except BaseException:
+            self._drop()
+            raise
+        return sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _reopen(self) -> None:
+        assert self._request is not None
+        opened = self._call(FrameKind.OPEN_RUN, self._request, FrameKind.RUN, RunOpened)
+        self._handle_opened(opened)
+
+    # -- frames ---------------------------------------------------------------
+
+    def _send(self, kind: FrameKind, message: Any) -> int:
+        request_id = self._next_id
+        self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+        sock = self._sock
+        assert sock is not None
+        sock.sendall(encode_frame(kind, request_id, encode_msgpack(message)))
+        return request_id
+
+    def _receive(self) -> tuple[FrameKind, int, bytes]:
+        sock = self._sock
+        assert sock is not None
+        header = _read_exactly(sock, FRAME_HEADER.size)
+        try:
+            kind, request_id, length = parse_frame_header(header)
+        except FrameFormatError as exc:
+            raise ServerUnavailable(f"the sidecar sent a bad frame: {exc}") from exc
+        return kind, request_id, _read_exactly(sock, length)
+
+    def _call(self, kind: FrameKind, message: Any, reply_kind: FrameKind,
+              reply: type[T]) -> T:
+        with self._lock:
+            request_id = self._send(kind, message)
+            while True:
+                got, got_id, payload = self._next_reply()
+                if got_id == request_id:
+                    if got is FrameKind.ERROR:
+                        raise _rejected(payload)
+                    if got is not reply_kind:
+                        raise ServerUnavailable(f"the sidecar answered {got.name}, "
+                                                f"expected {reply_kind.name}")
+                    return msgspec.msgpack.decode(payload, type=reply)
+
+    def _next_reply(self) -> tuple[FrameKind, int, bytes]:
+        """The next reply frame; pushed frames (request id 0) are handled on the way."""
+        while True:
+            kind, request_id, payload = self._receive()
+            if request_id != 0:
+                return kind, request_id, payload
+            if kind is FrameKind.RUN:
+                self._handle_opened(msgspec.msgpack.decode(payload, type=RunOpened))
+            elif kind is FrameKind.ERROR:
+                error = msgspec.msgpack.decode(payload, type=FrameError)
+                if error.fatal:
+                    raise ServerUnavailable(f"the sidecar closed the connection: "
+                                            f"{error.detail}")
+
+    def _handle_opened(self, opened: RunOpened) -> None:
+        if opened.run is not None and self._on_resolved is not None:
+            self._on_resolved(opened.run)
+
+    # -- Transport ------------------------------------------------------------
+
+    def open_run(self, request: RunCreate, timeout: float) -> RunAttached:
+        """The run, or a stand-in (id 0) while the server is away: ``run_id`` is known
+        either way and the numeric ids fill in when the sidecar pushes them."""
+        self._request = request
+        self.run_key = (request.project, request.run_id or "")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self._lock:
+                    self._connection()
+                    opened = self._call(FrameKind.OPEN_RUN, request, FrameKind.RUN, RunOpened)
+                    self._opened = True
+                break
+            except ServerUnavailable:
+                with self._lock:
+                    self._drop()
+                if time.monotonic() >= deadline:
+                    # The sidecar is not up yet: carry on, the SDK connects when it appears.
+                    self._opened = True
+                    return _stand_in(request)
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            except OSError as exc:
+                with self._lock:
+                    self._drop()
+                raise ServerUnavailable(f"the pluto sidecar at {self.path}: {exc}") from exc
+        return opened.run if opened.run is not None else _stand_in(request)
+
+    def on_resolved(self, callback: Resolved) -> None:
+        self._on_resolved = callback
+
+    def update_run(self, run_id: int, request: RunUpdate) -> RunInfo | None:
+        assert self.run_key is not None
+        try:
+            with self._lock:
+                self._connection()
+                self._call(FrameKind.UPDATE_RUN, RunUpdateRequest(
+                    project=self.run_key[0], run_ref=self.run_key[1], update=request),
+                    FrameKind.UPDATED, Ack)
+        except OSError as exc:
+            with self._lock:
+                self._drop()
+            raise ServerUnavailable(f"the pluto sidecar at {self.path}: {exc}") from exc
+        return None  # queued durably; the sidecar applies it in order with the data
+
+    def deliver(self, chunks: list[bytes]) -> IngestResult:
+        """Send chunk frames and wait until the sidecar has spooled every one."""
+        try:
+            with self._lock:
+                self._connection()
+                sock = self._sock
+                assert sock is not None
+                pending: dict[int, int] = {}
+                for payload in chunks:
+                    request_id = self._next_id
+                    self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+                    sock.sendall(encode_frame(FrameKind.CHUNK, request_id, payload))
+                    pending[request_id] = 1
+                rejected: RequestRejected | None = None
+                while pending:
+                    kind, request_id, payload = self._next_reply()
+                    if pending.pop(request_id, None) is None:
+                        continue
+                    if kind is FrameKind.ERROR:
+                        rejected = rejected or _rejected(payload)
+            if rejected is not None:
+                raise rejected
+            return IngestResult(applied=len(chunks), duplicates=0, points=0)
+        except OSError as exc:
+            with self._lock:
+                self._drop()
+            raise ServerUnavailable(f"the pluto sidecar at {self.path}: {exc}") from exc
+        except ServerUnavailable:
+            with self._lock:
+                self._drop()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _stand_in(request: RunCreate) -> RunAttached:
+    now = time.time()
+    return RunAttached(
+        id=0, project=request.project, display_id="", run_id=request.run_id,
+        name=request.name or request.run_id or "", config=request.config or {},
+        tags=request.tags or [], status=RunStatus.RUNNING, created_at=now, updated_at=now,
+        fork_step=request.fork_step, resumed=False,
+    )
+
+
+def _rejected(payload: bytes) -> RequestRejected:
+    error = msgspec.msgpack.decode(payload, type=FrameError)
+    status = 400
+    if error.detail.endswith(")") and "(HTTP " in error.detail:
+        code = error.detail.rsplit("(HTTP ", 1)[1].rstrip(")")
+        status = int(code) if code.isdigit() else 400
+    return RequestRejected(status, error.detail)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < size:
+        piece = sock.recv(size - len(buffer))
+        if not piece:
+            raise ConnectionResetError("the sidecar closed the connection")
+        buffer += piece
+    return bytes(buffer)

@@ -1,0 +1,169 @@
+"""Forwarder: spool records -> the tracking server, in order, each applied once.
+
+Consecutive chunks are sent as one compressed batch once it is big enough or its
+oldest record old enough. The spool is acknowledged only after the server
+answers; a retried batch is harmless because the server applies each chunk once
+(its (run, session, seq) key). Errors that retrying cannot fix move the record to
+a dead-letter file with the server's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pluto.errors import PlutoError, RequestRejected
+from pluto.spool import Record
+from pluto.wire import RunCreate, RunUpdateRequest, encode_msgpack
+from pluto_sidecar.logs import log_event
+from pluto_sidecar.queue import DurableQueue, RecordKind
+from pluto_sidecar.registry import RunRegistry
+from pluto_sidecar.telemetry import Telemetry
+from pluto_sidecar.upstream import Upstream
+
+log = logging.getLogger("pluto.sidecar.forwarder")
+
+MAX_BACKOFF = 30.0
+MAX_RECORDS = 4096
+
+
+class Forwarder:
+    def __init__(self, queue: DurableQueue, upstream: Upstream, registry: RunRegistry,
+                 telemetry: Telemetry, *, batch_max_bytes: int, batch_max_age: float,
+                 dead_letter: Path) -> None:
+        self.queue = queue
+        self.upstream = upstream
+        self.registry = registry
+        self.telemetry = telemetry
+        self.batch_max_bytes = batch_max_bytes
+        self.batch_max_age = batch_max_age
+        self.dead_letter = dead_letter
+        self._backoff = 0.0
+        self._first_seen: float | None = None
+
+    async def run_forever(self) -> None:
+        while True:
+            await self.step()
+
+    async def step(self) -> bool:
+        """Forward what is ready; True when the spool was emptied."""
+        await self.queue.wait_for_data(timeout=1.0)
+        if self.queue.empty:
+            self._first_seen = None
+            return True
+        now = time.monotonic()
+        self._first_seen = self._first_seen or now
+        young = now - self._first_seen < self.batch_max_age
+        if young and self.queue.pending_bytes < self.batch_max_bytes:
+            await asyncio.sleep(self.batch_max_age - (now - self._first_seen))
+        records = self.queue.read(MAX_RECORDS, self.batch_max_bytes)
+        if not records:
+            return self.queue.empty
+        sent = await self._forward(records)
+        if sent:
+            self._backoff = 0.0
+            self._first_seen = None
+        else:
+            self.queue.rewind()
+            self._backoff = min(MAX_BACKOFF, max(0.25, self._backoff * 2))
+            self.telemetry.retries.inc()
+            # Jitter, so sidecars of many nodes do not retry in lockstep after an outage.
+            await asyncio.sleep(self._backoff * (0.5 + random.random()))
+        self.telemetry.spool_bytes.set(self.queue.pending_bytes)
+        self.telemetry.oldest_unsent_age_seconds.set(self.queue.oldest_unsent_age)
+        return sent and self.queue.empty
+
+    async def drain(self, deadline: float) -> bool:
+        """Forward until the spool is empty or the deadline (monotonic) passes."""
+        self.batch_max_age = 0.0
+        while time.monotonic() < deadline:
+            try:
+                if await asyncio.wait_for(self.step(), max(0.1, deadline - time.monotonic())):
+                    return True
+            except TimeoutError:
+                break
+        return self.queue.empty
+
+    async def _forward(self, records: list[Record]) -> bool:
+        """Send records in order; False (and nothing acknowledged past the failure) on a
+        transient error."""
+        group: list[Record] = []
+        for record in records:
+            kind = RecordKind(record.payload[:1])
+            if kind is RecordKind.CHUNK:
+                group.append(record)
+                continue
+            if group and not await self._send_chunks(group):
+                return False
+            group = []
+            if not await self._send_control(kind, record):
+                return False
+        return not group or await self._send_chunks(group)
+
+    async def _send_chunks(self, group: list[Record]) -> bool:
+        payloads = [record.payload[1:] for record in group]
+        try:
+            result = await self.upstream.ingest(payloads)
+        except RequestRejected as exc:
+            if not exc.permanent:
+                return self._transient(exc)
+            if len(group) > 1:  # find the bad one(s): the rest must still go
+                for record in group:
+                    if not await self._send_chunks([record]):
+                        return False
+                return True
+            self._bury(group[0], exc)
+        except PlutoError as exc:
+            return self._transient(exc)
+        else:
+            self.telemetry.batches_sent.inc()
+            self.telemetry.points_sent.inc(result.points)
+        await self.queue.ack(group[-1].end)
+        return True
+
+    async def _send_control(self, kind: RecordKind, record: Record) -> bool:
+        body = record.payload[1:]
+        try:
+            if kind is RecordKind.OPEN:
+                request = msgspec.msgpack.decode(body, type=RunCreate)
+                info = await self.upstream.open_run(request)
+                self.registry.resolve((request.project, request.run_id or ""), info)
+                log_event(log, "run opened", project=request.project, run_ref=request.run_id,
+                          run=info.id, display_id=info.display_id)
+            else:
+                await self.upstream.update_run(msgspec.msgpack.decode(body,
+                                                                      type=RunUpdateRequest))
+        except RequestRejected as exc:
+            if not exc.permanent:
+                return self._transient(exc)
+            if kind is RecordKind.OPEN:
+                request = msgspec.msgpack.decode(body, type=RunCreate)
+                self.registry.fail((request.project, request.run_id or ""), exc.detail)
+            self._bury(record, exc)
+        except PlutoError as exc:
+            return self._transient(exc)
+        await self.queue.ack(record.end)
+        return True
+
+    def _transient(self, exc: PlutoError) -> bool:
+        log_event(log, "server unavailable, will retry", error=str(exc),
+                  backoff_seconds=round(self._backoff, 2), level=logging.WARNING)
+        return False
+
+    def _bury(self, record: Record, exc: RequestRejected) -> None:
+        """A record the server refuses for good: set aside with the reason, counted."""
+        entry: dict[str, Any] = {"at": time.time(), "status": exc.status_code,
+                                 "detail": exc.detail, "kind": record.payload[:1].decode(),
+                                 "record": msgspec.Raw(record.payload[1:])}
+        with open(self.dead_letter, "ab") as handle:
+            handle.write(encode_msgpack(entry))
+        self.telemetry.dead_letters.inc()
+        log_event(log, "record refused by the server, moved to dead letters",
+                  status=exc.status_code, detail=exc.detail, file=str(self.dead_letter),
+                  level=logging.ERROR)

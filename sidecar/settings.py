@@ -1,0 +1,51 @@
+"""Sidecar settings: flags of ``pluto sidecar``, each with an environment equivalent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pluto.wire import DEFAULT_SOCKET
+
+DEFAULT_SPOOL = "/var/run/pluto/spool"
+
+
+@dataclass
+class SidecarSettings:
+    socket: Path = field(default_factory=lambda: Path(DEFAULT_SOCKET))
+    server: str = "http://127.0.0.1:7300"
+    spool_dir: Path = field(default_factory=lambda: Path(DEFAULT_SPOOL))
+    #: Read from PLUTO_API_KEY or a file, never from the command line.
+    api_key: str | None = None
+    #: The spool may hold this much unsent data; past it the sidecar stops reading clients.
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    #: A batch is sent once it holds this many bytes ...
+    batch_max_bytes: int = 4 * 1024 * 1024
+    #: ... or its oldest record is this old.
+    batch_max_age: float = 0.2
+    #: SIGTERM: forward what is spooled for at most this long (Kubernetes grants 30 s).
+    drain_seconds: float = 25.0
+    #: How long OPEN_RUN waits for the server before answering "pending".
+    open_wait: float = 5.0
+    #: Health and Prometheus metrics (127.0.0.1 unless told otherwise; port 0: any).
+    health_host: str = "127.0.0.1"
+    health_port: int = 7301
+    #: System metrics every this many seconds (0: off), labelled with this node rank.
+    sys_interval: float = 10.0
+    node_rank: int = 0
+    max_frame_bytes: int = 16 * 1024 * 1024
+    #: A client that connects and says nothing is dropped after this long.
+    hello_timeout: float = 10.0
+    log_level: str = "INFO"
+
+    @staticmethod
+    def env_defaults() -> dict[str, str]:
+        """Environment equivalents of the flags."""
+        names = {
+            "socket": "PLUTO_SIDECAR_SOCKET",
+            "server": "PLUTO_URL",
+            "spool_dir": "PLUTO_SPOOL_DIR",
+            "node_rank": "PLUTO_NODE_RANK",
+        }
+        return {attr: os.environ[var] for attr, var in names.items() if os.environ.get(var)}

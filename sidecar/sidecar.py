@@ -1,0 +1,215 @@
+"""The sidecar: owns the socket, the durable queue, the forwarder and the run registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.wire import Chunk, RunAttached, RunCreate, RunOpened, encode_msgpack
+from pluto_sidecar import __version__
+from pluto_sidecar.connection import ClientError, Connection
+from pluto_sidecar.forwarder import Forwarder
+from pluto_sidecar.health import HealthServer
+from pluto_sidecar.logs import log_event
+from pluto_sidecar.queue import DurableQueue, RecordKind
+from pluto_sidecar.registry import Listener, RunRegistry
+from pluto_sidecar.settings import SidecarSettings
+from pluto_sidecar.sysmetrics import SystemSampler
+from pluto_sidecar.telemetry import Telemetry
+from pluto_sidecar.upstream import Upstream
+
+log = logging.getLogger("pluto.sidecar")
+
+
+class SocketInUse(RuntimeError):
+    """Another live sidecar listens on the socket: never steal it."""
+
+
+class Sidecar:
+    version = __version__
+
+    def __init__(self, settings: SidecarSettings) -> None:
+        self.settings = settings
+        self.telemetry = Telemetry()
+        self.registry = RunRegistry()
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = DurableQueue(settings.spool_dir / "queue", settings.spool_max_bytes)
+        self.upstream = Upstream(settings.server, settings.api_key)
+        self.forwarder = Forwarder(
+            self.queue, self.upstream, self.registry, self.telemetry,
+            batch_max_bytes=settings.batch_max_bytes, batch_max_age=settings.batch_max_age,
+            dead_letter=settings.spool_dir / "dead-letter.msgpack",
+        )
+        self.health = HealthServer(settings.health_host, settings.health_port, self.telemetry,
+                                   self._ready)
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._sys_session = uuid.uuid4().hex
+        self._sys_seq = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        records, cut = self.queue.recovery
+        log_event(log, "spool opened", directory=str(self.settings.spool_dir),
+                  unsent_records=records, torn_bytes_cut=cut)
+        if cut:
+            log_event(log, "spool had a torn tail from a crash; it was cut, intact records "
+                      "kept", torn_bytes_cut=cut, level=logging.WARNING)
+        self.queue.start()
+        self._server = await self._listen()
+        self.health.start()
+        self._tasks.append(asyncio.create_task(self.forwarder.run_forever(), name="forwarder"))
+        if self.settings.sys_interval > 0:
+            self._tasks.append(asyncio.create_task(self._sample_system(), name="sysmetrics"))
+        log_event(log, "sidecar ready", socket=str(self.settings.socket),
+                  server=self.settings.server, health_port=self.health.port)
+
+    async def stop(self, *, drain_seconds: float | None = None) -> bool:
+        """Stop accepting, forward what is spooled within the deadline, then close.
+
+        Returns True when everything was delivered; what was not stays spooled.
+        """
+        deadline = time.monotonic() + (self.settings.drain_seconds if drain_seconds is None
+                                       else drain_seconds)
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.socket.unlink()
+        for task in self._tasks:
+            task.cancel()
+        # Clients still connected (a rank finishing) may send their last frames.
+        while self._connections and time.monotonic() < deadline - 1:
+            await asyncio.sleep(0.05)
+        delivered = await self.forwarder.drain(deadline)
+        for connection in list(self._connections):
+            connection.cancel()
+        log_event(log, "sidecar stopped", delivered=delivered,
+                  left_in_spool_bytes=self.queue.pending_bytes)
+        await self.queue.stop()
+        await self.upstream.close()
+        self.health.stop()
+        return delivered
+
+    async def _listen(self) -> asyncio.base_events.Server:
+        path = self.settings.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if _socket_alive(path):
+                raise SocketInUse(f"another sidecar is listening on {path}; not taking it over")
+            path.unlink()  # left by a crashed sidecar
+            log_event(log, "replaced a stale socket file", socket=str(path))
+        server = await asyncio.start_unix_server(self._accept, path=str(path),
+                                                 limit=self.settings.max_frame_bytes + 64)
+        os.chmod(path, 0o660)  # the pod's containers share a group; nobody else writes
+        return server
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await Connection(self, reader, writer).serve()
+        finally:
+            self._connections.discard(task)
+
+    def _ready(self) -> tuple[bool, str]:
+        if self._server is None or not self._server.is_serving():
+            return False, "the socket is not listening"
+        if not os.access(self.settings.spool_dir, os.W_OK):
+            return False, f"the spool directory {self.settings.spool_dir} is not writable"
+        return True, "ready"
+
+    # -- runs -----------------------------------------------------------------
+
+    async def open_run(self, request: RunCreate, listener: Listener) -> RunOpened:
+        """Attach once per run per sidecar; answer "pending" if the server is away."""
+        if not request.run_id:
+            raise ClientError("OPEN_RUN needs run_id (the SDK always sends one)")
+        key = (request.project, request.run_id)
+        entry = self.registry.entry(key)
+        async with entry.lock:
+            if entry.info is not None:
+                info = entry.info
+                if entry.handed_out and not info.resumed:
+                    info = _as_resumed(info)
+                entry.handed_out = True
+                return RunOpened(project=key[0], run_ref=key[1], run=info)
+            if entry.failed is not None:
+                raise ClientError(entry.failed)
+            if entry.pending is None:
+                try:
+                    info = await asyncio.wait_for(self.upstream.open_run(request),
+                                                  self.settings.open_wait)
+                except RequestRejected as exc:
+                    if exc.permanent:
+                        raise
+                    reason = str(exc)
+                except (ServerUnavailable, TimeoutError) as exc:
+                    reason = str(exc) or "the server did not answer in time"
+                else:
+                    self.registry.resolve(key, info)
+                    entry.handed_out = True
+                    return RunOpened(project=key[0], run_ref=key[1], run=info)
+                # Keep the request durably: the forwarder opens the run when it can.
+                ticket = self.queue.append(RecordKind.OPEN, encode_msgpack(request))
+                await self.queue.durable(ticket)
+                entry.pending = reason
+                self.telemetry.runs_pending.set(self.registry.pending_count)
+                log_event(log, "run pending: server unavailable", project=key[0],
+                          run_ref=key[1], reason=reason, level=logging.WARNING)
+            self.registry.subscribe(key, listener)
+            return RunOpened(project=key[0], run_ref=key[1], pending=entry.pending)
+
+    # -- system metrics -------------------------------------------------------
+
+    async def _sample_system(self) -> None:
+        sampler = SystemSampler(self.settings.spool_dir)
+        try:
+            while True:
+                await asyncio.sleep(self.settings.sys_interval)
+                values = await asyncio.to_thread(sampler.sample)
+                self._log_system(values)
+        finally:
+            sampler.close()
+
+    def _log_system(self, values: dict[str, float]) -> None:
+        """One chunk per run this node logs to, writer = the node rank, step = unix time."""
+        if not values:
+            return
+        now = time.time()
+        keys = list(values)
+        for project, run_ref in self.registry.active():
+            chunk = Chunk(run=0, project=project, run_ref=run_ref, session=self._sys_session,
+                          seq=self._sys_seq, writer=self.settings.node_rank, keys=keys,
+                          key_index=list(range(len(keys))), steps=[int(now)] * len(keys),
+                          values=[values[k] for k in keys], times=[now] * len(keys))
+            self._sys_seq += 1
+            self.queue.append(RecordKind.CHUNK, encode_msgpack(chunk))
+
+
+def _as_resumed(info: RunAttached) -> RunAttached:
+    return msgspec.structs.replace(info, resumed=True)
+
+
+def _socket_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
