@@ -32,7 +32,7 @@ PACKAGE_DIRS := pluto server sidecar
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres test lint demo bench clean distclean FORCE
+.PHONY: help venv postgres test lint demo bench chaos clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
@@ -41,6 +41,7 @@ help:
 	@echo "make test      lint, then pytest (needs venv and postgres)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
+	@echo "make chaos     the long fault-injection suite (kill -9 rounds, long outages)"
 	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
 
 venv: $(LINK_STAMP)
@@ -112,6 +113,10 @@ demo: venv
 
 bench: venv
 	@$(PY) benchmarks/sdk_log.py
+	@$(PY) benchmarks/sidecar.py
+
+chaos: venv postgres
+	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos
 
 clean:
 	@find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .pytest_cache \

@@ -7,7 +7,8 @@ import re
 from pluto_server.errors import Unprocessable
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# No "/": an external id must work as one URL path segment (GET /runs/{ref}).
+EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 DISPLAY_ID = re.compile(r"^([A-Z0-9]{1,8})-([0-9]+)$")
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
@@ -24,7 +25,7 @@ def check_project_name(name: str) -> str:
 def check_external_id(run_id: str) -> str:
     if not EXTERNAL_ID.match(run_id):
         raise Unprocessable(
-            f"run_id {run_id!r} is not valid: use 1-128 letters, digits or . _ : / @ + -, "
+            f"run_id {run_id!r} is not valid: use 1-128 letters, digits or . _ : @ + -, "
             "starting with a letter or digit"
         )
     return run_id

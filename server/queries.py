@@ -25,7 +25,7 @@ MAX_BUCKETS = 100_000
 MAX_KEYS = 1000
 
 STITCHED_BLOCKS = CHAIN_CTE + """
-SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times, c.fork_step, c.upper
+SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times, c.fork_step, c.upper, c.depth
 FROM metric_blocks b JOIN chain c ON b.run_id = c.id
 WHERE b.key_id IN :key_ids
   AND (c.fork_step IS NULL OR b.step_max > c.fork_step)
@@ -35,13 +35,15 @@ WHERE b.key_id IN :key_ids
 
 OWN_BLOCKS = """
 SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times,
-       CAST(NULL AS BIGINT), CAST(NULL AS BIGINT)
+       CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), 0
 FROM metric_blocks b
 WHERE b.run_id = :run_id AND b.key_id IN :key_ids
   AND b.step_max >= :step_min AND b.step_min <= :step_max
 """
 
 STEP_LIMIT = 2**63 - 1
+#: Keys the sidecar logs about the pod (CPU, memory, GPUs): a fork does not inherit them.
+SYSTEM_PREFIX = "sys/"
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def metric_keys_of(conn: Connection, run_id: int, lineage: bool) -> list[str]:
     if lineage:
         sql = CHAIN_CTE + (
             "SELECT DISTINCT k.key FROM run_keys rk JOIN chain c ON rk.run_id = c.id "
-            "JOIN metric_keys k ON k.id = rk.key_id ORDER BY k.key"
+            "JOIN metric_keys k ON k.id = rk.key_id "
+            f"WHERE c.depth = 0 OR k.key NOT LIKE '{SYSTEM_PREFIX}%' ORDER BY k.key"
         )
         return [str(k) for (k,) in conn.execute(sa.text(sql), {"run_id": run_id})]
     rows = conn.execute(
@@ -117,9 +120,11 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
     sql += " ORDER BY b.id"  # arrival order: ties in (step, time) keep it on every backend
     statement = sa.text(sql).bindparams(sa.bindparam("key_ids", expanding=True))
     groups: dict[tuple[int, int], _Parts] = {}
-    for run_id, key_id, writer, raw_steps, raw_vals, raw_times, lower, upper in conn.execute(
-        statement, params
+    for run_id, key_id, writer, raw_steps, raw_vals, raw_times, lower, upper, depth in (
+        conn.execute(statement, params)
     ):
+        if depth and key_names[int(key_id)].startswith(SYSTEM_PREFIX):
+            continue  # system metrics describe the machines of one run: never inherited
         steps = np.frombuffer(raw_steps, dtype="<i8")
         values = np.frombuffer(raw_vals, dtype="<f8")
         times = np.frombuffer(raw_times, dtype="<f8")

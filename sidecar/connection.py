@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -73,6 +74,9 @@ class Connection:
         finally:
             telemetry.connected_clients.dec()
             self.sidecar.registry.unsubscribe(self._on_resolved)
+            # Pending ACKs may still go out (the client may be reading); then close.
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5)
             for task in list(self._tasks):
                 task.cancel()
             self.writer.close()
@@ -133,9 +137,7 @@ class Connection:
             await self._chunk(request_id, payload)
         elif kind is FrameKind.OPEN_RUN:
             # Opening may wait for the server: don't hold up this client's chunks meanwhile.
-            task = asyncio.create_task(self._open_run(request_id, _decode(payload, RunCreate)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._open_run(request_id, _decode(payload, RunCreate)))
         elif kind is FrameKind.UPDATE_RUN:
             _decode(payload, RunUpdateRequest)
             ticket = self.sidecar.queue.append(RecordKind.UPDATE, payload)
@@ -152,8 +154,18 @@ class Connection:
         ticket = queue.append(RecordKind.CHUNK, payload)
         self.sidecar.telemetry.points_in.inc(chunk.point_count)
         self.sidecar.telemetry.spool_bytes.set(queue.pending_bytes)
-        await queue.durable(ticket)  # the ACK promises the chunk is on disk
-        await self._send(FrameKind.ACK, request_id, Ack(seq=chunk.seq))
+        # Keep reading while the fsync happens: frames in flight share one commit.
+        self._spawn(self._ack_when_durable(ticket, request_id, chunk.seq))
+
+    async def _ack_when_durable(self, ticket: int, request_id: int, seq: int) -> None:
+        await self.sidecar.queue.durable(ticket)  # the ACK promises the chunk is on disk
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._send(FrameKind.ACK, request_id, Ack(seq=seq))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _open_run(self, request_id: int, request: RunCreate) -> None:
         try:
@@ -175,9 +187,7 @@ class Connection:
             kind = FrameKind.RUN
         else:
             message, kind = FrameError(detail=f"run {run_ref!r}: {error}"), FrameKind.ERROR
-        task = asyncio.create_task(self._send(kind, 0, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._send(kind, 0, message))
 
     async def _send(self, kind: FrameKind, request_id: int, message: Any) -> None:
         async with self._write_lock:

@@ -87,11 +87,15 @@ class Sidecar:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.socket.unlink()
         for task in self._tasks:
-            task.cancel()
-        # Clients still connected (a rank finishing) may send their last frames.
-        while self._connections and time.monotonic() < deadline - 1:
+            if task.get_name() != "forwarder":
+                task.cancel()
+        self.forwarder.batch_max_age = 0.0  # no reason to wait for fuller batches now
+        # Keep forwarding while ranks still connected send their last frames.
+        while time.monotonic() < deadline and (self._connections or not self.queue.empty):
             await asyncio.sleep(0.05)
-        delivered = await self.forwarder.drain(deadline)
+        for task in self._tasks:
+            task.cancel()
+        delivered = self.queue.empty or await self.forwarder.drain(deadline)
         for connection in list(self._connections):
             connection.cancel()
         log_event(log, "sidecar stopped", delivered=delivered,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from urllib.parse import quote
 from typing import TypeVar
 
 import httpx
@@ -38,10 +39,8 @@ class Upstream:
         return await self._call("POST", "/runs", RunAttached, encode_json(request), JSON)
 
     async def update_run(self, request: RunUpdateRequest) -> RunInfo:
-        return await self._call(
-            "PATCH", f"/runs/{request.run_ref}?project={request.project}", RunInfo,
-            encode_json(request.update), JSON,
-        )
+        path = f"/runs/{quote(request.run_ref, safe='')}?project={quote(request.project)}"
+        return await self._call("PATCH", path, RunInfo, encode_json(request.update), JSON)
 
     async def ingest(self, chunks: list[bytes]) -> IngestResult:
         # gzip level 1: most of the size win for a small share of the CPU.

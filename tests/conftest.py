@@ -52,6 +52,7 @@ from support.postgres import (
 )
 from support.server_process import ServerProcess
 from support.server_process import env_for as _env_for
+from support.sidecar_process import SidecarProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -250,3 +251,22 @@ def pytest_runtest_makereport(
                         (f"pluto server log: {name} {proc!r}", proc.logs(limit=8000))
                     )
     return report
+
+
+# -- sidecars ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sidecar_factory(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """``sidecar_factory(server_url, **SidecarProcess kwargs)`` starts a real sidecar
+    in its own directory; every one is stopped (SIGTERM) after the test."""
+    started: list[SidecarProcess] = []
+
+    def make(server_url: str, **kwargs: Any) -> SidecarProcess:
+        sidecar = SidecarProcess(tmp_path / f"sidecar-{len(started)}", server_url, **kwargs)
+        started.append(sidecar)
+        return sidecar.start()
+
+    yield make
+    for sidecar in started:
+        sidecar.stop()

@@ -455,3 +455,18 @@ def test_a_deep_chain_resolves_in_one_request(api: Api) -> None:
     assert [x["id"] for x in up] == [r["id"] for r in reversed(chain)]
     steps = api.one_series(bottom["id"], "x", lineage=True).steps
     assert steps == list(range(0, 42))
+
+
+def test_a_fork_does_not_inherit_system_metrics(api: Api) -> None:
+    project = unique_project("sys")
+    parent = api.create_ok(project)
+    api.log(parent["id"], {"loss": ramp(0, 9), "sys/cpu_percent": ramp(0, 9)})
+    fork = api.create_ok(project, fork_run_id=str(parent["id"]), fork_step=5)
+    api.log(fork["id"], {"loss": ramp(6, 8), "sys/cpu_percent": ramp(6, 8)})
+    stitched = {s.key: s.steps for s in api.metrics(fork["id"], lineage=True).series}
+    assert stitched["loss"] == list(range(9))  # inherited 0-5, own 6-8
+    assert stitched["sys/cpu_percent"] == [6, 7, 8]  # only the fork's own machines
+    keys = api.keys(fork["id"], lineage="true").json()["keys"]
+    assert "sys/cpu_percent" in keys and "loss" in keys
+    parent_only = api.create_ok(project, fork_run_id=str(parent["id"]), fork_step=5)
+    assert api.keys(parent_only["id"], lineage="true").json()["keys"] == ["loss"]

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -145,6 +146,9 @@ class SidecarTransport(Transport):
                 if error.fatal:
                     raise ServerUnavailable(f"the sidecar closed the connection: "
                                             f"{error.detail}")
+                # A pending run the server then refused: its data goes to dead letters.
+                warnings.warn(f"pluto: the server refused this run: {error.detail}",
+                              RuntimeWarning, stacklevel=2)
 
     def _handle_opened(self, opened: RunOpened) -> None:
         if opened.run is not None and self._on_resolved is not None:
