@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-from urllib.parse import quote
 from typing import TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
