@@ -28,7 +28,7 @@ PIP_INSTALL = run_pip() { $(PIP) install $(FIND_LINKS) "$$@" >>$(PIP_LOG) 2>&1 \
 DEPS_STAMP := $(VENV)/.stamp-deps
 LINK_STAMP := $(VENV)/.stamp-links
 MANIFEST := $(VENV)/.package-files
-PACKAGE_DIRS := pluto server sidecar
+PACKAGE_DIRS := pluto server sidecar operator
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 

@@ -74,7 +74,7 @@ def _stale_editable_modules() -> list[str]:
     """
     missing: list[str] = []
     for package, folder in (("pluto", "pluto"), ("pluto_server", "server"),
-                            ("pluto_sidecar", "sidecar")):
+                            ("pluto_sidecar", "sidecar"), ("pluto_operator", "operator")):
         src = ROOT / folder
         try:
             spec = importlib.util.find_spec(package)
