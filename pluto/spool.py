@@ -35,7 +35,7 @@ class SpoolLocked(Exception):
     """Another live process owns this spool directory."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Position:
     segment: int
     offset: int
@@ -100,8 +100,11 @@ class Spool:
 
     # -- writing ----------------------------------------------------------
 
-    def append(self, payload: bytes) -> None:
-        """Write a record; with ``fsync`` off it is durable only after ``sync()``."""
+    def append(self, payload: bytes) -> Position:
+        """Write a record; with ``fsync`` off it is durable only after ``sync()``.
+
+        Returns where the record ends: acknowledging that position delivers it.
+        """
         with self._lock:
             if self._writer.tell() >= self.segment_bytes:
                 self._rotate()
@@ -110,6 +113,13 @@ class Spool:
             if self.fsync:
                 os.fsync(self._writer.fileno())
             self.pending_bytes += HEADER.size + len(payload)
+            return Position(self._write_segment, self._writer.tell())
+
+    @property
+    def end(self) -> Position:
+        """The position just after the last record written."""
+        with self._lock:
+            return Position(self._write_segment, self._writer.tell())
 
     def sync(self) -> None:
         """Make every record appended so far durable (group commit: one fsync for many).

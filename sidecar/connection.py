@@ -153,7 +153,6 @@ class Connection:
         queue = self.sidecar.queue
         ticket = queue.append(RecordKind.CHUNK, payload)
         self.sidecar.telemetry.points_in.inc(chunk.point_count)
-        self.sidecar.telemetry.spool_bytes.set(queue.pending_bytes)
         # Keep reading while the fsync happens: frames in flight share one commit.
         self._spawn(self._ack_when_durable(ticket, request_id, chunk.seq))
 

@@ -75,8 +75,6 @@ class Forwarder:
             self.telemetry.retries.inc()
             # Jitter, so sidecars of many nodes do not retry in lockstep after an outage.
             await asyncio.sleep(self._backoff * (0.5 + random.random()))
-        self.telemetry.spool_bytes.set(self.queue.pending_bytes)
-        self.telemetry.oldest_unsent_age_seconds.set(self.queue.oldest_unsent_age)
         return sent and self.queue.empty
 
     async def drain(self, deadline: float) -> bool:

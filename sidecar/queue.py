@@ -8,6 +8,7 @@ an ACK always means "on disk", and many ranks share one fsync.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import time
@@ -32,7 +33,11 @@ class DurableQueue:
         self._to_sync = asyncio.Event()
         self._synced_cond = asyncio.Condition()
         self._room_cond = asyncio.Condition()
-        self._oldest_unsent: float | None = None if self.spool.empty else time.time()
+        # (end position, time appended) of every record not yet acknowledged, oldest first.
+        # Records found in the spool at start count from the start.
+        self._unsent: collections.deque[tuple[Position, float]] = collections.deque()
+        if not self.spool.empty:
+            self._unsent.append((self.spool.end, time.time()))
         self._committer: asyncio.Task[None] | None = None
 
     @property
@@ -64,10 +69,9 @@ class DurableQueue:
 
     def append(self, kind: RecordKind, payload: bytes) -> int:
         """Append a record; returns a ticket for ``durable()``."""
-        self.spool.append(kind.value + payload)
+        end = self.spool.append(kind.value + payload)
         self._appended += 1
-        if self._oldest_unsent is None:
-            self._oldest_unsent = time.time()
+        self._unsent.append((end, time.time()))
         self._to_sync.set()
         self._new_data.set()
         return self._appended
@@ -106,14 +110,19 @@ class DurableQueue:
 
     async def ack(self, position: Position) -> None:
         await asyncio.to_thread(self.spool.ack, position)
-        if self.spool.empty:
-            self._oldest_unsent = None
+        unsent = self._unsent
+        while unsent and unsent[0][0] <= position:
+            unsent.popleft()
         async with self._room_cond:
             self._room_cond.notify_all()
 
     @property
     def oldest_unsent_age(self) -> float:
-        return 0.0 if self._oldest_unsent is None else time.time() - self._oldest_unsent
+        """Seconds since the oldest record not yet acknowledged by the server was spooled."""
+        try:  # read by the metrics thread while the loop appends and pops
+            return time.time() - self._unsent[0][1]
+        except IndexError:
+            return 0.0
 
     @property
     def pending_bytes(self) -> int:

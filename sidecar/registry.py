@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pluto.wire import RunAttached
 
 RunKey = tuple[str, str]
@@ -68,6 +70,12 @@ class RunRegistry:
     @staticmethod
     def _notify(key: RunKey, entry: RunEntry, info: RunAttached | None,
                 error: str | None) -> None:
+        """Tell the ranks that waited. Only the first of them can be the creator: the
+        others, like every rank that opens the run later, attached (``resumed``)."""
         listeners, entry.listeners = entry.listeners, []
         for listener in listeners:
-            listener(key, info, error)
+            if info is not None and entry.handed_out and not info.resumed:
+                listener(key, msgspec.structs.replace(info, resumed=True), error)
+            else:
+                listener(key, info, error)
+            entry.handed_out = entry.handed_out or info is not None

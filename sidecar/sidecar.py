@@ -51,6 +51,11 @@ class Sidecar:
         )
         self.health = HealthServer(settings.health_host, settings.health_port, self.telemetry,
                                    self._ready)
+        # Computed when scraped, so they are current even while the forwarder sleeps.
+        self.telemetry.spool_bytes.set_function(lambda: self.queue.pending_bytes)
+        self.telemetry.oldest_unsent_age_seconds.set_function(
+            lambda: self.queue.oldest_unsent_age)
+        self.telemetry.runs_pending.set_function(lambda: self.registry.pending_count)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
@@ -170,7 +175,6 @@ class Sidecar:
                 ticket = self.queue.append(RecordKind.OPEN, encode_msgpack(request))
                 await self.queue.durable(ticket)
                 entry.pending = reason
-                self.telemetry.runs_pending.set(self.registry.pending_count)
                 log_event(log, "run pending: server unavailable", project=key[0],
                           run_ref=key[1], reason=reason, level=logging.WARNING)
             self.registry.subscribe(key, listener)
