@@ -349,6 +349,10 @@ class FrameError(Reply):
     fatal: bool = False
 
 
+#: The bodies that travel only over the sidecar socket (never over HTTP).
+SOCKET_ONLY: Final = (Hello, Welcome, RunOpened, RunUpdateRequest, Ack, FrameError)
+
+
 class FrameFormatError(ValueError):
     """A frame header that cannot be right: what the peer must change."""
 
