@@ -200,6 +200,38 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return len(self.steps)
 
 
+class ChunkEnvelope(msgspec.Struct, kw_only=True):
+    """A ``Chunk`` read only as far as routing needs: who wrote it, for which run.
+
+    The sidecar checks frames with this and forwards the bytes untouched; decoding
+    every point into Python objects would cost it most of its time and memory. The
+    server validates the points (a bad one is refused there, and dead-lettered).
+    """
+
+    run: int
+    session: str
+    seq: int
+    writer: int
+    project: str | None = None
+    run_ref: str | None = None
+    steps: msgspec.Raw = msgspec.Raw(b"\x90")
+
+    @property
+    def point_count(self) -> int:
+        """From the MessagePack array header of ``steps``, without decoding it."""
+        raw = bytes(self.steps)
+        if not raw:
+            return 0
+        first = raw[0]
+        if 0x90 <= first <= 0x9F:
+            return first & 0x0F
+        if first == 0xDC:
+            return int.from_bytes(raw[1:3], "big")
+        if first == 0xDD:
+            return int.from_bytes(raw[1:5], "big")
+        return 0
+
+
 class IngestBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     chunks: list[Chunk]
 

@@ -21,7 +21,7 @@ from pluto.wire import (
     FRAME_HEADER,
     PROTOCOL_VERSION,
     Ack,
-    Chunk,
+    ChunkEnvelope,
     FrameError,
     FrameFormatError,
     FrameKind,
@@ -147,7 +147,7 @@ class Connection:
             raise ClientError(f"a client does not send {kind.name} frames")
 
     async def _chunk(self, request_id: int, payload: bytes) -> None:
-        chunk = _decode(payload, Chunk)
+        chunk = _decode(payload, ChunkEnvelope, "Chunk")
         if chunk.run == 0 and not (chunk.project and chunk.run_ref):
             raise ClientError("a chunk names its run: run id, or project and run_ref")
         queue = self.sidecar.queue
@@ -203,8 +203,8 @@ class Connection:
                              FrameError(detail=exc.detail, fatal=exc.fatal))
 
 
-def _decode(payload: bytes, kind: type[Any]) -> Any:
+def _decode(payload: bytes, kind: type[Any], name: str | None = None) -> Any:
     try:
         return msgspec.msgpack.decode(payload, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ClientError(f"invalid {kind.__name__} frame: {exc}") from None
+        raise ClientError(f"invalid {name or kind.__name__} frame: {exc}") from None

@@ -79,6 +79,9 @@ class Forwarder:
 
     async def drain(self, deadline: float) -> bool:
         """Forward until the spool is empty or the deadline (monotonic) passes."""
+        # A send cancelled mid-flight (the forwarder task) acknowledged nothing: read again
+        # from the first unacknowledged record, never from past the cancelled batch.
+        self.queue.rewind()
         self.batch_max_age = 0.0
         while time.monotonic() < deadline:
             try:

@@ -1,0 +1,404 @@
+"""The sidecar hop: writer processes -> one ``pluto sidecar`` -> a real server.
+
+    .venv/bin/python benchmarks/sidecar.py [--points 2000000] [--repeat 3]
+                                           [--writers 1,4,8] [--postgres-url URL]
+
+For 1, 4 and 8 writer processes (each ``pluto.init()`` with
+``PLUTO_SIDECAR_SOCKET``, then ``--points / writers / 10`` calls of 10 scalars
+with explicit steps, then ``finish()``) into one fresh sidecar per measurement:
+
+- sidecar hop: points/s from the first ``log()`` of any writer until every
+  writer's ``finish()`` returned, i.e. until the sidecar has every chunk in its
+  durable spool (``finish()`` through a sidecar waits for its ACKs);
+- end to end: points/s from the first ``log()`` until the server holds every
+  point (the sidecar's ``points_sent_total`` reaches the total, polled every
+  50 ms; checked afterwards by a query that must count exactly the points
+  logged) and every writer's ``finish()`` has returned;
+- the sidecar's peak RSS (psutil, sampled every 20 ms) and CPU seconds.
+
+A "frame client" row isolates the sidecar from the SDK: one process sends the
+pre-encoded CHUNK frames (the same ones as the raw-socket figure) through the
+sidecar protocol (``SidecarTransport.deliver``, 8 frames in flight) and waits for
+the ACKs, then for the server.
+
+And the physical limit: the same bytes (CHUNK frames encoded as the SDK does,
+``max_chunk_points`` points per frame) pushed through a raw Unix socket pair from
+a writer process to a reader process that does nothing with them, in MB/s and the
+equivalent points/s. Figures are medians of ``--repeat`` runs. Targets (issue 3):
+>= 500,000 points/s end to end with 8 writers, sidecar hop >= 30 % of the raw
+socket, sidecar RSS <= 60 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx
+import psutil
+from _server import free_port, running_server
+from rich.console import Console
+from rich.table import Table
+
+import pluto
+from pluto import query
+from pluto.settings import Settings
+from pluto.transport.sidecar import SidecarTransport
+from pluto.wire import Chunk, FrameKind, RunCreate, encode_frame, encode_msgpack
+
+KEYS = [f"train/metric_{i}" for i in range(10)]
+PROJECT = "bench-sidecar"
+MB = 1024 * 1024
+
+
+# -- a writer process ----------------------------------------------------------------
+
+
+def writer_main(calls: int) -> int:
+    """``sidecar.py --_writer CALLS``: init, say "ready", wait for "go", log, finish."""
+    run = pluto.init(project=PROJECT, settings={"console": False})
+    payloads = [{key: step * 0.001 + j for j, key in enumerate(KEYS)} for step in range(1000)]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    for step in range(calls):
+        run.log(payloads[step % 1000], step=step)
+    logged = time.time()
+    run.finish()
+    print(f"{start} {logged} {time.time()} {run.undelivered_bytes}", flush=True)
+    return 0
+
+
+# -- one measurement -------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    writers: int
+    points: int
+    hop_seconds: float  # first log() -> every finish() returned (all spooled by the sidecar)
+    e2e_seconds: float  # first log() -> the server holds every point
+    log_seconds: float  # first log() -> last writer's last log() call
+    rss_peak: int
+    cpu_seconds: float
+
+    @property
+    def hop_rate(self) -> float:
+        return self.points / self.hop_seconds
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.points / self.e2e_seconds
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of a process, sampled until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            self._halt.wait(0.02)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def metric(health: str, name: str) -> float:
+    text = httpx.get(health + "/metrics", timeout=5).text
+    wanted = f"pluto_sidecar_{name} "
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            return float(line.split()[1])
+    raise RuntimeError(f"the sidecar does not report {name}")
+
+
+def start_sidecar(url: str, directory: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
+    sock = directory / "pluto.sock"
+    port = free_port()
+    health = f"http://127.0.0.1:{port}"
+    log = open(directory / "sidecar.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pluto", "sidecar", "--socket", str(sock), "--spool-dir",
+         str(directory / "spool"), "--server", url, "--health-port", str(port),
+         "--sys-interval", "0", "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
+    log.close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(health + "/readyz", timeout=1).status_code == 200:
+                return proc, sock, health
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("sidecar did not start: "
+                               + (directory / "sidecar.log").read_text()[-2000:])
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def measure(url: str, writers: int, points: int) -> Measurement:
+    calls = points // len(KEYS) // writers
+    total = calls * len(KEYS) * writers
+    run_ref = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(prefix="pluto-bench-sidecar-") as tmp:
+        directory = Path(tmp)
+        sidecar, sock, health = start_sidecar(url, directory)
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for rank in range(writers):
+                env = _clean_env(PLUTO_SIDECAR_SOCKET=str(sock), PLUTO_RUN_ID=run_ref,
+                                 RANK=str(rank), PLUTO_DIR=str(directory / f"w{rank}"))
+                procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--_writer", str(calls)], env=env, text=True,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            for proc in procs:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"a writer failed to start (exit {proc.wait()})")
+            sampler = Sampler(sidecar.pid)
+            cpu = psutil.Process(sidecar.pid).cpu_times()
+            sampler.start()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            # End to end: poll the sidecar's count of points the server acknowledged.
+            while metric(health, "points_sent_total") < total:
+                if any(proc.poll() not in (None, 0) for proc in procs):
+                    raise RuntimeError("a writer failed")
+                time.sleep(0.05)
+            e2e_end = time.time()
+            times = []
+            for proc in procs:
+                out, _ = proc.communicate(timeout=120)
+                start, logged, finished, undelivered = out.split()
+                if int(undelivered) or proc.returncode:
+                    raise RuntimeError(f"a writer could not deliver: {out!r}")
+                times.append((float(start), float(logged), float(finished)))
+            after = psutil.Process(sidecar.pid).cpu_times()
+            rss = sampler.stop()
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            stop(sidecar)
+    first = min(t[0] for t in times)
+    counted = sum(b.points for series in query.get_metrics(
+        run_ref, project=PROJECT, url=url, buckets=1).values() for b in series)
+    if counted != total:
+        raise SystemExit(f"the server holds {counted} points, expected {total}")
+    return Measurement(
+        writers=writers, points=total,
+        hop_seconds=max(t[2] for t in times) - first,
+        e2e_seconds=max(e2e_end, max(t[2] for t in times)) - first,
+        log_seconds=max(t[1] for t in times) - first,
+        rss_peak=rss,
+        cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
+    )
+
+
+# -- the physical limit: the same frames through a raw Unix socket ----------------------
+
+
+def chunk_payloads(points: int, run_ref: str) -> list[bytes]:
+    """CHUNK payloads as the SDK encodes them for ``points`` points (10 keys per call)."""
+    per_chunk = Settings().max_chunk_points
+    calls = points // len(KEYS)
+    payloads = [[step * 0.001 + j for j in range(len(KEYS))] for step in range(1000)]
+    frames = []
+    session = uuid.uuid4().hex
+    now = time.time()
+    for seq, first in enumerate(range(0, calls, per_chunk // len(KEYS))):
+        steps = range(first, min(calls, first + per_chunk // len(KEYS)))
+        chunk = Chunk(
+            run=0, project=PROJECT, run_ref=run_ref, session=session, seq=seq,
+            writer=0, keys=list(KEYS),
+            key_index=[j for _ in steps for j in range(len(KEYS))],
+            steps=[step for step in steps for _ in KEYS],
+            values=[v for step in steps for v in payloads[step % 1000]],
+            times=[now + step * 1e-6 for step in steps for _ in KEYS],
+        )
+        frames.append(encode_msgpack(chunk))
+    return frames
+
+
+def frames_through_sidecar(url: str, points: int) -> Measurement:
+    """The same CHUNK frames sent by a bare protocol client (no SDK, no packing) to a
+    fresh sidecar: seconds until the sidecar acknowledged them all (all spooled) and
+    until the server holds them all."""
+    run_ref = uuid.uuid4().hex
+    payloads = chunk_payloads(points, run_ref)
+    with tempfile.TemporaryDirectory(prefix="pluto-bench-sidecar-") as tmp:
+        sidecar, sock, health = start_sidecar(url, Path(tmp))
+        try:
+            transport = SidecarTransport(str(sock), session=uuid.uuid4().hex, writer=0)
+            transport.open_run(RunCreate(project=PROJECT, run_id=run_ref), 15)
+            sampler = Sampler(sidecar.pid)
+            cpu = psutil.Process(sidecar.pid).cpu_times()
+            sampler.start()
+            start = time.perf_counter()
+            for first in range(0, len(payloads), 8):
+                transport.deliver(payloads[first:first + 8])
+            spooled = time.perf_counter()
+            while metric(health, "points_sent_total") < points:
+                time.sleep(0.05)
+            stored = time.perf_counter()
+            after = psutil.Process(sidecar.pid).cpu_times()
+            rss = sampler.stop()
+            transport.close()
+        finally:
+            stop(sidecar)
+    return Measurement(writers=1, points=points, hop_seconds=spooled - start,
+                       e2e_seconds=stored - start, log_seconds=0.0, rss_peak=rss,
+                       cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system))
+
+
+def _raw_writer(sock: socket.socket, frames: list[bytes]) -> None:
+    sock.recv(1)  # go
+    for frame in frames:
+        sock.sendall(frame)
+    sock.close()
+
+
+def raw_socket(frames: list[bytes]) -> float:
+    """Seconds to push ``frames`` from a writer process to a reader process."""
+    total = sum(len(f) for f in frames)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    context = multiprocessing.get_context("fork")
+    writer = context.Process(target=_raw_writer, args=(theirs, frames))
+    writer.start()
+    theirs.close()
+    buffer = bytearray(1024 * 1024)
+    view = memoryview(buffer)
+    received = 0
+    start = time.perf_counter()
+    ours.sendall(b"g")
+    while received < total:
+        n = ours.recv_into(view)
+        if not n:
+            break
+        received += n
+    seconds = time.perf_counter() - start
+    ours.close()
+    writer.join()
+    if received != total:
+        raise RuntimeError(f"raw socket: received {received} of {total} bytes")
+    return seconds
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--_writer":
+        raise SystemExit(writer_main(int(sys.argv[2])))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=2_000_000,
+                        help="points per measurement, split among the writers")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--writers", default="1,4,8", help="writer counts, comma-separated")
+    parser.add_argument("--postgres-url", help="also measure into this PostgreSQL database")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.writers.split(",")]
+    console = Console(width=120)
+
+    points = args.points // len(KEYS) * len(KEYS)
+    frames = [encode_frame(FrameKind.CHUNK, i + 1, payload)
+              for i, payload in enumerate(chunk_payloads(points, uuid.uuid4().hex))]
+    frame_bytes = sum(len(f) for f in frames)
+    bytes_per_point = frame_bytes / points
+    raw_seconds = statistics.median(raw_socket(frames) for _ in range(max(3, args.repeat)))
+    raw_mbs = frame_bytes / MB / raw_seconds
+    raw_pps = points / raw_seconds
+
+    backends = [("SQLite", None)] + ([("PostgreSQL", args.postgres_url)]
+                                     if args.postgres_url else [])
+    results: dict[tuple[str, str], list[Measurement]] = {}
+    for name, database_url in backends:
+        with running_server(database_url) as url:
+            measure(url, 1, min(points, 100_000))  # warm up the server
+            for writers in counts:
+                results[(name, str(writers))] = [measure(url, writers, points)
+                                                 for _ in range(args.repeat)]
+            results[(name, "frames")] = [frames_through_sidecar(url, points)
+                                         for _ in range(args.repeat)]
+
+    table = Table(title=f"pluto sidecar: {points:,} points per run (10 scalars per log() "
+                        f"call), median of {args.repeat} runs")
+    for column in ("server", "writers", "sidecar hop\npoints/s", "end to end\npoints/s",
+                   "hop / raw\nsocket", "sidecar\npeak RSS", "sidecar\nCPU s"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for (name, label), runs in results.items():
+        hop = statistics.median(m.hop_rate for m in runs)
+        e2e = statistics.median(m.e2e_rate for m in runs)
+        table.add_row(
+            name, "1 frame client (no SDK)" if label == "frames" else label,
+            f"{hop:,.0f}", f"{e2e:,.0f}", f"{hop / raw_pps:.1%}",
+            f"{max(m.rss_peak for m in runs) / MB:.1f} MB",
+            f"{statistics.median(m.cpu_seconds for m in runs):.2f}",
+        )
+    table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
+                  "")
+    console.print(table)
+    console.print(f"raw Unix socket (writer process -> reader process, no processing): "
+                  f"{frame_bytes / MB:.1f} MB of CHUNK frames ({len(frames)} frames, "
+                  f"{bytes_per_point:.1f} bytes/point) at {raw_mbs:,.0f} MB/s = "
+                  f"{raw_pps:,.0f} points/s")
+    console.print("targets (issue 3): end to end with 8 writers >= 500,000 points/s; "
+                  "sidecar hop >= 30% of raw; sidecar RSS <= 60 MB")
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+                  f"Python {platform.python_version()}, pluto {pluto.__version__}")
+    for (name, label), runs in results.items():
+        who = "frame client" if label == "frames" else f"{label} writer(s)"
+        for m in runs:
+            console.print(
+                f"  {name} {who}: {m.points:,} points, log loop {m.log_seconds:.2f}s, all "
+                f"spooled {m.hop_seconds:.2f}s, in the server {m.e2e_seconds:.2f}s; sidecar "
+                f"{m.cpu_seconds:.2f} CPU s, peak RSS {m.rss_peak / MB:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
