@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 HEADER = struct.Struct("<II")
 CURSOR = struct.Struct("<QQ")
@@ -222,16 +223,8 @@ class Spool:
             offset = start.offset if segment == start.segment else 0
             with open(self._path(segment), "rb") as handle:
                 handle.seek(offset)
-                while True:
-                    header = handle.read(HEADER.size)
-                    if len(header) < HEADER.size:
-                        break
-                    length, crc = HEADER.unpack(header)
-                    payload = handle.read(length)
-                    if len(payload) < length or zlib.crc32(payload) != crc:
-                        break
-                    offset += HEADER.size + length
-                    yield Record(payload, Position(segment, offset))
+                for payload, end in _intact_records(handle, offset):
+                    yield Record(payload, Position(segment, end))
 
     def _recover(self) -> Recovery:
         """Cut each segment after its last intact record."""
@@ -240,18 +233,8 @@ class Spool:
             path = self._path(segment)
             good = 0
             with open(path, "rb") as handle:
-                while True:
-                    header = handle.read(HEADER.size)
-                    if len(header) < HEADER.size:
-                        break
-                    length, crc = HEADER.unpack(header)
-                    payload = handle.read(length)
-                    if len(payload) < length or zlib.crc32(payload) != crc:
-                        break
-                    good += HEADER.size + length
-                    if segment > self.acked.segment or (
-                        segment == self.acked.segment and good > self.acked.offset
-                    ):
+                for _, good in _intact_records(handle, 0):
+                    if Position(segment, good) > self.acked:
                         recovery.records += 1
             size = path.stat().st_size
             if size > good:
@@ -279,6 +262,21 @@ class Spool:
                 size = self._path(segment).stat().st_size
                 total += size - (start.offset if segment == start.segment else 0)
         return total + end.offset
+
+
+def _intact_records(handle: BinaryIO, offset: int) -> Iterator[tuple[bytes, int]]:
+    """(payload, end offset) of each record from ``offset`` up to the first torn or
+    corrupt one: a short header or payload, or a CRC that does not match."""
+    while True:
+        header = handle.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return
+        length, crc = HEADER.unpack(header)
+        payload = handle.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        offset += HEADER.size + length
+        yield payload, offset
 
 
 def _fsync_dir(directory: Path) -> None:
