@@ -382,7 +382,7 @@ class FrameError(Reply):
 
 
 #: The bodies that travel only over the sidecar socket (never over HTTP).
-SOCKET_ONLY: Final = (Hello, Welcome, RunOpened, RunUpdateRequest, Ack, FrameError)
+SOCKET_ONLY: Final = (Hello, Welcome, RunOpened, RunUpdateRequest, Ack, FrameError, ChunkEnvelope)
 
 
 class FrameFormatError(ValueError):
