@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from pluto.console import ConsoleCapture
-from pluto.merge import deep_merge
+from pluto.merge import deep_merge, union_tags
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
@@ -193,7 +193,7 @@ class Run:
         # Queued by the sidecar: apply the same rule here so this process sees it now.
         if request.config:
             self._info.config = deep_merge(self._info.config, request.config)
-        tags = list(dict.fromkeys([*self._info.tags, *(request.add_tags or [])]))
+        tags = union_tags(self._info.tags, request.add_tags or [])
         removed = set(request.remove_tags or [])
         self._info.tags = [tag for tag in tags if tag not in removed]
 

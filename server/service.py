@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -162,7 +164,7 @@ class Service:
                 who: auth.KeyIdentity | None) -> MetricQueryResult:
         run_id = self._resolve(ref, project, who)
         with self.db.read() as conn:
-            return queries.run_metrics(conn, _with_run(query, run_id))
+            return queries.run_metrics(conn, replace(query, run_id=run_id))
 
     def metric_keys(self, ref: str, project: str | None, lineage_view: bool,
                     who: auth.KeyIdentity | None) -> MetricKeys:
@@ -177,8 +179,3 @@ class Service:
             return logstore.read_logs(conn, run_id, after=after, limit=limit, writer=writer,
                                       contains=contains)
 
-
-def _with_run(query: queries.MetricQuery, run_id: int) -> queries.MetricQuery:
-    from dataclasses import replace
-
-    return replace(query, run_id=run_id)

@@ -30,6 +30,11 @@ class RunEntry:
     handed_out: bool = False
 
 
+def as_resumed(info: RunAttached) -> RunAttached:
+    """The same run as seen by a rank that attached to it rather than created it."""
+    return msgspec.structs.replace(info, resumed=True)
+
+
 class RunRegistry:
     def __init__(self) -> None:
         self._runs: dict[RunKey, RunEntry] = {}
@@ -75,7 +80,7 @@ class RunRegistry:
         listeners, entry.listeners = entry.listeners, []
         for listener in listeners:
             if info is not None and entry.handed_out and not info.resumed:
-                listener(key, msgspec.structs.replace(info, resumed=True), error)
+                listener(key, as_resumed(info), error)
             else:
                 listener(key, info, error)
             entry.handed_out = entry.handed_out or info is not None

@@ -11,17 +11,15 @@ import time
 import uuid
 from pathlib import Path
 
-import msgspec
-
 from pluto.errors import RequestRejected, ServerUnavailable
-from pluto.wire import Chunk, RunAttached, RunCreate, RunOpened, encode_msgpack
+from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.connection import ClientError, Connection
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
 from pluto_sidecar.queue import DurableQueue, RecordKind
-from pluto_sidecar.registry import Listener, RunRegistry
+from pluto_sidecar.registry import Listener, RunRegistry, as_resumed
 from pluto_sidecar.settings import SidecarSettings
 from pluto_sidecar.sysmetrics import SystemSampler
 from pluto_sidecar.telemetry import Telemetry
@@ -152,7 +150,7 @@ class Sidecar:
             if entry.info is not None:
                 info = entry.info
                 if entry.handed_out and not info.resumed:
-                    info = _as_resumed(info)
+                    info = as_resumed(info)
                 entry.handed_out = True
                 return RunOpened(project=key[0], run_ref=key[1], run=info)
             if entry.failed is not None:
@@ -205,10 +203,6 @@ class Sidecar:
                           values=[values[k] for k in keys], times=[now] * len(keys))
             self._sys_seq += 1
             self.queue.append(RecordKind.CHUNK, encode_msgpack(chunk))
-
-
-def _as_resumed(info: RunAttached) -> RunAttached:
-    return msgspec.structs.replace(info, resumed=True)
 
 
 def _socket_alive(path: Path) -> bool:

@@ -10,7 +10,7 @@ import httpx
 import msgspec
 
 from pluto.errors import RequestRejected, ServerUnavailable
-from pluto.transport.http import ingest_body
+from pluto.transport.http import error_detail, ingest_body
 from pluto.wire import (
     API_PREFIX,
     JSON,
@@ -57,11 +57,7 @@ class Upstream:
         except httpx.TransportError as exc:
             raise ServerUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
         if response.status_code >= 400:
-            try:
-                detail = str(response.json().get("detail"))
-            except ValueError:
-                detail = response.text[:500]
-            raise RequestRejected(response.status_code, detail)
+            raise RequestRejected(response.status_code, error_detail(response))
         return msgspec.msgpack.decode(response.content, type=reply)
 
     async def close(self) -> None:

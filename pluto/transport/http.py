@@ -70,7 +70,7 @@ class ApiClient:
                 "start it with 'pluto server' or set PLUTO_URL"
             ) from exc
         if response.status_code >= 400:
-            raise RequestRejected(response.status_code, _detail(response))
+            raise RequestRejected(response.status_code, error_detail(response))
         if response.headers.get("content-type", "").startswith(MSGPACK):
             return msgspec.msgpack.decode(response.content, type=reply)
         return msgspec.json.decode(response.content, type=reply)
@@ -79,7 +79,8 @@ class ApiClient:
         self._client.close()
 
 
-def _detail(response: httpx.Response) -> str:
+def error_detail(response: httpx.Response) -> str:
+    """The server's ``detail`` sentence of an error answer (or what the body says)."""
     try:
         detail = response.json().get("detail")
     except ValueError:

@@ -101,9 +101,13 @@ class SidecarTransport(Transport):
 
     # -- frames ---------------------------------------------------------------
 
-    def _send(self, kind: FrameKind, message: Any) -> int:
+    def _new_request_id(self) -> int:
         request_id = self._next_id
-        self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+        self._next_id = (self._next_id % 0xFFFFFFFF) + 1  # u32 on the wire; 0 means "pushed"
+        return request_id
+
+    def _send(self, kind: FrameKind, message: Any) -> int:
+        request_id = self._new_request_id()
         sock = self._sock
         assert sock is not None
         sock.sendall(encode_frame(kind, request_id, encode_msgpack(message)))
@@ -209,8 +213,7 @@ class SidecarTransport(Transport):
                 assert sock is not None
                 pending: dict[int, int] = {}
                 for payload in chunks:
-                    request_id = self._next_id
-                    self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+                    request_id = self._new_request_id()
                     sock.sendall(encode_frame(FrameKind.CHUNK, request_id, payload))
                     pending[request_id] = 1
                 rejected: RequestRejected | None = None
