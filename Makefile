@@ -29,6 +29,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 LINK_STAMP := $(VENV)/.stamp-links
 MANIFEST := $(VENV)/.package-files
 PACKAGE_DIRS := pluto server sidecar operator
+KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
@@ -53,6 +54,9 @@ $(DEPS_STAMP): pyproject.toml
 	@: > $(PIP_LOG)
 	@$(PIP_INSTALL) --upgrade pip
 	@$(PIP_INSTALL) -e '.[dev]' $(STRICT)
+	@# Only konduktor's task templates are used (tests render a Konduktor pod with them); its
+	@# own dependencies pin an older kubernetes client and pull cloud SDKs, so none are taken.
+	@$(PIP_INSTALL) --no-deps 'konduktor-nightly==$(KONDUKTOR_VERSION)'
 	@touch $@
 
 # The sorted list of package files; rewritten only when it changes, so its mtime

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(env PLUTO_NODE_RANK; default 0)")
     sidecar.add_argument("--log-level", default="INFO")
 
+    from pluto_operator.cli import add_parser as add_operator_parser
+
+    add_operator_parser(commands)
+
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print it once")
@@ -113,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args, console)
         if args.command == "sidecar":
             return _sidecar(args)
+        if args.command == "operator":
+            from pluto_operator.cli import run as run_operator
+
+            return run_operator(args)
         if args.command == "runs":
             return _runs(args, console)
         if args.command == "lineage":

@@ -1,0 +1,228 @@
+"""The pod mutation: a JSON patch that adds the run's env, the shared volume and the sidecar.
+
+Pure: the webhook calls ``injection_patch`` with the pod from the AdmissionReview and gets the
+operations to return, so every rule of docs/operator.md ("What the webhook adds") is checked by
+applying the patch to real pod specs in the tests. The patch only ever *adds*: it never replaces
+what the pod's author wrote (a variable, a mount, a grace period), which is what makes
+reinvocation and already-set variables safe.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pluto_operator.names import (
+    ANNOTATION_INJECTED,
+    COMPLETION_INDEX_ANNOTATION,
+    DEFAULT_DRAIN_SECONDS,
+    DEFAULT_GRACE_SECONDS,
+    GRACE_MARGIN_SECONDS,
+    LABEL_RUN,
+    MOUNT_PATH,
+    SIDECAR_CONTAINER,
+    SIDECAR_HEALTH_PORT,
+    SIDECAR_HEALTH_PORT_NAME,
+    SOCKET_PATH,
+    SPOOL_PATH,
+    VOLUME,
+)
+from pluto_operator.targets import Binding
+
+Patch = list[dict[str, Any]]
+Placement = Literal["native", "classic"]
+
+DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"memory": "256Mi"},
+}
+
+_BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+                   "E": 10**18, "m": 10**-3}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
+
+
+def quantity_bytes(quantity: int | str) -> float:
+    """A Kubernetes quantity (``2Gi``, ``500M``, ``1e9``) in bytes."""
+    if isinstance(quantity, int):
+        return float(quantity)
+    match = _QUANTITY.match(quantity.strip())
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
+    number, suffix = match.groups()
+    factor = _BINARY_SUFFIX.get(suffix) or _DECIMAL_SUFFIX.get(suffix)
+    if factor is None:
+        raise ValueError(f"unknown quantity suffix {suffix!r} in {quantity!r}")
+    return float(number) * factor
+
+
+def _escape(segment: str) -> str:
+    """A JSON pointer segment (RFC 6901): ``pluto.dev/run`` -> ``pluto.dev~1run``."""
+    return segment.replace("~", "~0").replace("/", "~1")
+
+
+def is_injected(pod: Mapping[str, Any]) -> bool:
+    """The marker annotation, or a container already named like the sidecar."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if ANNOTATION_INJECTED in annotations:
+        return True
+    spec = pod.get("spec") or {}
+    containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+    return any(c.get("name") == SIDECAR_CONTAINER for c in containers)
+
+
+def _env_names(container: Mapping[str, Any]) -> set[str]:
+    return {e.get("name", "") for e in container.get("env") or []}
+
+
+def pod_env_value(pod: Mapping[str, Any], name: str) -> str | None:
+    """The literal value the pod's first container that sets ``name`` gives it, if any."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for entry in container.get("env") or []:
+            if entry.get("name") == name and "value" in entry:
+                return str(entry["value"])
+    return None
+
+
+def _add_map_entry(patch: Patch, obj: Mapping[str, Any], path: str, key: str, value: str) -> None:
+    existing = obj.get(path.rsplit("/", 1)[-1])
+    if existing is None:
+        patch.append({"op": "add", "path": path, "value": {key: value}})
+    elif key not in existing:
+        patch.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
+
+
+def _append(patch: Patch, present: bool, path: str, items: list[Any]) -> None:
+    if not items:
+        return
+    if not present:
+        patch.append({"op": "add", "path": path, "value": items})
+    else:
+        patch.extend({"op": "add", "path": f"{path}/-", "value": item} for item in items)
+
+
+def sidecar_container(
+    binding: Binding, image: str, placement: Placement, drain_seconds: int
+) -> dict[str, Any]:
+    """The ``pluto sidecar`` container for a pod covered by ``binding``."""
+    sidecar = binding.sidecar
+    args = ["sidecar", "--health-host", "0.0.0.0", "--health-port", str(SIDECAR_HEALTH_PORT),
+            "--drain-seconds", str(drain_seconds)]
+    if sidecar is not None and sidecar.spool_size is not None:
+        mib = max(1, math.ceil(quantity_bytes(sidecar.spool_size) / 2**20))
+        args += ["--spool-max-mb", str(mib)]
+    resources: dict[str, Any] = DEFAULT_RESOURCES
+    if sidecar is not None and sidecar.resources is not None:
+        resources = sidecar.resources.to_dict()
+    probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
+    container: dict[str, Any] = {
+        "name": SIDECAR_CONTAINER,
+        "image": (sidecar.image if sidecar is not None and sidecar.image else image),
+        "command": ["pluto"],
+        "args": args,
+        "env": [
+            {"name": "PLUTO_URL", "value": binding.server_url},
+            {"name": "PLUTO_API_KEY", "valueFrom": {"secretKeyRef": {
+                "name": binding.api_key_secret.name,
+                "key": binding.api_key_secret.key,
+                # A server without auth needs no Secret; a missing one must not stop the pod.
+                "optional": True,
+            }}},
+            {"name": "PLUTO_SIDECAR_SOCKET", "value": SOCKET_PATH},
+            {"name": "PLUTO_SPOOL_DIR", "value": SPOOL_PATH},
+            # Empty for pods outside an Indexed Job, which the sidecar reads as node 0.
+            {"name": "PLUTO_NODE_RANK", "valueFrom": {"fieldRef": {
+                "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']",
+            }}},
+            # NVML in the sidecar sees the node's GPUs without requesting one.
+            {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
+        ],
+        "ports": [{"name": SIDECAR_HEALTH_PORT_NAME, "containerPort": SIDECAR_HEALTH_PORT,
+                   "protocol": "TCP"}],
+        # Ready once the socket listens and the spool is writable. No liveness probe: a
+        # restart mid-flush would stall every rank of the pod for nothing.
+        "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": resources,
+        "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    if placement == "native":
+        # The kubelet starts the app containers only after this probe passes: the socket is
+        # there before the first rank looks for it.
+        container["startupProbe"] = {**probe, "periodSeconds": 1, "failureThreshold": 120}
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def app_env(binding: Binding) -> list[dict[str, str]]:
+    return [
+        {"name": "PLUTO_RUN_ID", "value": binding.run_id},
+        {"name": "PLUTO_PROJECT", "value": binding.project},
+        {"name": "PLUTO_SIDECAR_SOCKET", "value": SOCKET_PATH},
+    ]
+
+
+def injection_patch(
+    pod: Mapping[str, Any], binding: Binding, *, image: str, placement: Placement
+) -> Patch:
+    """JSON patch operations that inject ``binding`` into ``pod``; empty if already injected."""
+    if is_injected(pod):
+        return []
+    patch: Patch = []
+    metadata = pod.get("metadata") or {}
+    if "metadata" not in pod:
+        patch.append({"op": "add", "path": "/metadata", "value": {}})
+    _add_map_entry(patch, metadata, "/metadata/annotations", ANNOTATION_INJECTED, binding.run_id)
+    _add_map_entry(patch, metadata, "/metadata/labels", LABEL_RUN, binding.plutorun)
+
+    spec = pod.get("spec") or {}
+    volumes = spec.get("volumes")
+    if not any(v.get("name") == VOLUME for v in volumes or []):
+        _append(patch, volumes is not None, "/spec/volumes", [{"name": VOLUME, "emptyDir": {}}])
+
+    for index, container in enumerate(spec.get("containers") or []):
+        base = f"/spec/containers/{index}"
+        have = _env_names(container)
+        missing = [e for e in app_env(binding) if e["name"] not in have]
+        _append(patch, container.get("env") is not None, f"{base}/env", missing)
+        mounts = container.get("volumeMounts")
+        if not any(m.get("mountPath", "").rstrip("/") == MOUNT_PATH for m in mounts or []):
+            _append(patch, mounts is not None, f"{base}/volumeMounts",
+                    [{"name": VOLUME, "mountPath": MOUNT_PATH}])
+
+    drain, grace_op = _drain_and_grace(spec, binding)
+    if grace_op is not None:
+        patch.append(grace_op)
+    sidecar = sidecar_container(binding, image, placement, drain)
+    if placement == "native":
+        # First, so that other init containers can log through it too.
+        if spec.get("initContainers"):
+            patch.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})
+        else:
+            patch.append({"op": "add", "path": "/spec/initContainers", "value": [sidecar]})
+    else:
+        patch.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
+    return patch
+
+
+def _drain_and_grace(
+    spec: Mapping[str, Any], binding: Binding
+) -> tuple[int, dict[str, Any] | None]:
+    """The sidecar's SIGTERM drain, and the grace-period operation that makes room for it.
+
+    A grace period the pod's author set is kept: the drain shrinks to fit inside it. With none
+    set (Kubernetes' 30 s), a longer drain the PlutoRun asks for gets the grace it needs.
+    """
+    wanted = DEFAULT_DRAIN_SECONDS
+    if binding.sidecar is not None and binding.sidecar.drain_seconds is not None:
+        wanted = binding.sidecar.drain_seconds
+    grace = spec.get("terminationGracePeriodSeconds")
+    if grace is not None:
+        return max(1, min(wanted, int(grace) - GRACE_MARGIN_SECONDS)), None
+    needed = wanted + GRACE_MARGIN_SECONDS
+    if needed <= DEFAULT_GRACE_SECONDS:
+        return wanted, None
+    return wanted, {"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": needed}

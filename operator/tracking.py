@@ -1,0 +1,84 @@
+"""The operator's calls to the tracking server: open (create, attach or fork), update, finish.
+
+The fork of a PlutoRun happens here, once, on the server; the pods then attach to the fork by its
+run id. Errors are sorted for the reconciler: ``Unreachable`` is retried with backoff, while
+``Refused`` (a 4xx the server explains) needs the PlutoRun changed and is not retried.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TypeVar
+
+from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.transport.http import ApiClient
+from pluto.wire import RunAttached, RunCreate, RunFinish, RunInfo, RunStatus, RunUpdate
+from pluto_operator.model import PlutoRunSpec
+
+T = TypeVar("T")
+
+
+class Unreachable(Exception):
+    """The server did not answer, or answered with a retryable error."""
+
+
+class Refused(Exception):
+    """The server refused the request for a reason the PlutoRun's author must fix."""
+
+
+def run_create(spec: PlutoRunSpec, run_id: str) -> RunCreate:
+    fork = spec.fork
+    return RunCreate(
+        project=spec.project,
+        run_id=run_id,
+        name=spec.name,
+        config=spec.config or None,
+        tags=spec.tags or None,
+        fork_run_id=fork.run_id if fork is not None else None,
+        fork_step=fork.step if fork is not None else None,
+        inherit_config=fork.inherit_config if fork is not None else True,
+        inherit_tags=fork.inherit_tags if fork is not None else False,
+    )
+
+
+class TrackingServers:
+    """One HTTP client per server URL (PlutoRuns may name different servers)."""
+
+    def __init__(self, api_key: str | None, timeout: float = 10.0) -> None:
+        self.api_key = api_key
+        self.timeout = timeout
+        self._clients: dict[str, ApiClient] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, url: str) -> ApiClient:
+        with self._lock:
+            found = self._clients.get(url)
+            if found is None:
+                found = self._clients[url] = ApiClient(url, self.api_key, self.timeout)
+            return found
+
+    def _call(self, url: str, method: str, path: str, reply: type[T], body: object) -> T:
+        try:
+            return self._client(url).call(method, path, reply, body=body)
+        except ServerUnavailable as exc:
+            raise Unreachable(str(exc)) from exc
+        except RequestRejected as exc:
+            if exc.permanent:
+                raise Refused(str(exc)) from exc
+            raise Unreachable(str(exc)) from exc
+
+    def open_run(self, url: str, spec: PlutoRunSpec, run_id: str) -> RunAttached:
+        return self._call(url, "POST", "/runs", RunAttached, run_create(spec, run_id))
+
+    def update_run(self, url: str, server_run_id: int, update: RunUpdate) -> RunInfo:
+        return self._call(url, "PATCH", f"/runs/{server_run_id}", RunInfo, update)
+
+    def finish_run(self, url: str, server_run_id: int, status: RunStatus) -> RunInfo:
+        return self._call(url, "POST", f"/runs/{server_run_id}/finish", RunInfo,
+                          RunFinish(status=status))
+
+    def close(self) -> None:
+        with self._lock:
+            for found in self._clients.values():
+                found.close()
+            self._clients.clear()

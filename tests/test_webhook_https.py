@@ -1,0 +1,220 @@
+"""The webhook over real HTTPS: AdmissionReview v1 in, AdmissionReview v1 out, never a 500.
+
+The listener runs on its own event loop thread with a certificate from ``certs.self_signed``;
+requests go through httpx verifying that certificate against the generated CA, as the API
+server verifies ``caBundle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.admission import apply_answer, patch_of, pod_review
+
+from pluto_operator.admission import Mutation, PodRequest
+from pluto_operator.certs import ReloadingContext, self_signed, write_certificate
+from pluto_operator.model import PlutoRun
+from pluto_operator.servers import WEBHOOK_PATH, WebhookListener
+from pluto_operator.settings import FailurePolicy, OperatorSettings
+from pluto_operator.targets import KnownRun, NamespaceInfo
+from pluto_operator.webhook import PodInjector
+
+
+class StaticView:
+    def __init__(self, runs: list[KnownRun]) -> None:
+        self._runs = runs
+
+    def namespace(self, name: str) -> NamespaceInfo | None:
+        return None
+
+    def runs(self, namespace: str) -> list[KnownRun]:
+        return [r for r in self._runs if r.namespace == namespace]
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class Webhook:
+    def __init__(self, url: str, ca_file: Path, listener: WebhookListener) -> None:
+        self.url = url
+        self.ca_file = ca_file
+        self.listener = listener
+        self.client = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)))
+
+    def post(self, body: bytes | dict[str, Any]) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.client.post(self.url, content=content,
+                                headers={"content-type": "application/json"})
+
+
+@pytest.fixture
+def start_webhook(tmp_path: Path) -> Iterator[Callable[..., Webhook]]:
+    loop = LoopThread()
+    started: list[Webhook] = []
+
+    def start(mutate: Callable[[PodRequest], Mutation] | None = None,
+              failure_policy: FailurePolicy = "Ignore") -> Webhook:
+        cert = self_signed(["localhost", "127.0.0.1"])
+        cert_file, key_file = write_certificate(cert, tmp_path / f"tls{len(started)}")
+        ca_file = tmp_path / f"ca{len(started)}.pem"
+        ca_file.write_bytes(cert.ca_pem)
+        if mutate is None:
+            run = PlutoRun.model_validate({"metadata": {"name": "sft", "namespace": "ml"},
+                                           "spec": {"project": "llm"}})
+            view = StaticView([KnownRun("sft", "ml", "2026-01-01T00:00:00Z", run)])
+            mutate = PodInjector(OperatorSettings(), view, "native")
+        listener = WebhookListener(mutate, failure_policy=failure_policy)
+        tls = ReloadingContext(cert_file, key_file)
+        loop.run(listener.start("127.0.0.1", 0, tls.context))
+        hook = Webhook(f"https://localhost:{listener.port}{WEBHOOK_PATH}", ca_file, listener)
+        started.append(hook)
+        return hook
+
+    yield start
+    for hook in started:
+        hook.client.close()
+        loop.run(hook.listener.stop())
+    loop.close()
+
+
+def labelled_pod() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "sft-", "labels": {"pluto.dev/run": "sft"}},
+            "spec": {"containers": [{"name": "c", "image": "i", "command": ["x"]}]}}
+
+
+def test_pod_create_is_patched_and_answered_for_its_uid(
+        start_webhook: Callable[..., Webhook]) -> None:
+    hook = start_webhook()
+    review = pod_review(labelled_pod(), "ml", uid="4f1c-uid")
+    response = hook.post(review)
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["apiVersion"] == "admission.k8s.io/v1" and answer["kind"] == "AdmissionReview"
+    assert answer["response"]["uid"] == "4f1c-uid"
+    assert answer["response"]["allowed"] is True
+    mutated = apply_answer(labelled_pod(), answer)
+    assert mutated["spec"]["initContainers"][0]["name"] == "pluto-sidecar"
+    # Reinvocation: the API server sends the mutated pod again; nothing more is added.
+    again = hook.post(pod_review(mutated, "ml")).json()
+    assert patch_of(again) == [] and again["response"]["allowed"] is True
+
+
+@pytest.mark.parametrize("body", [
+    b"not json at all",
+    b"[1, 2, 3]",
+    b"{}",
+    json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+    json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
+                "request": {"uid": "x"}}).encode(),
+    json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {"uid": "x", "kind": {"kind": "Pod", "group": ""},
+                            "operation": "CREATE", "namespace": "ml"}}).encode(),
+    b"",
+], ids=["text", "array", "empty-object", "no-request", "v1beta1", "pod-missing", "empty"])
+def test_malformed_reviews_get_an_allowed_answer_with_a_warning(
+        start_webhook: Callable[..., Webhook], body: bytes) -> None:
+    response = start_webhook().post(body)
+    assert response.status_code == 200
+    answer = response.json()["response"]
+    assert answer["allowed"] is True
+    assert "patch" not in answer
+    assert answer["warnings"][0].startswith("pluto: malformed admission review")
+
+
+def test_other_operations_and_kinds_pass_untouched(
+        start_webhook: Callable[..., Webhook]) -> None:
+    hook = start_webhook()
+    update = hook.post(pod_review(labelled_pod(), "ml", operation="UPDATE")).json()
+    assert update["response"] == {"uid": update["response"]["uid"], "allowed": True}
+    review = pod_review(labelled_pod(), "ml")
+    review["request"]["kind"] = {"group": "apps", "version": "v1", "kind": "Deployment"}
+    other = hook.post(review).json()
+    assert other["response"]["allowed"] is True and "patch" not in other["response"]
+
+
+def broken(_: PodRequest) -> Mutation:
+    raise RuntimeError("cache exploded")
+
+
+def test_internal_error_fails_open_by_default(start_webhook: Callable[..., Webhook]) -> None:
+    response = start_webhook(broken).post(pod_review(labelled_pod(), "ml"))
+    assert response.status_code == 200
+    answer = response.json()["response"]
+    assert answer["allowed"] is True and "patch" not in answer
+    assert "cache exploded" in answer["warnings"][0]
+
+
+def test_internal_error_denies_when_failure_policy_is_fail(
+        start_webhook: Callable[..., Webhook]) -> None:
+    response = start_webhook(broken, failure_policy="Fail").post(
+        pod_review(labelled_pod(), "ml"))
+    assert response.status_code == 200
+    answer = response.json()["response"]
+    assert answer["allowed"] is False
+    assert "cache exploded" in answer["status"]["message"]
+
+
+def test_plain_http_is_refused(start_webhook: Callable[..., Webhook]) -> None:
+    hook = start_webhook()
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(hook.url.replace("https://", "http://"), content=b"{}", timeout=5)
+
+
+def test_certificate_does_not_verify_against_another_ca(
+        start_webhook: Callable[..., Webhook], tmp_path: Path) -> None:
+    hook = start_webhook()
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(self_signed(["localhost"]).ca_pem)
+    with (httpx.Client(verify=ssl.create_default_context(cafile=str(other))) as client,
+          pytest.raises(httpx.ConnectError)):
+        client.post(hook.url, content=b"{}")
+
+
+def test_rotated_certificate_files_are_picked_up(tmp_path: Path) -> None:
+    first, second = self_signed(["localhost"]), self_signed(["localhost"])
+    cert_file, key_file = write_certificate(first, tmp_path)
+    tls = ReloadingContext(cert_file, key_file, check_every=0.01)
+    assert tls.reload_if_changed() is False
+    write_certificate(second, tmp_path)
+    # Same-second rewrites keep mtime on coarse filesystems: move it on explicitly.
+    later = time.time() + 5
+    os.utime(cert_file, (later, later))
+    os.utime(key_file, (later, later))
+    assert tls.reload_if_changed() is True
+    # The context now serves the second certificate: a client trusting only its CA connects.
+    loop = LoopThread()
+    listener = WebhookListener(broken, failure_policy="Ignore")
+    try:
+        loop.run(listener.start("127.0.0.1", 0, tls.context))
+        ca = tmp_path / "second-ca.pem"
+        ca.write_bytes(second.ca_pem)
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+            response = client.post(f"https://localhost:{listener.port}{WEBHOOK_PATH}",
+                                   content=json.dumps(pod_review(labelled_pod())).encode())
+        assert response.status_code == 200
+    finally:
+        loop.run(listener.stop())
+        loop.close()
