@@ -39,6 +39,10 @@ DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
     "limits": {"memory": "256Mi"},
 }
 
+#: Classic sidecars exit this long after the last rank disconnected (torchrun restarts of
+#: workers reconnect well within it).
+CLASSIC_IDLE_EXIT_SECONDS = 30
+
 _BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
                    "E": 10**18, "m": 10**-3}
@@ -149,6 +153,10 @@ def sidecar_container(
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
+    if placement == "classic":
+        # Nothing stops a classic sidecar when the training ends; without this the Job's pod
+        # would never complete.
+        args += ["--exit-when-idle", str(CLASSIC_IDLE_EXIT_SECONDS)]
     if placement == "native":
         # The kubelet starts the app containers only after this probe passes: the socket is
         # there before the first rank looks for it.

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--node-rank", type=int, default=None,
                          help="this node's rank, the writer of its system metrics "
                               "(env PLUTO_NODE_RANK; default 0)")
+    sidecar.add_argument("--exit-when-idle", type=float, default=0.0, metavar="SECONDS",
+                         help="exit (after draining) once all clients have been gone this "
+                              "long; for classic sidecar containers (default 0: off)")
     sidecar.add_argument("--log-level", default="INFO")
 
     from pluto_operator.cli import add_parser as add_operator_parser
@@ -166,6 +169,7 @@ def _sidecar(args: argparse.Namespace) -> int:
         sys_interval=args.sys_interval,
         node_rank=args.node_rank if args.node_rank is not None else int(env.get("node_rank", 0)),
         log_level=args.log_level,
+        exit_when_idle=args.exit_when_idle,
     )
     return run(settings)
 

@@ -24,10 +24,26 @@ async def _run(settings: SidecarSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watcher = None
+    if settings.exit_when_idle > 0:
+        watcher = asyncio.create_task(_exit_when_idle(sidecar, settings.exit_when_idle, stop))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log_event(log, "stopping: draining the spool", deadline_seconds=settings.drain_seconds)
     await sidecar.stop()
     return 0  # undelivered data stays in the spool for the next start
+
+
+async def _exit_when_idle(sidecar: Sidecar, idle_for: float, stop: asyncio.Event) -> None:
+    while True:
+        await asyncio.sleep(min(1.0, idle_for / 4))
+        idle = sidecar.idle_seconds
+        if idle is not None and idle >= idle_for:
+            log_event(log, "every client has been gone a while: exiting",
+                      idle_seconds=round(idle, 1))
+            stop.set()
+            return
 
 
 def run(settings: SidecarSettings) -> int:

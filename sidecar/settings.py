@@ -38,6 +38,10 @@ class SidecarSettings:
     #: A client that connects and says nothing is dropped after this long.
     hello_timeout: float = 10.0
     log_level: str = "INFO"
+    #: Exit (draining first) once every client that connected has gone and none came back for
+    #: this many seconds; 0: run until SIGTERM. For classic sidecar containers (Kubernetes
+    #: before 1.29), which nothing stops when the training ends, so the pod could not complete.
+    exit_when_idle: float = 0.0
 
     @staticmethod
     def env_defaults() -> dict[str, str]:

@@ -57,6 +57,8 @@ class Sidecar:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
+        #: Since when no client is connected, after at least one was (None: never, or now).
+        self._idle_since: float | None = None
         self._sys_session = uuid.uuid4().hex
         self._sys_seq = 0
 
@@ -126,10 +128,20 @@ class Sidecar:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self._idle_since = None
         try:
             await Connection(self, reader, writer).serve()
         finally:
             self._connections.discard(task)
+            if not self._connections:
+                self._idle_since = time.monotonic()
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """How long the last client has been gone; None before the first or while one is on."""
+        if self._idle_since is None:
+            return None
+        return time.monotonic() - self._idle_since
 
     def _ready(self) -> tuple[bool, str]:
         if self._server is None or not self._server.is_serving():

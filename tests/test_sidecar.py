@@ -1299,3 +1299,28 @@ def test_the_training_process_needs_no_credentials(
     assert key not in sidecar.logs()
     secret = key.split("_")[-1][-12:]
     assert secret not in sidecar.logs()
+
+
+def test_exit_when_idle_waits_for_a_client_then_exits_after_the_last_leaves(
+    shared_server: ServerProcess, sidecar_factory: SidecarFactory,
+) -> None:
+    """Classic sidecar containers (before Kubernetes 1.29) have nobody to SIGTERM them when
+    the training ends: ``--exit-when-idle`` lets the pod complete. It must not exit before any
+    client came, nor while one is connected, and it delivers what the client sent."""
+    sidecar = sidecar_factory(shared_server.url, extra_args=[*QUIET, "--exit-when-idle", "1"])
+    assert sidecar.proc is not None
+    time.sleep(2.0)
+    assert sidecar.proc.poll() is None, "exited before any client connected"
+    client = RawClient(sidecar.socket)
+    client.handshake(writer=0)
+    opened = client.open_run(PROJECT, "idle-exit")
+    assert opened.run is not None
+    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(
+        writer=0, steps=[0, 1, 2], run=opened.run.id))
+    assert client.receive()[:2] == (FrameKind.ACK, request_id)
+    time.sleep(2.0)
+    assert sidecar.proc.poll() is None, "exited while a client was connected"
+    client.close()
+    assert sidecar.proc.wait(15) == 0
+    counts, _ = stored_points(shared_server.url, opened.run.id)
+    assert counts == Counter({("good", step, 0): 1 for step in range(3)})
