@@ -3,8 +3,9 @@
 Pure: the webhook calls ``injection_patch`` with the pod from the AdmissionReview and gets the
 operations to return, so every rule of docs/operator.md ("What the webhook adds") is checked by
 applying the patch to real pod specs in the tests. The patch only ever *adds*: it never replaces
-what the pod's author wrote (a variable, a mount, a grace period), which is what makes
-reinvocation and already-set variables safe.
+what the pod's author wrote (a variable, a mount), which is what makes reinvocation and
+already-set variables safe. The one replacement is a grace period of exactly Kubernetes' default,
+raised when the sidecar's drain needs longer (see ``_drain_and_grace``).
 """
 
 from __future__ import annotations
@@ -221,16 +222,18 @@ def _drain_and_grace(
 ) -> tuple[int, dict[str, Any] | None]:
     """The sidecar's SIGTERM drain, and the grace-period operation that makes room for it.
 
-    A grace period the pod's author set is kept: the drain shrinks to fit inside it. With none
-    set (Kubernetes' 30 s), a longer drain the PlutoRun asks for gets the grace it needs.
+    The API server fills in Kubernetes' default of 30 s before webhooks run, so 30 is read as
+    "not chosen": a longer drain the PlutoRun asks for raises it. Any other grace period was
+    chosen by the pod's author and is kept: the drain shrinks to fit inside it.
     """
     wanted = DEFAULT_DRAIN_SECONDS
     if binding.sidecar is not None and binding.sidecar.drain_seconds is not None:
         wanted = binding.sidecar.drain_seconds
     grace = spec.get("terminationGracePeriodSeconds")
-    if grace is not None:
+    if grace is not None and int(grace) != DEFAULT_GRACE_SECONDS:
         return max(1, min(wanted, int(grace) - GRACE_MARGIN_SECONDS)), None
     needed = wanted + GRACE_MARGIN_SECONDS
     if needed <= DEFAULT_GRACE_SECONDS:
         return wanted, None
-    return wanted, {"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": needed}
+    op = "add" if grace is None else "replace"
+    return wanted, {"op": op, "path": "/spec/terminationGracePeriodSeconds", "value": needed}
