@@ -7,6 +7,7 @@ works without the operator's dependencies installed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--sidecar-mode", choices=["auto", "native", "classic"], default="auto",
                         help="native sidecars (1.29+), classic containers, or ask the API "
                              "server (default auto)")
+    parser.add_argument("--sidecar-resources", default=None, metavar="JSON",
+                        help="requests/limits of sidecars whose PlutoRun sets none, e.g. "
+                             "'{\"requests\": {\"cpu\": \"50m\"}}' (env "
+                             "PLUTO_SIDECAR_RESOURCES; default requests cpu 50m, memory 64Mi, "
+                             "limit memory 256Mi)")
     parser.add_argument("--webhook-host", default="0.0.0.0",
                         help="address of the HTTPS webhook (default 0.0.0.0)")
     parser.add_argument("--webhook-port", type=int, default=9443,
@@ -63,6 +69,20 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def _resources(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--sidecar-resources / PLUTO_SIDECAR_RESOURCES is not JSON: {exc}; "
+                         'expected e.g. {"requests": {"cpu": "50m"}}') from exc
+    if not isinstance(value, dict) or set(value) - {"requests", "limits", "claims"}:
+        raise SystemExit("--sidecar-resources / PLUTO_SIDECAR_RESOURCES: expected an object "
+                         'with "requests" and/or "limits", e.g. {"limits": {"memory": "256Mi"}}')
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> OperatorSettings:
     api_key = os.environ.get("PLUTO_API_KEY")
     if args.api_key_file is not None:
@@ -77,6 +97,8 @@ def settings_from(args: argparse.Namespace) -> OperatorSettings:
         sidecar_image=(args.sidecar_image or os.environ.get("PLUTO_SIDECAR_IMAGE")
                        or DEFAULT_IMAGE),
         sidecar_mode=args.sidecar_mode,
+        sidecar_resources=_resources(args.sidecar_resources
+                                     or os.environ.get("PLUTO_SIDECAR_RESOURCES")),
         webhook_host=args.webhook_host,
         webhook_port=args.webhook_port,
         tls_cert_file=args.tls_cert_file,

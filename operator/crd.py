@@ -1,9 +1,11 @@
 """The PlutoRun CustomResourceDefinition, generated from the pydantic models.
 
-``crds/plutorun.yaml`` is this module's output, checked in for ``kubectl apply -f crds/`` and the
-Helm chart; a test fails when it drifts from the models. Regenerate it with::
+``crds/plutorun.yaml`` is this module's output, checked in for ``kubectl apply -f crds/``, and so is
+its byte-identical copy ``charts/pluto/crds/plutorun.yaml`` (Helm reads CRDs only from inside the
+chart); tests fail when either drifts from the models. Regenerate both with::
 
-    python -m pluto_operator.crd --output crds/plutorun.yaml
+    python -m pluto_operator.crd \
+        --output crds/plutorun.yaml --output charts/pluto/crds/plutorun.yaml
 
 pydantic writes JSON Schema (2020-12); a CRD needs a *structural* OpenAPI v3 schema, so
 ``openapi_schema`` translates: ``$ref``s are inlined (no ``$defs``), ``Optional`` drops its null
@@ -40,6 +42,7 @@ __all__ = ["CRDSchemaError", "crd_manifest", "crd_yaml", "main", "openapi_schema
 HEADER = (
     "# Generated from pluto_operator.model by `python -m pluto_operator.crd`: do not edit.\n"
     "# Regenerate: python -m pluto_operator.crd --output crds/plutorun.yaml\n"
+    "#   --output charts/pluto/crds/plutorun.yaml\n"
 )
 
 PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
@@ -211,18 +214,20 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pluto_operator.crd [--output PATH]``: print or write the CRD YAML."""
+    """``python -m pluto_operator.crd [--output PATH]...``: print or write the CRD YAML."""
     parser = argparse.ArgumentParser(
         prog="python -m pluto_operator.crd",
         description="Print the PlutoRun CustomResourceDefinition generated from the models.",
     )
-    parser.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+    # Repeatable: the CRD lives in crds/ and, as an identical copy, in the Helm chart's crds/.
+    parser.add_argument("--output", "-o", type=Path, action="append",
+                        help="write to this file instead of stdout (repeat for several files)")
     args = parser.parse_args(argv)
     text = crd_yaml()
-    if args.output is None:
+    if not args.output:
         sys.stdout.write(text)
-    else:
-        args.output.write_text(text, encoding="utf-8")
+    for path in args.output or ():
+        path.write_text(text, encoding="utf-8")
     return 0
 
 

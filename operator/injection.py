@@ -110,7 +110,8 @@ def _append(patch: Patch, present: bool, path: str, items: list[Any]) -> None:
 
 
 def sidecar_container(
-    binding: Binding, image: str, placement: Placement, drain_seconds: int
+    binding: Binding, image: str, placement: Placement, drain_seconds: int,
+    default_resources: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``pluto sidecar`` container for a pod covered by ``binding``."""
     sidecar = binding.sidecar
@@ -119,7 +120,7 @@ def sidecar_container(
     if sidecar is not None and sidecar.spool_size is not None:
         mib = max(1, math.ceil(quantity_bytes(sidecar.spool_size) / 2**20))
         args += ["--spool-max-mb", str(mib)]
-    resources: dict[str, Any] = DEFAULT_RESOURCES
+    resources: Mapping[str, Any] = default_resources or DEFAULT_RESOURCES
     if sidecar is not None and sidecar.resources is not None:
         resources = sidecar.resources.to_dict()
     probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
@@ -150,7 +151,7 @@ def sidecar_container(
         # Ready once the socket listens and the spool is writable. No liveness probe: a
         # restart mid-flush would stall every rank of the pod for nothing.
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
-        "resources": resources,
+        "resources": dict(resources),
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
@@ -175,7 +176,8 @@ def app_env(binding: Binding) -> list[dict[str, str]]:
 
 
 def injection_patch(
-    pod: Mapping[str, Any], binding: Binding, *, image: str, placement: Placement
+    pod: Mapping[str, Any], binding: Binding, *, image: str, placement: Placement,
+    default_resources: Mapping[str, Any] | None = None,
 ) -> Patch:
     """JSON patch operations that inject ``binding`` into ``pod``; empty if already injected."""
     if is_injected(pod):
@@ -205,7 +207,7 @@ def injection_patch(
     drain, grace_op = _drain_and_grace(spec, binding)
     if grace_op is not None:
         patch.append(grace_op)
-    sidecar = sidecar_container(binding, image, placement, drain)
+    sidecar = sidecar_container(binding, image, placement, drain, default_resources)
     if placement == "native":
         # First, so that other init containers can log through it too.
         if spec.get("initContainers"):

@@ -45,6 +45,12 @@ logger = logging.getLogger("pluto.operator.reconciler")
 FINISH_ATTEMPTS = 5
 
 
+def _normal(body: Any, *, reason: str, message: str) -> None:
+    """A Normal event. ``kopf.info`` is filtered by kopf's posting level, which the operator
+    raises to WARNING so that kopf's own per-handler chatter is not turned into events."""
+    kopf.event(body, type="Normal", reason=reason, message=message)
+
+
 def backoff(retry: int) -> float:
     return float(min(60, 2 ** min(retry, 6)))
 
@@ -106,7 +112,7 @@ class Reconciler:
         reason, message = _opened(attached)
         patch.status["conditions"] = cond.set_condition(
             conditions, cond.RUN_READY, "True", reason, message, generation)
-        kopf.info(body, reason=reason, message=message)
+        _normal(body, reason=reason, message=message)
 
     @staticmethod
     def _record(patch: kopf.Patch, run: RunAttached, generation: int | None) -> None:
@@ -139,7 +145,7 @@ class Reconciler:
         phase = phase_of(pods, workloads, previous)
         if phase != previous:
             patch.status["phase"] = phase
-            kopf.info(body, reason=f"Phase{phase}", message=f"{len(pods)} pod(s); "
+            _normal(body, reason=f"Phase{phase}", message=f"{len(pods)} pod(s); "
                       f"workloads: {', '.join(f'{w.kind}/{w.name}' for w in workloads) or 'none'}")
         if phase not in TERMINAL:
             injected = count_injected(pods)
@@ -171,7 +177,7 @@ class Reconciler:
         if patch is not None:
             patch.status["conditions"] = cond.set_condition(
                 conditions, cond.RUN_FINISHED, "True", str(run_status).title(), message)
-        kopf.info(body, reason="RunFinished", message=message)
+        _normal(body, reason="RunFinished", message=message)
 
     def finish_on_delete(self, body: kopf.Body, status: kopf.Status, retry: int,
                          **_: Any) -> None:
@@ -211,7 +217,7 @@ class Reconciler:
         generation = body.get("metadata", {}).get("generation")
         if generation is not None:
             patch.status["observedGeneration"] = generation
-        kopf.info(body, reason="RunUpdated", message="config and tags sent to the server")
+        _normal(body, reason="RunUpdated", message="config and tags sent to the server")
 
     # -- JobSets in opted-in namespaces ----------------------------------------------------
 
@@ -243,7 +249,7 @@ class Reconciler:
             },
         }
         if self.kube.create_plutorun(namespace, plutorun):
-            kopf.info(body, reason="PlutoRunCreated",
+            _normal(body, reason="PlutoRunCreated",
                       message=f"PlutoRun {name} created: the pods log into run id {name}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pluto import __version__
 
@@ -50,6 +50,8 @@ class OperatorSettings:
     default_project: str | None = None
     sidecar_image: str = DEFAULT_IMAGE
     sidecar_mode: SidecarMode = "auto"
+    #: Requests/limits of sidecars whose PlutoRun sets none; None: the built-in defaults.
+    sidecar_resources: dict[str, Any] | None = None
     webhook_host: str = "0.0.0.0"
     webhook_port: int = 9443
     tls_cert_file: Path | None = None

@@ -41,6 +41,7 @@ class PodInjector:
                 f"{binding.plutorun!r} expects {binding.run_id!r}"
             )
         patch = injection_patch(
-            pod, binding, image=self.settings.sidecar_image, placement=self.placement
+            pod, binding, image=self.settings.sidecar_image, placement=self.placement,
+            default_resources=self.settings.sidecar_resources,
         )
         return Mutation(patch, warnings)

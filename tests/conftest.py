@@ -27,6 +27,13 @@ Fixture map (scopes in brackets):
 ``env_for`` [function]
     ``env_for(server, **extra)``: an environment for subprocesses with
     ``PLUTO_URL`` set and no inherited ``PLUTO_*``/``MLOP_*`` variables.
+``kube_emulator`` [function]
+    A fresh emulated Kubernetes API server (kmock, in its own process, on
+    127.0.0.1) with a kubeconfig; ``kube_emulator.env`` is an environment for an
+    operator subprocess (``KUBECONFIG`` set). See ``support/kube_emulator.py``.
+``kube_emulator_factory`` [function]
+    ``kube_emulator_factory(**KubeEmulator kwargs)`` starts more, or differently
+    configured ones (``git_version="v1.28.0"``, ``crds=[path]``, ``auth=False``).
 
 PostgreSQL missing: tests that need it are skipped locally, and FAIL under CI
 (``CI=true``), because a CI run that quietly skips a backend proves nothing.
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.kube_emulator import KubeEmulator
 from support.postgres import (
     PostgresCluster,
     PostgresNotFound,
@@ -270,3 +278,29 @@ def sidecar_factory(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     yield make
     for sidecar in started:
         sidecar.stop()
+
+
+# -- Kubernetes API emulator ---------------------------------------------------------
+
+
+@pytest.fixture
+def kube_emulator_factory(tmp_path: Path) -> Iterator[Callable[..., KubeEmulator]]:
+    """``kube_emulator_factory(**KubeEmulator kwargs)`` starts an emulated API server in
+    its own directory; every one is stopped (SIGTERM to its own pid) after the test."""
+    started: list[KubeEmulator] = []
+
+    def make(**kwargs: Any) -> KubeEmulator:
+        emulator = KubeEmulator(tmp_path / f"kube-emulator-{len(started)}", **kwargs)
+        started.append(emulator)
+        return emulator.start()
+
+    yield make
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture
+def kube_emulator(kube_emulator_factory: Callable[..., KubeEmulator]) -> KubeEmulator:
+    """A fresh emulated Kubernetes API server: namespaces ``default`` and ``kube-system``,
+    the PlutoRun and JobSet CRDs, ``/version`` v1.31.0; ``.env`` for subprocesses."""
+    return kube_emulator_factory()

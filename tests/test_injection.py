@@ -314,3 +314,16 @@ def test_review_round_trip_keeps_the_original_untouched() -> None:
     reviewed = review(body, injector)
     assert reviewed.outcome == "patched"
     assert original == before
+
+
+def test_operator_default_sidecar_resources_apply_unless_the_plutorun_sets_them() -> None:
+    settings = OperatorSettings(sidecar_resources={"requests": {"cpu": "10m"}})
+    injector = PodInjector(settings, StaticView([plutorun("sft")]), "native")
+    mutation = injector(PodRequest("u", "ml", pod({"pluto.dev/run": "sft"}), False))
+    sidecar = apply(pod({"pluto.dev/run": "sft"}), mutation.patch)["spec"]["initContainers"][0]
+    assert sidecar["resources"] == {"requests": {"cpu": "10m"}}
+    own = plutorun("own", sidecar={"resources": {"limits": {"memory": "1Gi"}}})
+    injector = PodInjector(settings, StaticView([own]), "native")
+    mutation = injector(PodRequest("u", "ml", pod({"pluto.dev/run": "own"}), False))
+    sidecar = apply(pod({"pluto.dev/run": "own"}), mutation.patch)["spec"]["initContainers"][0]
+    assert sidecar["resources"] == {"limits": {"memory": "1Gi"}}

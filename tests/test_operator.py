@@ -1,0 +1,341 @@
+"""The real operator (``pluto operator``, kopf) against the Kubernetes emulator and a real server.
+
+kmock's emulator (tests/support/kube_emulator.py) stands in for the API server; it runs no
+controllers, so Jobs, JobSets and pods are written by the tests, with the status their
+controllers and the kubelet would give them. Everything else is real: the operator process, its
+watches and finalizers, its HTTPS webhook with the generated certificate (``--dev``), and a
+``pluto server`` process that holds the runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.admission import apply_answer, pod_review
+from support.kube_emulator import (
+    EVENTS,
+    JOBS,
+    JOBSETS,
+    NAMESPACES,
+    PLUTORUNS,
+    PODS,
+    KubeEmulator,
+    OperatorProcess,
+    wait_for,
+)
+from support.server_process import ServerProcess
+
+import pluto
+from pluto import query
+from pluto.wire import RunStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = "ml"
+WEBHOOK_CONFIGS = "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+MUTATING_CONFIG = "pluto-dev-webhook"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    kube: KubeEmulator
+    server: ServerProcess
+    operator: OperatorProcess
+    webhook_url: str
+    health_url: str
+
+    def logs(self) -> str:
+        return self.operator.logs()
+
+    def plutorun(self, object_name: str, /, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": "pluto.dev/v1alpha1", "kind": "PlutoRun",
+                "metadata": {"name": object_name, "namespace": NS},
+                "spec": {"project": "ops", **spec}}
+        created: dict[str, Any] = self.kube.create(PLUTORUNS, body, namespace=NS)
+        return created
+
+    def status_when(self, name: str, predicate: Callable[[dict[str, Any]], bool],
+                    timeout: float = 20) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = (self.kube.get(PLUTORUNS, name, namespace=NS).get("status") or {})
+            return status if predicate(status) else None
+
+        found: dict[str, Any] = wait_for(check, timeout, message=self.logs)
+        return found
+
+    def events_for(self, name: str) -> list[dict[str, Any]]:
+        events = self.kube.list_objects(EVENTS, namespace=NS)
+        return [e for e in events if e.get("involvedObject", {}).get("name") == name]
+
+
+@pytest.fixture
+def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
+            server_factory: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Cluster]:
+    kube = kube_emulator_factory(crds=[ROOT / "crds" / "plutorun.yaml"],
+                                 namespaces=("default", "kube-system", NS))
+    server = server_factory()
+    webhook_port, health_port = free_port(), free_port()
+    webhook_url = f"https://127.0.0.1:{webhook_port}"
+    operator = OperatorProcess(
+        [sys.executable, "-m", "pluto", "operator", "--dev", "--webhook-url", webhook_url,
+         "--webhook-host", "127.0.0.1", "--health-host", "127.0.0.1",
+         "--health-port", str(health_port), "--server-url", server.url,
+         "--poll-interval", "0.5", "--log-level", "DEBUG"],
+        env=kube.env, log_path=tmp_path / "operator.log", cwd=ROOT,
+    ).start()
+    cluster = Cluster(kube, server, operator, webhook_url,
+                      f"http://127.0.0.1:{health_port}")
+
+    def ready() -> bool:
+        assert operator.running, operator.logs()
+        try:
+            return httpx.get(cluster.health_url + "/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 30, message=operator.logs)
+    try:
+        yield cluster
+    finally:
+        code = operator.stop()
+        assert code == 0, operator.logs()
+        assert operator.tracebacks() == [], operator.logs()
+
+
+def test_dev_mode_manages_its_webhook_configuration(cluster: Cluster) -> None:
+    config = cluster.kube.get(WEBHOOK_CONFIGS, MUTATING_CONFIG)
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["url"] == cluster.webhook_url + "/mutate-pods"
+    assert hook["timeoutSeconds"] <= 10 and hook["failurePolicy"] == "Ignore"
+    assert hook["rules"][0]["resources"] == ["pods"]
+    assert hook["rules"][0]["operations"] == ["CREATE"]
+    # The operator's certificate verifies against the caBundle it published.
+    ca = base64.b64decode(hook["clientConfig"]["caBundle"]).decode()
+    context = ssl.create_default_context(cadata=ca)
+    with httpx.Client(verify=context) as client:
+        response = client.post(hook["clientConfig"]["url"], content=b"{}")
+    assert response.status_code == 200
+    # SIGTERM: the configuration is removed with the process that served it.
+    assert cluster.operator.stop() == 0
+    assert cluster.kube.find(WEBHOOK_CONFIGS, MUTATING_CONFIG) is None
+
+
+def test_create_opens_the_run_and_records_it(cluster: Cluster) -> None:
+    cluster.plutorun("sft", name="SFT baseline", config={"lr": 3e-4, "model": {"rank": 16}},
+                     tags=["sft"])
+    status = cluster.status_when("sft", lambda s: s.get("serverRunId") is not None)
+    assert status["runId"] == "sft" and status["phase"] == "Pending"
+    assert status["displayId"].endswith("-1")
+    ready = {c["type"]: c for c in status["conditions"]}
+    assert ready["RunReady"]["status"] == "True" and ready["RunReady"]["reason"] == "RunCreated"
+    assert ready["ServerReachable"]["status"] == "True"
+    run = query.get_run(status["serverRunId"], url=cluster.server.url)
+    assert (run.project, run.run_id, run.name) == ("ops", "sft", "SFT baseline")
+    assert run.config == {"lr": 3e-4, "model": {"rank": 16}} and run.tags == ["sft"]
+    reasons = wait_for(lambda: {e["reason"] for e in cluster.events_for("sft")} or None, 10)
+    assert "RunCreated" in reasons
+    # The finalizer that makes deletion finish the run first.
+    meta = cluster.kube.get(PLUTORUNS, "sft", namespace=NS)["metadata"]
+    assert "pluto.dev/finish-run" in meta["finalizers"]
+
+
+def test_fork_happens_once_on_the_server_and_is_resolved(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    cluster.plutorun("base", config={"lr": 1e-3, "batch": 64}, tags=["base"])
+    base = cluster.status_when("base", lambda s: s.get("serverRunId") is not None)
+    # The training logs into the base run (a fork needs steps to fork from).
+    run = pluto.init(project="ops", run_id="base", dir=tmp_path / "sdk",
+                     settings={"url": cluster.server.url, "sidecar_socket": None})
+    for step in range(200):
+        run.log({"loss": 1 / (step + 1)}, step=step)
+    run.finish()
+    cluster.plutorun("lr-sweep", runId="lr-1e-4", config={"lr": 1e-4},
+                     fork={"runId": "base", "step": 100, "inheritTags": True})
+    fork = cluster.status_when("lr-sweep", lambda s: s.get("serverRunId") is not None)
+    assert fork["forkedFrom"] == base["serverRunId"] and fork["forkStep"] == 100
+    assert fork["runId"] == "lr-1e-4"
+    forked = query.get_run(fork["serverRunId"], url=cluster.server.url)
+    assert forked.forked_from == base["serverRunId"]
+    assert forked.config == {"lr": 1e-4, "batch": 64}  # inherited, then ours merged over it
+    assert set(forked.tags) == {"base"}
+    assert {c["reason"] for c in fork["conditions"]} >= {"RunForked"}
+
+
+def test_refused_fork_says_why_and_is_not_retried(cluster: Cluster) -> None:
+    cluster.plutorun("orphan", fork={"runId": "does-not-exist", "step": 5})
+    status = cluster.status_when(
+        "orphan", lambda s: any(c["type"] == "RunReady" and c["status"] == "False"
+                                for c in s.get("conditions", [])))
+    ready = next(c for c in status["conditions"] if c["type"] == "RunReady")
+    assert ready["reason"] == "ServerRefused"
+    assert "does-not-exist" in ready["message"]
+    assert "serverRunId" not in status
+
+
+def test_unreachable_server_is_a_condition_and_retried(cluster: Cluster) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    cluster.plutorun("offline", server={"url": closed})
+    status = cluster.status_when(
+        "offline", lambda s: any(c["type"] == "ServerReachable" and c["status"] == "False"
+                                 for c in s.get("conditions", [])))
+    reach = next(c for c in status["conditions"] if c["type"] == "ServerReachable")
+    assert reach["reason"] == "ServerUnreachable" and closed in reach["message"]
+    assert status["phase"] == "Pending"
+
+
+def pod(name: str, run: str, phase: str, *, job: str | None = None,
+        jobset: str | None = None) -> dict[str, Any]:
+    labels = {"pluto.dev/run": run}
+    if job:
+        labels["batch.kubernetes.io/job-name"] = job
+    if jobset:
+        labels["jobset.sigs.k8s.io/jobset-name"] = jobset
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": labels,
+                         "annotations": {"pluto.dev/injected": run}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": phase}}
+
+
+def put_pod(kube: KubeEmulator, body: dict[str, Any]) -> None:
+    status = body.pop("status")
+    kube.create(PODS, body, namespace=NS)
+    kube.patch(PODS, body["metadata"]["name"], {"status": status}, namespace=NS,
+               subresource="status")
+
+
+def test_phase_follows_the_job_and_the_run_is_finished(cluster: Cluster) -> None:
+    cluster.plutorun("train", selector={"matchLabels": {"batch.kubernetes.io/job-name": "train"}})
+    status = cluster.status_when("train", lambda s: s.get("serverRunId") is not None)
+    cluster.kube.create(JOBS, {"apiVersion": "batch/v1", "kind": "Job",
+                               "metadata": {"name": "train", "namespace": NS},
+                               "spec": {"template": {"spec": {"containers": []}}}},
+                        namespace=NS)
+    put_pod(cluster.kube, pod("train-0", "train", "Running", job="train"))
+    put_pod(cluster.kube, pod("train-1", "train", "Pending", job="train"))
+    running = cluster.status_when("train", lambda s: s.get("phase") == "Running")
+    assert running["podsInjected"] == 2
+    cluster.kube.patch(JOBS, "train", {"status": {"conditions": [
+        {"type": "Complete", "status": "True"}]}}, namespace=NS, subresource="status")
+    done = cluster.status_when(
+        "train", lambda s: s.get("phase") == "Succeeded" and any(
+            c["type"] == "RunFinished" and c["status"] == "True"
+            for c in s.get("conditions", [])))
+    assert done["podsInjected"] == 2
+    run = query.get_run(status["serverRunId"], url=cluster.server.url)
+    assert run.status is RunStatus.COMPLETED
+
+
+def test_failed_jobset_fails_the_run(cluster: Cluster) -> None:
+    cluster.plutorun("js", selector={"matchLabels": {"jobset.sigs.k8s.io/jobset-name": "js"}})
+    status = cluster.status_when("js", lambda s: s.get("serverRunId") is not None)
+    cluster.kube.create(JOBSETS, {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+                                  "metadata": {"name": "js", "namespace": NS},
+                                  "spec": {"replicatedJobs": []}}, namespace=NS)
+    put_pod(cluster.kube, pod("js-0", "js", "Running", jobset="js"))
+    cluster.status_when("js", lambda s: s.get("phase") == "Running")
+    cluster.kube.patch(JOBSETS, "js", {"status": {"conditions": [
+        {"type": "Failed", "status": "True"}]}}, namespace=NS, subresource="status")
+    cluster.status_when("js", lambda s: s.get("phase") == "Failed")
+    wait_for(lambda: query.get_run(status["serverRunId"], url=cluster.server.url).status
+             is RunStatus.FAILED, 10, message=cluster.logs)
+
+
+def test_delete_finishes_the_run_then_lets_go(cluster: Cluster) -> None:
+    cluster.plutorun("gone")
+    status = cluster.status_when("gone", lambda s: s.get("serverRunId") is not None)
+    cluster.kube.delete(PLUTORUNS, "gone", namespace=NS)
+    wait_for(lambda: cluster.kube.find(PLUTORUNS, "gone", namespace=NS) is None, 15,
+             message=cluster.logs)
+    run = query.get_run(status["serverRunId"], url=cluster.server.url)
+    assert run.status is RunStatus.TERMINATED  # deleted while not finished
+
+
+def test_spec_changes_reach_the_run(cluster: Cluster) -> None:
+    cluster.plutorun("tune", config={"lr": 1}, tags=["a", "b"])
+    status = cluster.status_when("tune", lambda s: s.get("serverRunId") is not None)
+    cluster.kube.patch(PLUTORUNS, "tune", {"spec": {"config": {"lr": 2, "wd": 0.1},
+                                                    "tags": ["b", "c"]}}, namespace=NS)
+
+    def updated() -> bool:
+        run = query.get_run(status["serverRunId"], url=cluster.server.url)
+        return run.config == {"lr": 2, "wd": 0.1} and sorted(run.tags) == ["b", "c"]
+
+    wait_for(updated, 15, message=cluster.logs)
+    cluster.kube.patch(PLUTORUNS, "tune", {"spec": {"project": "elsewhere"}}, namespace=NS)
+    wait_for(lambda: "ImmutableField" in {e["reason"] for e in cluster.events_for("tune")}, 10,
+             message=cluster.logs)
+
+
+def test_jobset_in_an_opted_in_namespace_gets_a_plutorun(cluster: Cluster) -> None:
+    cluster.kube.patch(NAMESPACES, NS, {"metadata": {
+        "labels": {"pluto.dev/inject": "enabled"},
+        "annotations": {"pluto.dev/project": "konduktor"}}})
+    jobset = cluster.kube.create(JOBSETS, {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+        "metadata": {"name": "llama-sft-3f9a", "namespace": NS, "labels": {"parent": "trainy"}},
+        "spec": {"replicatedJobs": []}}, namespace=NS)
+    created = wait_for(lambda: cluster.kube.find(PLUTORUNS, "llama-sft-3f9a", namespace=NS),
+                       15, message=cluster.logs)
+    assert created["spec"]["runId"] == "llama-sft-3f9a"
+    assert created["spec"]["project"] == "konduktor"
+    (owner,) = created["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("JobSet", jobset["metadata"]["uid"])
+    status = cluster.status_when("llama-sft-3f9a", lambda s: s.get("serverRunId") is not None)
+    run = query.get_run(status["serverRunId"], url=cluster.server.url)
+    assert (run.project, run.run_id) == ("konduktor", "llama-sft-3f9a")
+
+
+def test_webhook_answers_from_its_warm_cache(cluster: Cluster) -> None:
+    """A PlutoRun created through the API is in the webhook's cache within moments: a pod
+    labelled for it is injected, with the server URL and project from the PlutoRun."""
+    cluster.plutorun("cached", server={"url": cluster.server.url})
+    config = cluster.kube.get(WEBHOOK_CONFIGS, MUTATING_CONFIG)
+    ca = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"]).decode()
+    labelled = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "x-", "labels": {"pluto.dev/run": "cached"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    with httpx.Client(verify=ssl.create_default_context(cadata=ca)) as client:
+        def injected() -> dict[str, Any] | None:
+            answer = client.post(cluster.webhook_url + "/mutate-pods",
+                                 content=json.dumps(pod_review(labelled, NS)).encode()).json()
+            return answer if "patch" in answer["response"] else None
+
+        answer = wait_for(injected, 10, message=cluster.logs)
+    mutated = apply_answer(labelled, answer)
+    sidecar = mutated["spec"]["initContainers"][0]  # emulator says v1.31: native sidecars
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["PLUTO_URL"] == cluster.server.url
+    assert mutated["spec"]["containers"][0]["env"][1] == {"name": "PLUTO_PROJECT",
+                                                          "value": "ops"}
+
+
+def test_old_cluster_gets_classic_sidecars(
+        kube_emulator_factory: Callable[..., KubeEmulator], tmp_path: Path) -> None:
+    kube = kube_emulator_factory(git_version="v1.28.4", namespaces=("default", NS))
+    webhook_port, health_port = free_port(), free_port()
+    operator = OperatorProcess(
+        [sys.executable, "-m", "pluto", "operator", "--role", "webhook", "--dev", "--webhook-url",
+         f"https://127.0.0.1:{webhook_port}", "--webhook-host", "127.0.0.1",
+         "--health-host", "127.0.0.1", "--health-port", str(health_port)],
+        env=kube.env, log_path=tmp_path / "operator.log", cwd=ROOT).start()
+    try:
+        wait_for(lambda: "Kubernetes 1.28: classic sidecars" in operator.logs(), 30,
+                 message=operator.logs)
+    finally:
+        assert operator.stop() == 0
