@@ -118,6 +118,7 @@ demo: venv
 bench: venv
 	@$(PY) benchmarks/sdk_log.py
 	@$(PY) benchmarks/sidecar.py
+	@$(PY) benchmarks/webhook.py
 
 chaos: venv postgres
 	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos

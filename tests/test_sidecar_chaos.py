@@ -498,9 +498,11 @@ def test_server_kill9_mid_batch(database: str, server_factory: ServerFactory,
     database_url = (request.getfixturevalue("fresh_pg_url") if database == "postgres"
                     else None)
     server = server_factory(database_url, start=False)
-    # 1 MB batches: about 13 of them, so there is a batch on the wire for each kill.
+    # 256 KB batches: about 50 of them, so the backlog takes many round trips and there is a
+    # batch on the wire for each kill (with 1 MB batches a fast server sometimes took the
+    # whole backlog before the first kill).
     sidecar = sidecar_factory(server.url, extra_args=[*SIDECAR_ARGS, "--open-wait", "1",
-                                                      "--batch-max-kb", "1024"])
+                                                      "--batch-max-kb", "256"])
     steps = 15_000
     writers = start_writers(sidecar, tmp_path / "writers", run_ref, 4, steps)
     try:
@@ -523,7 +525,7 @@ def test_server_kill9_mid_batch(database: str, server_factory: ServerFactory,
         while (sidecar_metric(sidecar, "batches_sent_total") or 0) <= sent_before:
             assert time.monotonic() < deadline, "the forwarder sent nothing for 60 s"
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.1))
         stored = stored_count(server, run_ref)
         if stored >= total:
             break
