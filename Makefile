@@ -33,7 +33,7 @@ KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres test lint demo bench chaos clean distclean FORCE
+.PHONY: help venv postgres test lint demo bench chaos e2e-kind clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
@@ -43,6 +43,7 @@ help:
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make chaos     the long fault-injection suite (kill -9 rounds, long outages)"
+	@echo "make e2e-kind  end to end on a throwaway kind cluster (needs Docker and kind)"
 	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
 
 venv: $(LINK_STAMP)
@@ -122,6 +123,9 @@ bench: venv
 
 chaos: venv postgres
 	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos
+
+e2e-kind: venv
+	@tests/e2e/kind.sh
 
 clean:
 	@find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .pytest_cache \
