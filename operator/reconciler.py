@@ -189,15 +189,18 @@ class Reconciler:
     # -- spec changes ----------------------------------------------------------------------
 
     def spec_changed(self, body: kopf.Body, old: Any, new: Any, status: kopf.Status,
-                     patch: kopf.Patch, **_: Any) -> None:
+                     patch: kopf.Patch, retry: int, **_: Any) -> None:
+        if status.get("serverRunId") is None:
+            # The run is not open yet: the server refused the previous spec, or was down. A
+            # changed spec is a new attempt (while the server is down, opening retries anyway).
+            self.open_run(body=body, status=status, patch=patch, retry=retry)
+            return
         old_spec, new_spec = _plain(old or {}), _plain(new or {})
         for field in ("project", "runId", "fork"):
             if old_spec.get(field) != new_spec.get(field):
                 kopf.warn(body, reason="ImmutableField",
                           message=f"spec.{field} cannot change once the run exists; the change "
                                   "is ignored: create a new PlutoRun instead")
-        if status.get("serverRunId") is None:
-            return  # opening the run reads the newest spec
         old_tags, new_tags = set(old_spec.get("tags") or []), set(new_spec.get("tags") or [])
         update = RunUpdate(
             config=new_spec.get("config") if new_spec.get("config") != old_spec.get(

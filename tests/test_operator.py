@@ -339,3 +339,15 @@ def test_old_cluster_gets_classic_sidecars(
                  message=operator.logs)
     finally:
         assert operator.stop() == 0
+
+
+def test_a_refused_plutorun_is_opened_once_its_spec_is_fixed(cluster: Cluster) -> None:
+    cluster.plutorun("fixme", fork={"runId": "missing-parent", "step": 5})
+    cluster.status_when("fixme", lambda s: any(
+        c["reason"] == "ServerRefused" for c in s.get("conditions", [])))
+    # The user drops the fork: the operator tries again with the new spec.
+    cluster.kube.patch(PLUTORUNS, "fixme", [{"op": "remove", "path": "/spec/fork"}],
+                       namespace=NS, patch_type="json")
+    status = cluster.status_when("fixme", lambda s: s.get("serverRunId") is not None)
+    ready = next(c for c in status["conditions"] if c["type"] == "RunReady")
+    assert (ready["status"], ready["reason"]) == ("True", "RunCreated")
