@@ -24,7 +24,11 @@ the ACKs, then for the server.
 And the physical limit: the same bytes (CHUNK frames encoded as the SDK does,
 ``max_chunk_points`` points per frame) pushed through a raw Unix socket pair from
 a writer process to a reader process that does nothing with them, in MB/s and the
-equivalent points/s. Figures are medians of ``--repeat`` runs. Targets (issue 3):
+equivalent points/s. For the breakdown, the same reader also writes what it
+receives to a file next to the sidecar's spool and fsyncs once at the end ("raw
+socket + write + fsync": no framing, no checks, no CRC): the least any hop that
+acknowledges only what is on disk costs on this machine. Figures are medians of
+``--repeat`` runs. Targets (issue 3):
 >= 500,000 points/s end to end with 8 writers, sidecar hop >= 30 % of the raw
 socket, sidecar RSS <= 60 MB.
 """
@@ -302,8 +306,9 @@ def _raw_writer(sock: socket.socket, frames: list[bytes]) -> None:
     sock.close()
 
 
-def raw_socket(frames: list[bytes]) -> float:
-    """Seconds to push ``frames`` from a writer process to a reader process."""
+def raw_socket(frames: list[bytes], durable: bool = False) -> float:
+    """Seconds to push ``frames`` from a writer process to a reader process (``durable``:
+    which also writes them to a file and fsyncs it before the clock stops)."""
     total = sum(len(f) for f in frames)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     context = multiprocessing.get_context("fork")
@@ -313,14 +318,21 @@ def raw_socket(frames: list[bytes]) -> float:
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
     received = 0
+    sink = tempfile.NamedTemporaryFile(prefix="pluto-bench-raw-") if durable else None  # noqa: SIM115
     start = time.perf_counter()
     ours.sendall(b"g")
     while received < total:
         n = ours.recv_into(view)
         if not n:
             break
+        if sink is not None:
+            os.write(sink.fileno(), view[:n])
         received += n
+    if sink is not None:
+        os.fsync(sink.fileno())
     seconds = time.perf_counter() - start
+    if sink is not None:
+        sink.close()
     ours.close()
     writer.join()
     if received != total:
@@ -353,6 +365,9 @@ def main() -> None:
     raw_seconds = statistics.median(raw_socket(frames) for _ in range(max(3, args.repeat)))
     raw_mbs = frame_bytes / MB / raw_seconds
     raw_pps = points / raw_seconds
+    durable_seconds = statistics.median(raw_socket(frames, durable=True)
+                                        for _ in range(max(3, args.repeat)))
+    durable_pps = points / durable_seconds
 
     backends = [("SQLite", None)] + ([("PostgreSQL", args.postgres_url)]
                                      if args.postgres_url else [])
@@ -382,11 +397,16 @@ def main() -> None:
         )
     table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
                   "")
+    table.add_row("raw socket + write + fsync", "1 writer process", f"{durable_pps:,.0f}", "",
+                  f"{durable_pps / raw_pps:.1%}", "", "")
     console.print(table)
     console.print(f"raw Unix socket (writer process -> reader process, no processing): "
                   f"{frame_bytes / MB:.1f} MB of CHUNK frames ({len(frames)} frames, "
                   f"{bytes_per_point:.1f} bytes/point) at {raw_mbs:,.0f} MB/s = "
                   f"{raw_pps:,.0f} points/s")
+    console.print(f"the same, written to a file and fsynced (the least a durable hop costs): "
+                  f"{frame_bytes / MB / durable_seconds:,.0f} MB/s = {durable_pps:,.0f} points/s "
+                  f"({durable_pps / raw_pps:.1%} of raw)")
     console.print("targets (issue 3): end to end with 8 writers >= 500,000 points/s; "
                   "sidecar hop >= 30% of raw; sidecar RSS <= 60 MB")
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "

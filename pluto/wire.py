@@ -219,7 +219,7 @@ class ChunkEnvelope(msgspec.Struct, kw_only=True):
     @property
     def point_count(self) -> int:
         """From the MessagePack array header of ``steps``, without decoding it."""
-        raw = bytes(self.steps)
+        raw = memoryview(self.steps)[:5]  # the array header only, not a copy of the steps
         if not raw:
             return 0
         first = raw[0]

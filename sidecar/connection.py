@@ -4,6 +4,13 @@ A bad frame gets an ERROR frame that says what to change; only a frame that
 breaks the stream (bad header, oversized) closes the connection. Other clients
 are never affected. Before reading each frame the handler waits for room in the
 spool: that is the back-pressure that slows producers down instead of dropping.
+
+Bytes are read by the kernel straight into the buffer a frame is spooled from
+(``FrameStream``): a chunk's payload is never copied between the socket and the
+spool file, and a connection holds at most 64 KiB that nobody asked for yet, so
+a client that is not being read blocks in its own ``send``. Frames being received
+share a memory budget (``ReceiveBudget``) so that many ranks sending big chunks
+at once do not add up to many times the memory of one.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -54,12 +62,201 @@ class ClientError(Exception):
         self.fatal = fatal
 
 
+SCRATCH_BYTES = 64 * 1024
+
+
+class FrameStream(asyncio.BufferedProtocol):
+    """One client socket, read into the buffers its frames need.
+
+    Headers and bytes read ahead land in a small scratch buffer; ``read_into`` has the
+    kernel write the rest of a payload straight into the caller's buffer. Reading pauses
+    while the scratch buffer is full and nobody asks for more, so what a connection holds
+    beyond the frame being read is bounded and a client that is not read (back-pressure)
+    blocks in ``send``. Writing (ACKs, replies) follows the transport's flow control.
+    """
+
+    def __init__(self, on_connect: Callable[[FrameStream], Coroutine[Any, Any, None]]) -> None:
+        self._on_connect = on_connect
+        self._scratch = bytearray(SCRATCH_BYTES)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # unread bytes are _scratch[_start:_end]
+        self._end = 0
+        self._target: memoryview | None = None  # read_into's buffer, while the kernel fills it
+        self._filled = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused = False
+        self._closed = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio.BufferedProtocol ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.task = asyncio.get_running_loop().create_task(self._on_connect(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._filled:]
+        if self._end == SCRATCH_BYTES:  # room only before _start (else reading is paused)
+            self._compact()
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._target = None
+                self._wake()
+            return
+        self._end += nbytes
+        if self._end - self._start == SCRATCH_BYTES:
+            self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the transport open: ACKs still pending may go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._closed = True
+        self._writable.set()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read_exactly(self, n: int) -> bytes:
+        """``n`` bytes (at most ``SCRATCH_BYTES``); ``IncompleteReadError`` at end of stream."""
+        while self._end - self._start < n:
+            if self._eof:
+                partial = bytes(self._view[self._start:self._end])
+                self._start = self._end
+                raise asyncio.IncompleteReadError(partial, n)
+            if self._end == SCRATCH_BYTES:
+                self._compact()
+            await self._wait()
+        data = bytes(self._view[self._start:self._start + n])
+        self._consumed(n)
+        return data
+
+    async def read_into(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` entirely; ``IncompleteReadError`` if the stream ends first."""
+        have = min(len(buffer), self._end - self._start)
+        buffer[:have] = self._view[self._start:self._start + have]
+        self._consumed(have)
+        if have == len(buffer):
+            return
+        self._target, self._filled = buffer[have:], 0
+        self._resume()
+        try:
+            while self._target is not None and not self._eof:
+                await self._wait()
+        finally:
+            target, self._target = self._target, None
+        if target is not None:  # the stream ended first
+            raise asyncio.IncompleteReadError(b"", len(buffer))
+
+    def _consumed(self, n: int) -> None:
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._resume()
+
+    def _compact(self) -> None:
+        unread = self._end - self._start
+        self._scratch[:unread] = self._view[self._start:self._end]
+        self._start, self._end = 0, unread
+
+    async def _wait(self) -> None:
+        self._resume()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None and not self._closed:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self._end - self._start < SCRATCH_BYTES and not self._closed:
+            self._paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+
+    # -- writing ----------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        if self._closed or self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        self._transport.write(data)
+        await self._writable.wait()
+        if self._closed:
+            raise ConnectionResetError("the client went away")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class ReceiveBudget:
+    """Bytes of frames being received at once, over all connections.
+
+    A connection takes a frame's size from the budget before reading its payload and gives
+    it back once the frame is spooled, so eight ranks sending 4 MB chunks at once hold about
+    ``limit`` bytes, not eight times 4 MB (the others wait, unread, and block in ``send``).
+    A frame larger than the budget waits until it is alone. So that a client stalled in the
+    middle of a frame cannot hold the others up for long, a frame waits at most
+    ``max_wait`` seconds and is then read anyway (past the budget, for that frame).
+    """
+
+    def __init__(self, limit: int, max_wait: float = 2.0) -> None:
+        self.limit = limit
+        self.max_wait = max_wait
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> int:
+        """Wait for room for ``n`` bytes; returns what to hand back to ``give``."""
+        want = min(n, self.limit)
+        deadline = time.monotonic() + self.max_wait
+        while self.used + want > self.limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+        self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+
+
 class Connection:
-    def __init__(self, sidecar: Sidecar, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, sidecar: Sidecar, stream: FrameStream) -> None:
         self.sidecar = sidecar
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.hello: Hello | None = None
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,13 +276,13 @@ class Connection:
                 await asyncio.wait(list(self._tasks), timeout=5)
             for task in list(self._tasks):
                 task.cancel()
-            self.writer.close()
+            self.stream.close()
 
     async def _serve(self) -> None:
         while True:
             await self.sidecar.queue.room()
             try:
-                kind, request_id, payload = await self._read_frame()
+                kind, request_id, payload, taken = await self._read_frame()
             except ClientError as exc:
                 await self._send_error(0, exc)
                 return
@@ -93,16 +290,23 @@ class Connection:
                 return
             self.sidecar.telemetry.frames_in.labels(kind=kind.name.lower()).inc()
             try:
-                await self._dispatch(kind, request_id, payload)
+                try:
+                    await self._dispatch(kind, request_id, payload)
+                finally:
+                    del payload  # the frame's memory goes back, then its share of the budget
+                    self.sidecar.receive_budget.give(taken)
             except ClientError as exc:
                 await self._send_error(request_id, exc)
                 if exc.fatal:
                     return
 
-    async def _read_frame(self) -> tuple[FrameKind | None, int, bytes]:
+    async def _read_frame(self) -> tuple[FrameKind | None, int, bytearray, int]:
+        """(kind, request id, record, budget taken): ``record`` is one spare byte (for the
+        spool record's kind) followed by the frame's payload, read straight into it."""
         timeout = self.sidecar.settings.hello_timeout if self.hello is None else None
         try:
-            header = await asyncio.wait_for(self.reader.readexactly(FRAME_HEADER.size), timeout)
+            header = await asyncio.wait_for(self.stream.read_exactly(FRAME_HEADER.size),
+                                            timeout)
         except TimeoutError:
             raise ClientError(
                 f"no HELLO within {timeout:g}s: a client starts with a HELLO frame",
@@ -111,16 +315,25 @@ class Connection:
             if exc.partial:
                 raise ClientError("connection closed in the middle of a frame header",
                                   fatal=True) from None
-            return None, 0, b""
+            return None, 0, bytearray(), 0
         try:
             kind, request_id, length = parse_frame_header(
                 header, self.sidecar.settings.max_frame_bytes)
         except FrameFormatError as exc:
             self.sidecar.telemetry.client_errors.labels(reason="bad_header").inc()
             raise ClientError(str(exc), fatal=True) from None
-        return kind, request_id, await self.reader.readexactly(length)
+        budget = self.sidecar.receive_budget
+        taken = await budget.take(length)
+        try:
+            record = bytearray(1 + length)
+            await self.stream.read_into(memoryview(record)[1:])
+        except BaseException:
+            budget.give(taken)
+            raise
+        return kind, request_id, record, taken
 
-    async def _dispatch(self, kind: FrameKind, request_id: int, payload: bytes) -> None:
+    async def _dispatch(self, kind: FrameKind, request_id: int, record: bytearray) -> None:
+        payload = memoryview(record)[1:]
         if self.hello is None:
             if kind is not FrameKind.HELLO:
                 raise ClientError("the first frame must be HELLO", fatal=True)
@@ -134,24 +347,26 @@ class Connection:
                 max_frame_bytes=self.sidecar.settings.max_frame_bytes,
                 sidecar=self.sidecar.version))
         elif kind is FrameKind.CHUNK:
-            await self._chunk(request_id, payload)
+            await self._chunk(request_id, record)
         elif kind is FrameKind.OPEN_RUN:
             # Opening may wait for the server: don't hold up this client's chunks meanwhile.
             self._spawn(self._open_run(request_id, _decode(payload, RunCreate)))
         elif kind is FrameKind.UPDATE_RUN:
             _decode(payload, RunUpdateRequest)
-            ticket = self.sidecar.queue.append(RecordKind.UPDATE, payload)
+            record[0] = RecordKind.UPDATE.value[0]
+            ticket = self.sidecar.queue.append_record(record)
             await self.sidecar.queue.durable(ticket)
             await self._send(FrameKind.UPDATED, request_id, Ack(seq=0))
         else:
             raise ClientError(f"a client does not send {kind.name} frames")
 
-    async def _chunk(self, request_id: int, payload: bytes) -> None:
-        chunk = _decode(payload, ChunkEnvelope, "Chunk")
+    async def _chunk(self, request_id: int, record: bytearray) -> None:
+        chunk = _decode(memoryview(record)[1:], ChunkEnvelope, "Chunk")
         if chunk.run == 0 and not (chunk.project and chunk.run_ref):
             raise ClientError("a chunk names its run: run id, or project and run_ref")
-        queue = self.sidecar.queue
-        ticket = queue.append(RecordKind.CHUNK, payload)
+        # The record is the frame as received, behind its kind byte: spooled without a copy.
+        record[0] = RecordKind.CHUNK.value[0]
+        ticket = self.sidecar.queue.append_record(record)
         self.sidecar.telemetry.points_in.inc(chunk.point_count)
         # Keep reading while the fsync happens: frames in flight share one commit.
         self._spawn(self._ack_when_durable(ticket, request_id, chunk.seq))
@@ -190,8 +405,7 @@ class Connection:
 
     async def _send(self, kind: FrameKind, request_id: int, message: Any) -> None:
         async with self._write_lock:
-            self.writer.write(encode_frame(kind, request_id, encode_msgpack(message)))
-            await self.writer.drain()
+            await self.stream.write(encode_frame(kind, request_id, encode_msgpack(message)))
 
     async def _send_error(self, request_id: int, exc: ClientError) -> None:
         self.sidecar.telemetry.client_errors.labels(
@@ -203,7 +417,7 @@ class Connection:
                              FrameError(detail=exc.detail, fatal=exc.fatal))
 
 
-def _decode(payload: bytes, kind: type[Any], name: str | None = None) -> Any:
+def _decode(payload: bytes | memoryview, kind: type[Any], name: str | None = None) -> Any:
     try:
         return msgspec.msgpack.decode(payload, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -62,7 +62,7 @@ class Forwarder:
         young = now - self._first_seen < self.batch_max_age
         if young and self.queue.pending_bytes < self.batch_max_bytes:
             await asyncio.sleep(self.batch_max_age - (now - self._first_seen))
-        records = self.queue.read(MAX_RECORDS, self.batch_max_bytes)
+        records = await self.queue.read(MAX_RECORDS, self.batch_max_bytes)
         if not records:
             return self.queue.empty
         sent = await self._forward(records)
@@ -108,7 +108,8 @@ class Forwarder:
         return not group or await self._send_chunks(group)
 
     async def _send_chunks(self, group: list[Record]) -> bool:
-        payloads = [record.payload[1:] for record in group]
+        # Views past each record's kind byte: the chunk bytes are not copied.
+        payloads = [memoryview(record.payload)[1:] for record in group]
         try:
             result = await self.upstream.ingest(payloads)
         except RequestRejected as exc:

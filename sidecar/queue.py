@@ -11,10 +11,16 @@ import asyncio
 import collections
 import contextlib
 import enum
+import os
 import time
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from pluto.spool import Position, Record, Spool
+from pluto.spool import HEADER, Position, Record, Spool, _fsync_dir
+
+Buffer = bytes | bytearray | memoryview
 
 
 class RecordKind(bytes, enum.Enum):
@@ -23,9 +29,79 @@ class RecordKind(bytes, enum.Enum):
     UPDATE = b"U"  # a RunUpdateRequest (msgpack)
 
 
+class SidecarSpool(Spool):
+    """``pluto.spool.Spool`` (same files, same records, same recovery) written without copies.
+
+    A client's frame is received straight into the buffer that becomes the spool record (a
+    kind byte, then the frame's payload). ``append_record`` writes it with one ``writev``
+    (header, record), unbuffered, instead of building ``header + payload`` and copying that
+    through a ``BufferedWriter``: for chunk frames of several MB those copies were most of the
+    sidecar's memory and a good part of its time. Durability is unchanged: nothing is
+    promised before ``sync()`` (group commit, see ``DurableQueue``).
+
+    ``read_from`` reads without moving the shared read position, so it can run in a worker
+    thread that a cancelled forwarder may leave behind (``DurableQueue.read``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, fsync=False)
+        self._writer.close()
+        self._writer = _unbuffered(self._path(self._write_segment))
+
+    def append_record(self, record: Buffer) -> Position:
+        """Write one record (its bytes as given, unchanged); durable only after ``sync()``."""
+        header = HEADER.pack(len(record), zlib.crc32(record))
+        with self._lock:
+            if self._writer.tell() >= self.segment_bytes:
+                self._rotate()
+            _write_all(self._writer.fileno(), [header, record])
+            self.pending_bytes += HEADER.size + len(record)
+            return Position(self._write_segment, self._writer.tell())
+
+    def _rotate(self) -> None:
+        os.fsync(self._writer.fileno())  # a finished segment is always durable
+        self._writer.close()
+        self._write_segment += 1
+        self._writer = _unbuffered(self._path(self._write_segment))
+        _fsync_dir(self.directory)
+
+    def read_from(self, start: Position, limit: int, max_bytes: int) -> list[Record]:
+        """Like ``Spool.read`` (up to ``limit`` records and about ``max_bytes``, always at
+        least one), from ``start``, leaving the read position alone."""
+        records: list[Record] = []
+        size = 0
+        for record in self._iter_from(start):
+            if records and size + len(record.payload) > max_bytes:
+                break
+            records.append(record)
+            size += len(record.payload)
+            if len(records) >= limit:
+                break
+        return records
+
+
+def _unbuffered(path: Path) -> Any:
+    # Any: Spool types its writer as a BufferedWriter; a FileIO offers all Spool uses of it
+    # (write, flush, tell, fileno, close), without a buffer to copy records through.
+    return open(path, "ab", buffering=0)
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """``writev`` until every byte is written (a regular file rarely takes less)."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 class DurableQueue:
     def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.spool = Spool(directory, fsync=False)
+        self.spool = SidecarSpool(directory)
+        self._read_pos = self.spool.acked
         self.max_bytes = max_bytes
         self._appended = 0
         self._synced = 0
@@ -69,7 +145,13 @@ class DurableQueue:
 
     def append(self, kind: RecordKind, payload: bytes) -> int:
         """Append a record; returns a ticket for ``durable()``."""
-        end = self.spool.append(kind.value + payload)
+        return self.append_record(kind.value + payload)
+
+    def append_record(self, record: Buffer) -> int:
+        """Append a record already laid out as ``kind byte + payload`` (a client's frame as
+        received, see ``Connection``), without copying it; returns a ticket for
+        ``durable()``."""
+        end = self.spool.append_record(record)
         self._appended += 1
         self._unsent.append((end, time.time()))
         self._to_sync.set()
@@ -102,11 +184,23 @@ class DurableQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._new_data.wait(), timeout)
 
-    def read(self, limit: int, max_bytes: int) -> list[Record]:
-        return self.spool.read(limit, max_bytes)
+    async def read(self, limit: int, max_bytes: int) -> list[Record]:
+        """The next records to forward (about ``max_bytes``, at least one).
+
+        Read and CRC-checked in a worker thread (file reads and CRCs of big records let go
+        of the GIL, so the loop keeps serving clients). The read position moves only here,
+        on the loop, once the read is done: a read abandoned by a cancelled forwarder
+        cannot move it past a later ``rewind()``.
+        """
+        start = self._read_pos
+        records = await asyncio.to_thread(self.spool.read_from, start, limit, max_bytes)
+        if records and self._read_pos == start:
+            self._read_pos = records[-1].end
+        return records
 
     def rewind(self) -> None:
-        self.spool.rewind()
+        """Read again from the first record the server has not acknowledged."""
+        self._read_pos = self.spool.acked
 
     async def ack(self, position: Position) -> None:
         await asyncio.to_thread(self.spool.ack, position)

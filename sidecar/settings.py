@@ -35,6 +35,9 @@ class SidecarSettings:
     sys_interval: float = 10.0
     node_rank: int = 0
     max_frame_bytes: int = 16 * 1024 * 1024
+    #: Frames being received at once, from all clients together, hold about this much memory
+    #: (a bigger frame is read alone); see ``connection.ReceiveBudget``.
+    receive_budget_bytes: int = 8 * 1024 * 1024
     #: A client that connects and says nothing is dropped after this long.
     hello_timeout: float = 10.0
     log_level: str = "INFO"

@@ -14,7 +14,7 @@ from pathlib import Path
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
-from pluto_sidecar.connection import ClientError, Connection
+from pluto_sidecar.connection import ClientError, Connection, FrameStream, ReceiveBudget
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
@@ -41,6 +41,7 @@ class Sidecar:
         self.registry = RunRegistry()
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         self.queue = DurableQueue(settings.spool_dir / "queue", settings.spool_max_bytes)
+        self.receive_budget = ReceiveBudget(settings.receive_budget_bytes)
         self.upstream = Upstream(settings.server, settings.api_key)
         self.forwarder = Forwarder(
             self.queue, self.upstream, self.registry, self.telemetry,
@@ -118,19 +119,18 @@ class Sidecar:
                 raise SocketInUse(f"another sidecar is listening on {path}; not taking it over")
             path.unlink()  # left by a crashed sidecar
             log_event(log, "replaced a stale socket file", socket=str(path))
-        server = await asyncio.start_unix_server(self._accept, path=str(path),
-                                                 limit=self.settings.max_frame_bytes + 64)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: FrameStream(self._accept), path=str(path))
         os.chmod(path, 0o660)  # the pod's containers share a group; nobody else writes
         return server
 
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, stream: FrameStream) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         self._idle_since = None
         try:
-            await Connection(self, reader, writer).serve()
+            await Connection(self, stream).serve()
         finally:
             self._connections.discard(task)
             if not self._connections:

@@ -1,0 +1,159 @@
+"""The sidecar's copy-free data path, piece by piece (the end-to-end promises are in
+``test_sidecar.py`` and ``test_sidecar_chaos.py``).
+
+- ``FrameStream`` hands out exactly the bytes a client sent, however the kernel splits
+  them, big payloads read straight into the caller's buffer; a stream that ends early
+  is an ``IncompleteReadError``, as with asyncio's streams.
+- ``SidecarSpool`` writes the same records as ``pluto.spool.Spool`` (a plain ``Spool``
+  reads them back, across segment rotation) and its reads leave the read position alone.
+- ``ReceiveBudget`` holds a frame back while others fill the budget, and never for
+  longer than ``max_wait``.
+- The gzip body streamed from record views is the batch ``ingest_body`` builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from pluto.spool import Spool
+from pluto.transport.http import ingest_body
+from pluto_sidecar.connection import SCRATCH_BYTES, FrameStream, ReceiveBudget
+from pluto_sidecar.main import tune_malloc
+from pluto_sidecar.queue import SidecarSpool
+from pluto_sidecar.upstream import gzip_body, ingest_body_parts
+
+
+async def _serve_stream(sizes: list[int], data: bytes, pieces: list[int]) -> list[bytes]:
+    """Send ``data`` in ``pieces`` through a socket pair; read it back as ``sizes``."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[bytes] = []
+    done = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: FrameStream) -> None:
+        try:
+            for size in sizes:
+                if size <= SCRATCH_BYTES and size % 2:
+                    got.append(await stream.read_exactly(size))
+                else:
+                    buffer = bytearray(size)
+                    await stream.read_into(memoryview(buffer))
+                    got.append(bytes(buffer))
+            done.set_result(None)
+        except BaseException as exc:
+            done.set_exception(exc)
+        finally:
+            stream.close()
+
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(lambda: FrameStream(handler), ours)
+
+    def send() -> None:
+        offset = 0
+        for piece in pieces:
+            if offset >= len(data):
+                break
+            theirs.sendall(data[offset:offset + piece])
+            offset += piece
+            if random.random() < 0.1:
+                time.sleep(0.001)
+        theirs.sendall(data[offset:])
+        theirs.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.get_running_loop().run_in_executor(None, send)
+    try:
+        await asyncio.wait_for(done, 30)
+    finally:
+        await sender
+        theirs.close()
+    return got
+
+
+def test_a_frame_stream_returns_exactly_what_was_sent() -> None:
+    rng = random.Random(7)
+    sizes = [12, 1, 3 * SCRATCH_BYTES + 5, 12, 999, 12, 5 * 1024 * 1024, 7, SCRATCH_BYTES,
+             12, 0, 2 * SCRATCH_BYTES]
+    data = rng.randbytes(sum(sizes))
+    pieces = [rng.choice([1, 11, 13, 4096, 70_000, 300_000]) for _ in range(200)]
+    got = asyncio.run(_serve_stream(sizes, data, pieces))
+    offset = 0
+    for size, part in zip(sizes, got, strict=True):
+        assert part == data[offset:offset + size]
+        offset += size
+
+
+def test_a_stream_that_ends_inside_a_payload_is_an_incomplete_read() -> None:
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(_serve_stream([12, 2 * SCRATCH_BYTES], os.urandom(12 + 1000), [5]))
+    with pytest.raises(asyncio.IncompleteReadError) as caught:
+        asyncio.run(_serve_stream([13], b"abc", [1]))
+    assert caught.value.partial == b"abc"
+
+
+def test_the_sidecar_spool_writes_records_a_plain_spool_reads(tmp_path: Path) -> None:
+    directory = tmp_path / "queue"
+    spool = SidecarSpool(directory)
+    spool.segment_bytes = 100_000  # rotate a few times
+    records = [b"C" + os.urandom(random.randint(0, 60_000)) for _ in range(20)]
+    for record in records:
+        spool.append_record(bytearray(record))
+    spool.append(b"Uold-style append")
+    spool.sync()
+    assert len(list(directory.glob("*.seg"))) > 2
+    first = spool.read_from(spool.acked, 3, 10**9)
+    assert [r.payload for r in first] == records[:3]
+    assert spool.read_from(spool.acked, 3, 10**9) == first  # the read position did not move
+    spool.close()
+
+    plain = Spool(directory, fsync=False)
+    assert plain.recovery.cut_bytes == 0
+    assert [r.payload for r in plain.read(100)] == [*records, b"Uold-style append"]
+    plain.close()
+
+
+def test_the_receive_budget_holds_frames_back_until_there_is_room() -> None:
+    async def scenario() -> None:
+        budget = ReceiveBudget(100, max_wait=5.0)
+        assert await budget.take(60) == 60
+        second = asyncio.create_task(budget.take(60))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # 120 > 100: waits
+        budget.give(60)
+        assert await asyncio.wait_for(second, 1) == 60
+        # Bigger than the whole budget: read alone, once the others are done.
+        big = asyncio.create_task(budget.take(500))
+        await asyncio.sleep(0.05)
+        assert not big.done()
+        budget.give(60)
+        assert await asyncio.wait_for(big, 1) == 500
+        budget.give(500)
+        assert budget.used == 0
+
+        # A holder that never gives back delays the others by max_wait at most.
+        stuck = ReceiveBudget(100, max_wait=0.2)
+        await stuck.take(100)
+        started = time.monotonic()
+        await stuck.take(10)
+        assert 0.15 < time.monotonic() - started < 2
+
+    asyncio.run(scenario())
+
+
+def test_the_streamed_gzip_body_is_the_ingest_body() -> None:
+    chunks = [os.urandom(n) for n in (0, 1, 5000, 300_000)] * 5  # 20 chunks: a 0xdc header
+    records = [b"C" + chunk for chunk in chunks]
+    views = [memoryview(record)[1:] for record in records]
+    assert gzip.decompress(gzip_body(ingest_body_parts(views))) == ingest_body(chunks)
+    assert gzip.decompress(gzip_body(ingest_body_parts([]))) == ingest_body([])
+
+
+def test_malloc_tuning_leaves_an_explicit_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert tune_malloc() is False
