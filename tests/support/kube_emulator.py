@@ -15,12 +15,10 @@ names (``PODS``, ``PLUTORUNS``, ...) are re-exported here, where tests import th
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +28,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
+
+from support.processes import die_with_parent, tail, terminate
 
 from .kube_apiserver import (
     CRDS,
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
 
 
 class KubeApiError(Exception):
@@ -117,12 +116,6 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, *, interv
         time.sleep(interval)
 
 
-def _term_with_parent() -> None:
-    # If the test process dies, the emulator must not outlive it.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 def _split_resource(resource: str) -> tuple[str, str, str]:
     parts = resource.split("/")
     if len(parts) == 2:
@@ -130,27 +123,6 @@ def _split_resource(resource: str) -> tuple[str, str, str]:
     if len(parts) == 3:
         return parts[0], parts[1], parts[2]
     raise ValueError(f"resource must be 'group/version/plural' or 'v1/plural': {resource!r}")
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    """SIGTERM this one process, SIGKILL it after ``timeout``; its exit code."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    return proc.returncode
-
-
-def _tail(path: Path, limit: int) -> str:
-    try:
-        return path.read_bytes()[-limit:].decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 class WatchStream:
@@ -255,7 +227,7 @@ class KubeEmulator:
             self._proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.directory, env=env, start_new_session=True,
-                preexec_fn=_term_with_parent)
+                preexec_fn=die_with_parent())
         deadline = time.monotonic() + self.startup_timeout
         while not self._port_file.exists():
             if not self.running or time.monotonic() > deadline:
@@ -279,10 +251,10 @@ class KubeEmulator:
         if self._client is not None:
             self._client.close()
             self._client = None
-        return _terminate(self._proc, timeout) if self._proc is not None else None
+        return terminate(self._proc, timeout) if self._proc is not None else None
 
     def logs(self, limit: int = 20000) -> str:
-        return _tail(self.log_path, limit)
+        return tail(self.log_path, limit)
 
     def __enter__(self) -> KubeEmulator:
         return self.start()
@@ -461,14 +433,14 @@ class OperatorProcess:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.cwd, env=self.env, start_new_session=True,
-                preexec_fn=_term_with_parent)
+                preexec_fn=die_with_parent())
         return self
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        return _terminate(self._proc, timeout) if self._proc is not None else None
+        return terminate(self._proc, timeout) if self._proc is not None else None
 
     def logs(self, limit: int = 20000) -> str:
-        return _tail(self.log_path, limit)
+        return tail(self.log_path, limit)
 
     def tracebacks(self) -> list[str]:
         """Each ``Traceback (most recent call last)`` block in the log."""

@@ -17,7 +17,6 @@ our fast-shutdown signal into a smart one).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import re
@@ -28,13 +27,15 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import psycopg
 from psycopg import sql
+
+from support.processes import die_with_parent
 
 __all__ = [
     "PostgresCluster",
@@ -51,7 +52,6 @@ SUPERUSER = "pluto"
 #: Environment variable that pins the directory holding ``initdb`` and ``postgres``.
 BINDIR_ENV = "PLUTO_TEST_PG_BINDIR"
 _LOOPBACK = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
 
 
 class PostgresNotFound(RuntimeError):
@@ -147,22 +147,6 @@ class _RunAs:
         return cls(user=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
-    """A ``preexec_fn`` asking Linux to send ``sig`` when our process goes away.
-
-    A pytest killed hard (``kill -9``, a CI timeout) cannot run its finalizers;
-    this keeps it from leaving a postmaster behind. It runs after the uid switch,
-    which would otherwise clear the setting.
-    """
-
-    def preexec() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-
-    return preexec
-
-
 def _tail(path: Path, limit: int = 4000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -220,7 +204,7 @@ class PostgresCluster:
             cwd=self.base_dir,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent(signal.SIGINT),
+            preexec_fn=die_with_parent(signal.SIGINT),
             user=self._run_as.uid if self._run_as.user else None,
             group=self._run_as.gid if self._run_as.user else None,
             extra_groups=[] if self._run_as.user else None,

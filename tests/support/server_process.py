@@ -9,7 +9,6 @@ reads would fill up and stall it); start-up failures and :meth:`logs` show it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,13 +20,14 @@ from types import TracebackType
 
 import httpx
 
+from support.processes import die_with_parent
+
 from .postgres import free_port
 
 __all__ = ["HEALTH_PATH", "ServerProcess", "ServerStartError", "clean_env", "env_for"]
 
 HEALTH_PATH = "/api/v1/health"
 _LOOPBACK = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
 
 #: Builds the argv for a server process; the default runs ``python -m pluto server``.
 CommandFactory = Callable[["ServerProcess"], list[str]]
@@ -72,13 +72,6 @@ def _default_command(server: ServerProcess) -> list[str]:
     if server.database_url is not None:
         argv += ["--database-url", server.database_url]
     return argv
-
-
-def _term_with_parent() -> None:
-    # If pytest dies without running finalizers, take the server down with it.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class ServerProcess:
@@ -181,7 +174,7 @@ class ServerProcess:
                 cwd=self.data_dir.parent,
                 env=env,
                 start_new_session=True,  # a Ctrl-C at the terminal goes to pytest only
-                preexec_fn=_term_with_parent,
+                preexec_fn=die_with_parent(),
             )
         self.starts += 1
         self.wait_healthy(self.startup_timeout if timeout is None else timeout)

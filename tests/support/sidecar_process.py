@@ -6,7 +6,6 @@ its health endpoints, exactly as the kubelet and Prometheus would.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import subprocess
@@ -17,21 +16,17 @@ from types import TracebackType
 
 import httpx
 
+from support.processes import die_with_parent
+
 from .postgres import free_port
 from .server_process import clean_env
 
 __all__ = ["SidecarProcess", "SidecarStartError"]
 
-_PR_SET_PDEATHSIG = 1
 
 
 class SidecarStartError(RuntimeError):
     """The sidecar exited or never became ready; carries its log."""
-
-
-def _term_with_parent() -> None:
-    # If the test process dies, the sidecar must not outlive it.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class SidecarProcess:
@@ -77,7 +72,7 @@ class SidecarProcess:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT,
                 env={**clean_env(), "PYTHONUNBUFFERED": "1", **self.env},
-                preexec_fn=_term_with_parent,
+                preexec_fn=die_with_parent(),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
