@@ -1,4 +1,5 @@
-"""The ``pluto`` command: ``server``, ``sidecar``, ``keys``, ``runs``, ``lineage``."""
+"""The ``pluto`` command: ``server``, ``sidecar``, ``operator``, ``keys``, ``runs``,
+``lineage``, ``checkpoints``."""
 
 from __future__ import annotations
 
@@ -44,12 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="URL users reach the server at, for run links")
     server.add_argument("--sqlite-synchronous", choices=["FULL", "NORMAL"], default="FULL",
                         help="SQLite durability: FULL survives power loss (default)")
+    server.add_argument("--storage", default=os.environ.get("PLUTO_STORAGE"),
+                        help="where files and checkpoints go: a directory or s3://BUCKET/PREFIX "
+                             "(env PLUTO_STORAGE; default DATA_DIR/files)")
+    server.add_argument("--s3-endpoint-url", default=None,
+                        help="S3-compatible endpoint (else AWS_ENDPOINT_URL; credentials from "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    server.add_argument("--s3-region", default=None,
+                        help="S3 region (else AWS_REGION; default us-east-1)")
 
     sidecar = commands.add_parser(
         "sidecar", help="run the per-pod sidecar (ranks log to it over a Unix socket)")
     sidecar.add_argument("--socket", type=Path, default=None,
                          help="Unix socket to serve (env PLUTO_SIDECAR_SOCKET; "
                               "default /var/run/pluto/pluto.sock)")
+    sidecar.add_argument("--api-socket", default=None, metavar="PATH",
+                         help="Unix socket of the HTTP proxy of the server API, for files, "
+                              "checkpoints and queries (env PLUTO_SIDECAR_API_SOCKET; default "
+                              "api.sock beside --socket; '' turns it off)")
     sidecar.add_argument("--server", default=None,
                          help="tracking server URL (env PLUTO_URL; default http://127.0.0.1:7300)")
     sidecar.add_argument("--spool-dir", type=Path, default=None,
@@ -104,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("project")
     runs.add_argument("--url", default=None, help="server URL (env: PLUTO_URL)")
 
+    from pluto.cli_checkpoints import add_parser as add_checkpoints_parser
+
+    add_checkpoints_parser(commands)
+
     lineage = commands.add_parser("lineage", help="show a run's ancestors and descendants")
     lineage.add_argument("run", help="numeric id, display id (MMP-3) or external id")
     _client_flags(lineage)
@@ -120,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args, console)
         if args.command == "sidecar":
             return _sidecar(args)
+        if args.command == "checkpoints":
+            from pluto.cli_checkpoints import run as checkpoints_command
+
+            return checkpoints_command(args, console)
         if args.command == "operator":
             from pluto_operator.cli import run as run_operator
 
@@ -142,20 +163,29 @@ def _server(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, data_dir=args.data_dir, database_url=args.database_url,
         auth=args.auth, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         public_url=args.public_url, sqlite_synchronous=args.sqlite_synchronous,
+        storage=args.storage, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
     ))
     return 0
 
 
 def _sidecar(args: argparse.Namespace) -> int:
     from pluto_sidecar.main import run
-    from pluto_sidecar.settings import SidecarSettings
+    from pluto_sidecar.settings import SidecarSettings, default_api_socket
 
     env = SidecarSettings.env_defaults()
     api_key = os.environ.get("PLUTO_API_KEY")
     if args.api_key_file is not None:
         api_key = args.api_key_file.read_text().strip()
+    socket = args.socket or Path(env.get("socket", SidecarSettings().socket))
+    api_socket_arg = args.api_socket if args.api_socket is not None else env.get("api_socket")
+    api_socket = (None if api_socket_arg == "" else
+                  Path(api_socket_arg) if api_socket_arg else default_api_socket(socket))
+    if api_socket is not None and api_socket.absolute() == socket.absolute():
+        raise PlutoError(f"--api-socket and --socket are both {socket}: give them "
+                         "different paths (or --api-socket '' for no API socket)")
     settings = SidecarSettings(
-        socket=args.socket or Path(env.get("socket", SidecarSettings().socket)),
+        socket=socket,
+        api_socket=api_socket,
         server=args.server or env.get("server", SidecarSettings().server),
         spool_dir=args.spool_dir or Path(env.get("spool_dir", SidecarSettings().spool_dir)),
         api_key=api_key,

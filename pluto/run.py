@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pluto import checkpoints
 from pluto.console import ConsoleCapture
 from pluto.merge import deep_merge, union_tags
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
 from pluto.values import ValueConverter
-from pluto.wire import RunAttached, RunStatus, RunUpdate
+from pluto.wire import (
+    CheckpointInfo,
+    CheckpointList,
+    FileInfo,
+    FileList,
+    RunAttached,
+    RunStatus,
+    RunUpdate,
+)
 
 log = logging.getLogger("pluto")
 
@@ -49,6 +60,8 @@ class Run:
         self._console: ConsoleCapture | None = None
         self._warned_log_error = False
         self.undelivered_bytes = 0
+        #: Where ``init(..., fork_checkpoint=True)`` put the forked checkpoint's files.
+        self.checkpoint_path: Path | None = None
 
     # -- identity -------------------------------------------------------------
 
@@ -201,6 +214,87 @@ class Run:
         """The sidecar reports the server's answer for a run that was pending at init."""
         self._info = info
         self._pipeline.run_id = info.id
+
+    # -- checkpoints and files ----------------------------------------------------
+
+    @property
+    def _api_ref(self) -> str:
+        """How the server API names this run (with ``project``), even while pending."""
+        return self._info.run_id or self.display_id
+
+    def _checkpoint_step(self, step: int | None) -> int:
+        if step is None:
+            return max(self._step, 0)
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        return step
+
+    def log_checkpoint(self, path: str | os.PathLike[str], step: int | None = None,
+                       metadata: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
+        """Upload a file or a directory (structure kept) as the checkpoint at ``step``
+        (default: the current step). Blocks until it is stored; returns it, or None
+        after a warning when it could not be (training carries on)."""
+        try:
+            at = self._checkpoint_step(step)
+            with checkpoints.client_for(self.settings) as client:
+                return checkpoints.log_checkpoint(client, self._api_ref, self.project,
+                                                  Path(path), at, dict(metadata or {}))
+        except Exception as exc:
+            warnings.warn(f"pluto: checkpoint {path} was not saved: {exc}", RuntimeWarning,
+                          stacklevel=2)
+            return None
+
+    def save_checkpoint(self, obj: Any, step: int | None = None,
+                        metadata: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
+        """``torch.save`` a state dict, module, optimizer or a dict of them (modules and
+        optimizers as their state dicts) as the checkpoint at ``step``; load it back with
+        ``pluto.load_checkpoint``. Warns and returns None on failure."""
+        try:
+            at = self._checkpoint_step(step)
+            with checkpoints.client_for(self.settings) as client:
+                return checkpoints.save_checkpoint(client, self._api_ref, self.project, obj,
+                                                   at, dict(metadata or {}))
+        except Exception as exc:
+            warnings.warn(f"pluto: checkpoint at step {step} was not saved: {exc}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    def log_file(self, path: str | os.PathLike[str], name: str | None = None,
+                 step: int | None = None) -> FileInfo | None:
+        """Attach any file (a plot, a config, samples) to the run under ``name``
+        (default: its file name). Forks do not inherit files. Warns on failure."""
+        try:
+            with checkpoints.client_for(self.settings) as client:
+                return checkpoints.log_file(client, self._api_ref, self.project, Path(path),
+                                            name, step)
+        except Exception as exc:
+            warnings.warn(f"pluto: file {path} was not saved: {exc}", RuntimeWarning,
+                          stacklevel=2)
+            return None
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """This run's checkpoints by step, forked ones with their source."""
+        with checkpoints.client_for(self.settings) as client:
+            return client.call("GET", f"/runs/{self._api_ref}/checkpoints", CheckpointList,
+                               params={"project": self.project}).checkpoints
+
+    @property
+    def files(self) -> list[FileInfo]:
+        with checkpoints.client_for(self.settings) as client:
+            return client.call("GET", f"/runs/{self._api_ref}/files", FileList,
+                               params={"project": self.project}).files
+
+    def download_checkpoint(self, step: int | None = None,
+                            dest: str | os.PathLike[str] | None = None) -> Path:
+        """Fetch the checkpoint at ``step`` (newest when None) into ``dest``; its path."""
+        with checkpoints.client_for(self.settings) as client:
+            params: dict[str, Any] = {"project": self.project}
+            if step is not None:
+                params["step"] = step
+            info = client.call("GET", f"/runs/{self._api_ref}/checkpoints/resolve",
+                               CheckpointInfo, params=params)
+            return checkpoints.download(client, info, Path(dest) if dest is not None else None)
 
     # -- console ----------------------------------------------------------------
 

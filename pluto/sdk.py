@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from pluto import checkpoints
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings, default_dir
 from pluto.transport.base import Transport
@@ -43,6 +44,7 @@ def init(
     fork_step: int | None = None,
     inherit_config: bool | None = None,
     inherit_tags: bool | None = None,
+    fork_checkpoint: bool = False,
     dir: str | os.PathLike[str] | None = None,
     settings: Settings | dict[str, Any] | None = None,
 ) -> Run:
@@ -52,6 +54,10 @@ def init(
     ``PLUTO_RUN_ID``) in the same project gets the same run: exactly one creates
     it, the others get ``resumed=True``. ``resume=True`` additionally requires
     the run to exist already (``run_id`` may then be its numeric or display id).
+
+    ``fork_checkpoint=True`` (with ``fork_run_id`` and ``fork_step``) also copies the
+    newest checkpoint of the parent's lineage at or before ``fork_step`` to the new run
+    and downloads it: ``run.checkpoint_path`` is then a local directory ready to load.
     """
     from pluto.run import Run
 
@@ -60,6 +66,8 @@ def init(
         raise ValueError(f"fork_run_id and fork_step go together: {missing} is missing")
     if fork_step is not None and (type(fork_step) is not int or fork_step < 0):
         raise ValueError(f"fork_step must be an int >= 0, got {fork_step!r}")
+    if fork_checkpoint and fork_run_id is None:
+        raise ValueError("fork_checkpoint=True needs fork_run_id and fork_step")
     if fork_run_id is None and (inherit_config is not None or inherit_tags is not None):
         warnings.warn("pluto: inherit_config/inherit_tags only apply to forks; ignored",
                       RuntimeWarning, stacklevel=2)
@@ -83,6 +91,10 @@ def init(
         inherit_config=True if inherit_config is None else inherit_config,
         inherit_tags=False if inherit_tags is None else inherit_tags,
     )
+    if fork_checkpoint:
+        # Before the run exists: no checkpoint to fork is an error that creates nothing.
+        checkpoints.find_checkpoint(str(fork_run_id), not_after_step=fork_step, project=project,
+                                    **_direct(resolved))
     session = uuid.uuid4().hex
     transport: Transport
     if resolved.sidecar_socket:
@@ -130,7 +142,22 @@ def init(
     with _lock:
         _runs.append(run)
     _install_hooks()
+    if fork_checkpoint:
+        try:
+            copied = checkpoints.fork_checkpoint(run, str(fork_run_id), from_project=project,
+                                                 not_after_step=fork_step, **_direct(resolved))
+            with checkpoints.client_for(resolved) as client:
+                run.checkpoint_path = checkpoints.download(client, copied)
+        except BaseException:
+            run.finish(status=RunStatus.FAILED)
+            raise
     return run
+
+
+def _direct(settings: Settings) -> dict[str, Any]:
+    """Connection arguments of the module-level calls: the sidecar's API socket when
+    these settings have a sidecar, else their server and key."""
+    return {"settings": settings}
 
 
 def current() -> Run | None:

@@ -37,6 +37,12 @@ class Settings:
     #: Log through the pod's sidecar at this Unix socket instead of to ``url`` directly.
     #: Env: ``PLUTO_SIDECAR_SOCKET``; default: /var/run/pluto/pluto.sock if it exists.
     sidecar_socket: str | None = field(default_factory=_sidecar_socket)
+    #: Files, checkpoints and queries go through the sidecar's API proxy at this socket
+    #: (the training container has no credentials). Env: ``PLUTO_SIDECAR_API_SOCKET``;
+    #: default: ``api.sock`` beside ``sidecar_socket``.
+    sidecar_api_socket: str | None = field(
+        default_factory=lambda: os.environ.get("PLUTO_SIDECAR_API_SOCKET") or None
+    )
     #: The writer label on every point: the process's rank. Env: ``RANK``.
     writer: int = field(default_factory=_env_rank)
     #: Ship stdout/stderr lines (fd level) as the run's log.
@@ -57,6 +63,15 @@ class Settings:
     fsync: bool = True
     #: Per-request HTTP timeout (seconds).
     http_timeout: float = 30.0
+
+    @property
+    def api_socket(self) -> str | None:
+        """Where API calls go in sidecar mode; None when talking to ``url`` directly."""
+        if self.sidecar_api_socket:
+            return self.sidecar_api_socket
+        if self.sidecar_socket:
+            return os.path.join(os.path.dirname(self.sidecar_socket), "api.sock")
+        return None
 
     @classmethod
     def build(cls, value: Settings | dict[str, Any] | None) -> Settings:

@@ -316,6 +316,97 @@ class ApiError(Reply):
 
 
 # ---------------------------------------------------------------------------
+# Files and checkpoints
+#
+# Bytes travel as content-addressed blobs: the client hashes a file, asks which blobs
+# the server lacks (``BlobCheck``), streams those (``PUT .../blobs/{sha256}``, raw body),
+# then commits a manifest (``CheckpointCreate`` / ``FileCreate``) that names them. Only
+# a committed manifest is listed, so an interrupted upload is never seen.
+
+#: The response header of a blob download: the SHA-256 the client verifies.
+SHA256_HEADER: Final = "x-content-sha256"
+
+
+class FileEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One file of a checkpoint: its ``/``-separated path inside the checkpoint."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+class BlobCheck(Body):
+    sha256: list[str]
+
+
+class BlobsMissing(Reply):
+    """Which of the checked blobs the server does not hold yet (upload these)."""
+
+    missing: list[str]
+
+
+class BlobStored(Reply):
+    sha256: str
+    size: int
+
+
+class CheckpointCreate(Body):
+    step: int
+    files: list[FileEntry]
+    metadata: dict[str, Any] = {}
+
+
+class CheckpointInfo(Reply):
+    run: int  # the run the checkpoint belongs to
+    run_display_id: str
+    step: int
+    size: int
+    files: list[FileEntry]
+    metadata: dict[str, Any]
+    created_at: float
+    #: Set when the checkpoint was forked in: where it came from.
+    source_run: int | None = None
+    source_display_id: str | None = None
+    source_step: int | None = None
+    source_uri: str | None = None  # an imported one: s3://bucket/prefix it came from
+
+
+class CheckpointList(Reply):
+    checkpoints: list[CheckpointInfo]
+
+
+class CheckpointFork(Body):
+    """Copy the newest checkpoint of ``from_run``'s lineage at or before
+    ``not_after_step`` (newest overall when None) to the run of the URL."""
+
+    from_run: str
+    from_project: str | None = None
+    not_after_step: int | None = None
+    #: Read the checkpoint from this bucket, laid out as OpenPipe ART does:
+    #: ``<from_project>/models/<from_run>/checkpoints/<step>/...``.
+    from_s3_bucket: str | None = None
+
+
+class FileCreate(Body):
+    name: str
+    size: int
+    sha256: str
+    step: int | None = None
+
+
+class FileInfo(Reply):
+    name: str
+    size: int
+    sha256: str
+    step: int | None
+    created_at: float
+
+
+class FileList(Reply):
+    files: list[FileInfo]
+
+
+# ---------------------------------------------------------------------------
 # Sidecar socket frames
 #
 # A frame is a 12-byte header, then a MessagePack payload:
@@ -328,6 +419,8 @@ PROTOCOL_VERSION: Final = 1
 FRAME_HEADER: Final = struct.Struct("<2sBBII")
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_SOCKET: Final = "/var/run/pluto/pluto.sock"
+#: The sidecar's HTTP proxy of the server API (files, checkpoints, queries), next to it.
+DEFAULT_API_SOCKET: Final = "/var/run/pluto/api.sock"
 
 
 class FrameKind(enum.IntEnum):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -34,31 +36,20 @@ from pluto.wire import (
     encode_msgpack,
     json_float,
 )
-from pluto_server import openapi
-from pluto_server.auth import KeyIdentity
+from pluto_server import files_api, openapi
+from pluto_server.blobs import S3Options, open_store
 from pluto_server.bodies import decode, read_body, wants_msgpack
 from pluto_server.database import Database
 from pluto_server.errors import ApiError
 from pluto_server.ingest import INT32_MAX, INT64_MAX
 from pluto_server.queries import MetricQuery
+from pluto_server.routing import ProjectParam, Who, reply
 from pluto_server.service import Service
 from pluto_server.settings import ServerSettings
+from pluto_server.transfers import Transfers
 
 log = logging.getLogger("pluto.server")
 
-ProjectParam = Annotated[str | None, Query(description="project of a display or external id")]
-
-
-def identity(request: Request) -> KeyIdentity | None:
-    """The caller's API key (``Authorization: Bearer`` or ``X-API-Key``), when auth is on."""
-    header = request.headers.get("authorization", "")
-    presented = header[7:].strip() if header.lower().startswith("bearer ") else None
-    presented = presented or request.headers.get("x-api-key")
-    service: Service = request.app.state.service
-    return service.authenticate(presented)
-
-
-Who = Annotated[KeyIdentity | None, Depends(identity)]
 
 
 def create_app(settings: ServerSettings, database: Database | None = None) -> FastAPI:
@@ -66,7 +57,16 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
                                     sqlite_synchronous=settings.sqlite_synchronous)
     database.migrate()
     service = Service(settings, database)
+    store = open_store(settings.effective_storage,
+                       S3Options(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await store.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Pluto tracking server",
         version=pluto_server.__version__,
         description="Runs, forks and lineage, metrics and logs of multi-node PyTorch training.",
@@ -75,7 +75,10 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         redoc_url=None,
     )
     app.state.service = service
+    transfers = Transfers(service, store, S3Options(endpoint_url=settings.s3_endpoint_url,
+                                                    region=settings.s3_region))
     _install_error_handlers(app)
+    files_api.install(app, transfers, settings.max_body_bytes)
     openapi.install(app)
 
     @app.get(f"{API_PREFIX}/health", tags=["server"])
@@ -86,6 +89,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
             "database": database.dialect,
             "schema": database.schema_revision(),
             "auth": settings.auth_required,
+            "storage": store.url,
         }
 
     @app.post(f"{API_PREFIX}/runs", tags=["runs"],
@@ -95,30 +99,30 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         """Create a run, or attach to the one with the same (project, run_id)."""
         req = decode(request, await read_body(request, settings.max_body_bytes), RunCreate)
         run = await run_in_threadpool(service.create_run, req, who)
-        return _reply(request, run, status=200 if run.resumed else 201)
+        return reply(request, run, status=200 if run.resumed else 201)
 
     @app.get(f"{API_PREFIX}/projects", tags=["projects"],
              openapi_extra=openapi.route(reply=ProjectList))
     def list_projects(request: Request, who: Who) -> Response:
-        return _reply(request, service.list_projects(who))
+        return reply(request, service.list_projects(who))
 
     @app.get(f"{API_PREFIX}/projects/{{project}}/runs", tags=["projects"],
              openapi_extra=openapi.route(reply=RunList))
     def list_runs(request: Request, project: str, who: Who) -> Response:
-        return _reply(request, service.list_runs(project, who))
+        return reply(request, service.list_runs(project, who))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
              openapi_extra=openapi.route(reply=RunInfo))
     def get_run(request: Request, ref: str, who: Who, project: ProjectParam = None) -> Response:
         """A run by numeric id, display id (``MMP-42``) or external id."""
-        return _reply(request, service.get_run(ref, project, who))
+        return reply(request, service.get_run(ref, project, who))
 
     @app.patch(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
                openapi_extra=openapi.route(body=RunUpdate, reply=RunInfo))
     async def update_run(request: Request, ref: str, who: Who,
                          project: ProjectParam = None) -> Response:
         req = decode(request, await read_body(request, settings.max_body_bytes), RunUpdate)
-        return _reply(request, await run_in_threadpool(service.update_run, ref, project, req,
+        return reply(request, await run_in_threadpool(service.update_run, ref, project, req,
                                                        who))
 
     @app.post(f"{API_PREFIX}/runs/{{ref}}/finish", tags=["runs"],
@@ -126,14 +130,14 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     async def finish_run(request: Request, ref: str, who: Who,
                          project: ProjectParam = None) -> Response:
         req = decode(request, await read_body(request, settings.max_body_bytes), RunFinish)
-        return _reply(request, await run_in_threadpool(service.finish_run, ref, project, req,
+        return reply(request, await run_in_threadpool(service.finish_run, ref, project, req,
                                                        who))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}/lineage", tags=["runs"],
              openapi_extra=openapi.route(reply=Lineage))
     def get_lineage(request: Request, ref: str, who: Who,
                     project: ProjectParam = None) -> Response:
-        return _reply(request, service.lineage(ref, project, who))
+        return reply(request, service.lineage(ref, project, who))
 
     @app.post(f"{API_PREFIX}/ingest", tags=["data"],
               openapi_extra=openapi.route(body=IngestBatch, reply=IngestResult, msgpack=True))
@@ -144,7 +148,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
             batch = decode(request, body, IngestBatch)
         else:  # JSON spells NaN and Infinity as strings
             batch = decode(request, body, JsonIngestBatch, "IngestBatch").to_batch()
-        return _reply(request, await run_in_threadpool(service.ingest, batch, who))
+        return reply(request, await run_in_threadpool(service.ingest, batch, who))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}/metrics", tags=["data"],
              openapi_extra=openapi.route(reply=MetricQueryResult, msgpack=True))
@@ -177,7 +181,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
              openapi_extra=openapi.route(reply=MetricKeys))
     def get_keys(request: Request, ref: str, who: Who, project: ProjectParam = None,
                  lineage: bool = False) -> Response:
-        return _reply(request, service.metric_keys(ref, project, lineage, who))
+        return reply(request, service.metric_keys(ref, project, lineage, who))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}/logs", tags=["data"],
              openapi_extra=openapi.route(reply=LogPage))
@@ -194,15 +198,9 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     ) -> Response:
         page = service.logs(ref, project, who, after=after, limit=limit, writer=writer,
                             contains=q)
-        return _reply(request, page)
+        return reply(request, page)
 
     return app
-
-
-def _reply(request: Request, body: Any, status: int = 200) -> Response:
-    if wants_msgpack(request):
-        return Response(encode_msgpack(body), status_code=status, media_type=MSGPACK)
-    return Response(encode_json(body), status_code=status, media_type=JSON)
 
 
 FLOAT_FIELDS = ("values", "mins", "maxs", "means")

@@ -144,3 +144,53 @@ api_keys = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
 )
+
+# Blobs are content-addressed (see ``blobs.py``): a row means the store holds the bytes,
+# whole and verified. Checkpoints and files name blobs, so a forked checkpoint shares them.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("metadata", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    # A forked checkpoint: the checkpoint it copies (run and step), or the bucket it was
+    # imported from.
+    Column("source_run_id", Integer, ForeignKey("runs.id"), nullable=True),
+    Column("source_step", BigInteger, nullable=True),
+    Column("source_uri", Text, nullable=True),
+    UniqueConstraint("run_id", "step", name="uq_checkpoints_run_step"),
+)
+
+checkpoint_files = Table(
+    "checkpoint_files",
+    metadata,
+    Column("checkpoint_id", Integer, ForeignKey("checkpoints.id"), nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
+    PrimaryKeyConstraint("checkpoint_id", "path", name="pk_checkpoint_files"),
+)
+
+run_files = Table(
+    "run_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
+    Column("name", String(1024), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
+    Column("step", BigInteger, nullable=True),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("run_id", "name", name="uq_run_files_run_name"),
+)

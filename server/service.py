@@ -85,6 +85,11 @@ class Service:
         self.guard(who, run.project)
         return run
 
+    def find(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> runs.RunRow:
+        """A run the caller may reach, by any of its references."""
+        with self.db.read() as conn:
+            return self._find(conn, ref, project, who)
+
     def get_run(self, ref: str, project: str | None, who: auth.KeyIdentity | None) -> RunInfo:
         with self.db.read() as conn:
             return self._find(conn, ref, project, who).to_info(conn, self.base_url)

@@ -22,6 +22,16 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     public_url: str | None = None
     sqlite_synchronous: str = "FULL"
+    #: Where file and checkpoint bytes go: a directory, ``file:///DIR`` or
+    #: ``s3://BUCKET/PREFIX``; default ``<data_dir>/files``.
+    storage: str | None = None
+    #: S3 endpoint and region (else the AWS variables boto3 reads, e.g. AWS_ENDPOINT_URL).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    @property
+    def effective_storage(self) -> str:
+        return self.storage or str(self.data_dir.resolve() / "files")
 
     @property
     def effective_database_url(self) -> str:

@@ -55,6 +55,16 @@ ROUTES = {
     ("get", "/api/v1/runs/{ref}/logs"),
     ("get", "/api/v1/projects"),
     ("get", "/api/v1/projects/{project}/runs"),
+    ("post", "/api/v1/runs/{ref}/blobs/missing"),
+    ("put", "/api/v1/runs/{ref}/blobs/{sha256}"),
+    ("post", "/api/v1/runs/{ref}/checkpoints"),
+    ("get", "/api/v1/runs/{ref}/checkpoints"),
+    ("get", "/api/v1/runs/{ref}/checkpoints/resolve"),
+    ("post", "/api/v1/runs/{ref}/checkpoints/fork"),
+    ("get", "/api/v1/runs/{ref}/checkpoints/{step}/files/{path}"),
+    ("post", "/api/v1/runs/{ref}/files"),
+    ("get", "/api/v1/runs/{ref}/files"),
+    ("get", "/api/v1/runs/{ref}/files/{name}"),
 }
 
 BODIES = {
@@ -69,6 +79,13 @@ BODIES = {
     ("get", "/api/v1/runs/{ref}/logs"): (None, "LogPage"),
     ("get", "/api/v1/projects"): (None, "ProjectList"),
     ("get", "/api/v1/projects/{project}/runs"): (None, "RunList"),
+    ("post", "/api/v1/runs/{ref}/blobs/missing"): ("BlobCheck", "BlobsMissing"),
+    ("post", "/api/v1/runs/{ref}/checkpoints"): ("CheckpointCreate", "CheckpointInfo"),
+    ("get", "/api/v1/runs/{ref}/checkpoints"): (None, "CheckpointList"),
+    ("get", "/api/v1/runs/{ref}/checkpoints/resolve"): (None, "CheckpointInfo"),
+    ("post", "/api/v1/runs/{ref}/checkpoints/fork"): ("CheckpointFork", "CheckpointInfo"),
+    ("post", "/api/v1/runs/{ref}/files"): ("FileCreate", "FileInfo"),
+    ("get", "/api/v1/runs/{ref}/files"): (None, "FileList"),
 }
 
 
@@ -365,7 +382,7 @@ def test_the_migrated_schema_matches_the_table_definitions(empty_database_url: s
             tables = set(sa.inspect(conn).get_table_names())
         assert differences == []
         assert tables == set(metadata.tables) | {"alembic_version"}
-        assert database.schema_revision() == "0001"
+        assert database.schema_revision() == "0002"
     finally:
         database.dispose()
 
@@ -389,7 +406,7 @@ def test_migrating_again_changes_nothing_and_keeps_the_data(empty_database_url: 
         finally:
             second.dispose()
         assert schema_snapshot(database) == before
-        assert database.schema_revision() == "0001"
+        assert database.schema_revision() == "0002"
         with database.read() as conn:
             rows = conn.execute(sa.text("SELECT name, run_counter FROM projects")).all()
             versions = conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar()

@@ -25,6 +25,9 @@ from pluto.wire import (
 
 T = TypeVar("T")
 
+#: The host name requests carry when they go through the sidecar's API socket.
+SIDECAR_API_BASE = "http://pluto-sidecar"
+
 _INGEST_HEAD = msgspec.msgpack.encode({"chunks": []})[:-1]  # fixmap(1) "chunks" then array
 
 
@@ -44,13 +47,29 @@ def ingest_body(chunks: list[bytes]) -> bytes:
 class ApiClient:
     """A small typed client of the server's JSON/msgpack API."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0, *,
+                 uds: str | None = None) -> None:
+        """``uds``: reach the server through the pod sidecar's API socket at this path
+        (the sidecar adds the credentials; ``url`` then only names it in messages)."""
         self.url = url.rstrip("/")
+        self.uds = uds
         headers = {"user-agent": "pluto-sdk"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(base_url=self.url + API_PREFIX, headers=headers,
-                                    timeout=timeout)
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        base = SIDECAR_API_BASE if uds else self.url
+        self._client = httpx.Client(base_url=base + API_PREFIX, headers=headers,
+                                    timeout=timeout, transport=transport)
+
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying client, for streaming transfers."""
+        return self._client
+
+    def where(self) -> str:
+        if self.uds:
+            return f"the pod's pluto sidecar ({self.uds})"
+        return f"the pluto server at {self.url}"
 
     def call(self, method: str, path: str, reply: type[T], *, body: Any = None,
              params: dict[str, Any] | None = None, msgpack_reply: bool = False,
@@ -66,8 +85,9 @@ class ApiClient:
                                             headers=headers)
         except httpx.TransportError as exc:
             raise ServerUnavailable(
-                f"cannot reach the pluto server at {self.url}: {exc.__class__.__name__}: {exc}; "
-                "start it with 'pluto server' or set PLUTO_URL"
+                f"cannot reach {self.where()}: {exc.__class__.__name__}: {exc}; "
+                + ("is the sidecar container running?" if self.uds else
+                   "start it with 'pluto server' or set PLUTO_URL")
             ) from exc
         if response.status_code >= 400:
             raise RequestRejected(response.status_code, error_detail(response))
@@ -77,6 +97,12 @@ class ApiClient:
 
     def close(self) -> None:
         self._client.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -1,0 +1,267 @@
+"""Files and checkpoints: the operations behind their routes.
+
+Bytes stream between the request and the blob store in ``CHUNK_BYTES`` pieces, so a
+checkpoint of any size costs a few MB of server memory. Database work runs in worker
+threads (``Service`` is synchronous); store work stays on the event loop, where the
+stores hand blocking calls to threads themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
+
+from pluto.wire import (
+    BlobsMissing,
+    BlobStored,
+    CheckpointCreate,
+    CheckpointFork,
+    CheckpointInfo,
+    CheckpointList,
+    FileCreate,
+    FileEntry,
+    FileInfo,
+    FileList,
+)
+from pluto_server import art, checkpoints
+from pluto_server.auth import KeyIdentity
+from pluto_server.blobs import (
+    BlobError,
+    BlobNotFound,
+    BlobStore,
+    BucketNotFound,
+    ChecksumMismatch,
+    S3Options,
+    SizeMismatch,
+    StorageDenied,
+    StorageUnavailable,
+    blob_key,
+    open_store,
+)
+from pluto_server.errors import ApiError, BadRequest, NotFound, Unprocessable
+from pluto_server.runs import RunRow
+from pluto_server.service import Service
+
+T = TypeVar("T")
+
+MAX_CHECKED_BLOBS = 100_000
+
+
+class StorageError(ApiError):
+    """The server's storage failed or refused it: the operator has to act."""
+
+    status_code = 502
+
+
+class StorageBusy(ApiError):
+    status_code = 503
+
+
+@contextlib.contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """Blob store errors as API answers; ``where`` says which storage it was."""
+    try:
+        yield
+    except (ChecksumMismatch, SizeMismatch) as exc:
+        raise Unprocessable(str(exc)) from None
+    except (BlobNotFound, BucketNotFound) as exc:
+        raise NotFound(f"{where}: {exc}") from None
+    except StorageDenied as exc:
+        raise StorageError(f"{where} refused the server's credentials: {exc}") from None
+    except StorageUnavailable as exc:
+        raise StorageBusy(f"{where} is unreachable, try again: {exc}") from None
+    except BlobError as exc:
+        raise StorageError(f"{where}: {exc}") from None
+
+
+class Transfers:
+    def __init__(self, service: Service, store: BlobStore, s3: S3Options) -> None:
+        self.service = service
+        self.store = store
+        self.s3 = s3
+
+    async def _db(self, func: Callable[..., T], *args: object) -> T:
+        return await asyncio.to_thread(func, *args)
+
+    async def _run(self, ref: str, project: str | None, who: KeyIdentity | None) -> RunRow:
+        return await self._db(self.service.find, ref, project, who)
+
+    # -- blobs --------------------------------------------------------------
+
+    async def missing(self, ref: str, project: str | None, who: KeyIdentity | None,
+                      shas: list[str]) -> BlobsMissing:
+        await self._run(ref, project, who)
+        if len(shas) > MAX_CHECKED_BLOBS:
+            raise Unprocessable(f"check at most {MAX_CHECKED_BLOBS} blobs per request")
+        for sha in shas:
+            checkpoints.check_sha256(sha)
+
+        def query() -> dict[str, int]:
+            with self.service.db.read() as conn:
+                return checkpoints.blob_sizes(conn, sorted(set(shas)))
+
+        known = await self._db(query)
+        return BlobsMissing(missing=[sha for sha in dict.fromkeys(shas) if sha not in known])
+
+    async def upload(self, ref: str, project: str | None, who: KeyIdentity | None,
+                     sha256: str, size: int | None, body: AsyncIterator[bytes]) -> BlobStored:
+        await self._run(ref, project, who)
+        checkpoints.check_sha256(sha256)
+        if size is None:
+            raise BadRequest("a blob upload needs a Content-Length header (its size)")
+        with storage_errors(f"storage {self.store.url}"):
+            await self.store.put(blob_key(sha256), body, size=size, sha256=sha256)
+        await self._db(self._record, sha256, size)
+        return BlobStored(sha256=sha256, size=size)
+
+    def _record(self, sha256: str, size: int) -> None:
+        with self.service.db.write() as conn:
+            checkpoints.record_blob(conn, sha256, size)
+
+    async def _have(self, sha256: str) -> bool:
+        def query() -> bool:
+            with self.service.db.read() as conn:
+                return bool(checkpoints.blob_sizes(conn, [sha256]))
+
+        return await self._db(query)
+
+    async def _stream(self, entry: FileEntry) -> AsyncIterator[bytes]:
+        with storage_errors(f"storage {self.store.url}"):
+            size, chunks = await self.store.read(blob_key(entry.sha256))
+        if size != entry.size:
+            raise StorageError(f"storage {self.store.url} holds {size} bytes for "
+                               f"{entry.path!r}, not {entry.size}: it was changed outside pluto")
+        return chunks
+
+    # -- checkpoints --------------------------------------------------------
+
+    async def commit(self, ref: str, project: str | None, who: KeyIdentity | None,
+                     req: CheckpointCreate) -> tuple[CheckpointInfo, bool]:
+        checkpoints.check_manifest(req)
+        run = await self._run(ref, project, who)
+
+        def write() -> tuple[CheckpointInfo, bool]:
+            with self.service.db.write() as conn:
+                return checkpoints.create_checkpoint(conn, run.id, req)
+
+        return await self._db(write)
+
+    async def list(self, ref: str, project: str | None, who: KeyIdentity | None,
+                   lineage_view: bool) -> CheckpointList:
+        run = await self._run(ref, project, who)
+
+        def read() -> list[CheckpointInfo]:
+            with self.service.db.read() as conn:
+                return checkpoints.list_checkpoints(conn, run.id, lineage_view=lineage_view)
+
+        return CheckpointList(checkpoints=await self._db(read))
+
+    async def resolve(self, ref: str, project: str | None, who: KeyIdentity | None, *,
+                      not_after_step: int | None, step: int | None) -> CheckpointInfo:
+        run = await self._run(ref, project, who)
+
+        def read() -> CheckpointInfo:
+            with self.service.db.read() as conn:
+                return checkpoints.resolve(conn, run.id, run.display_id,
+                                           not_after_step=not_after_step, step=step)
+
+        return await self._db(read)
+
+    async def checkpoint_file(self, ref: str, project: str | None, who: KeyIdentity | None,
+                              step: int, path: str
+                              ) -> tuple[FileEntry, AsyncIterator[bytes]]:
+        run = await self._run(ref, project, who)
+
+        def read() -> CheckpointInfo | None:
+            with self.service.db.read() as conn:
+                return checkpoints.get_checkpoint(conn, run.id, step)
+
+        info = await self._db(read)
+        if info is None:
+            raise NotFound(f"run {run.display_id} has no checkpoint at step {step}; list them "
+                           f"with 'pluto checkpoints list {run.display_id}'")
+        entry = checkpoints.checkpoint_file(info, path)
+        return entry, await self._stream(entry)
+
+    async def fork(self, ref: str, project: str | None, who: KeyIdentity | None,
+                   req: CheckpointFork) -> tuple[CheckpointInfo, bool]:
+        target = await self._run(ref, project, who)
+        if req.not_after_step is not None:
+            checkpoints.check_step(req.not_after_step, "not_after_step")
+        if req.from_s3_bucket:
+            return await self._import_art(target, req)
+        source_run = await self._run(req.from_run, req.from_project or target.project, who)
+
+        def write() -> tuple[CheckpointInfo, bool]:
+            with self.service.db.write() as conn:
+                source = checkpoints.resolve(conn, source_run.id, source_run.display_id,
+                                             not_after_step=req.not_after_step)
+                return checkpoints.fork_into(conn, target.id, source)
+
+        return await self._db(write)
+
+    async def _import_art(self, target: RunRow, req: CheckpointFork) -> tuple[CheckpointInfo,
+                                                                             bool]:
+        assert req.from_s3_bucket is not None
+        bucket = req.from_s3_bucket.removeprefix("s3://").strip("/")
+        where = f"bucket {bucket!r}"
+        with storage_errors(where):
+            source = open_store(f"s3://{bucket}", self.s3)
+        try:
+            with storage_errors(where):
+                found = await art.find(source, req.from_project or target.project,
+                                       req.from_run, req.not_after_step)
+                files = await art.import_files(source, found, self.store, self._have,
+                                               self._stored)
+        finally:
+            await source.close()
+        request = CheckpointCreate(step=found.step, files=files,
+                                   metadata={"imported_from": "art"})
+
+        def write() -> tuple[CheckpointInfo, bool]:
+            with self.service.db.write() as conn:
+                return checkpoints.create_checkpoint(
+                    conn, target.id, request, source_uri=f"s3://{bucket}/{found.prefix}")
+
+        return await self._db(write)
+
+    async def _stored(self, sha256: str, size: int) -> None:
+        await self._db(self._record, sha256, size)
+
+    # -- run files ----------------------------------------------------------
+
+    async def commit_file(self, ref: str, project: str | None, who: KeyIdentity | None,
+                          req: FileCreate) -> tuple[FileInfo, bool]:
+        run = await self._run(ref, project, who)
+
+        def write() -> tuple[FileInfo, bool]:
+            with self.service.db.write() as conn:
+                return checkpoints.create_file(conn, run.id, req)
+
+        return await self._db(write)
+
+    async def list_files(self, ref: str, project: str | None, who: KeyIdentity | None
+                         ) -> FileList:
+        run = await self._run(ref, project, who)
+
+        def read() -> list[FileInfo]:
+            with self.service.db.read() as conn:
+                return checkpoints.list_files(conn, run.id)
+
+        return FileList(files=await self._db(read))
+
+    async def file(self, ref: str, project: str | None, who: KeyIdentity | None, name: str
+                   ) -> tuple[FileEntry, AsyncIterator[bytes]]:
+        run = await self._run(ref, project, who)
+
+        def read() -> FileInfo | None:
+            with self.service.db.read() as conn:
+                return checkpoints.get_file(conn, run.id, name)
+
+        info = await self._db(read)
+        if info is None:
+            raise NotFound(f"run {run.display_id} has no file named {name!r}")
+        entry = FileEntry(path=info.name, size=info.size, sha256=info.sha256)
+        return entry, await self._stream(entry)
