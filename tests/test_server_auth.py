@@ -110,6 +110,27 @@ def every_route(run: Json) -> list[tuple[str, str, Json | None]]:
         ("GET", f"/runs/{ref}/logs", None),
         ("GET", "/projects", None),
         ("GET", f"/projects/{run['project']}/runs", None),
+        ("POST", f"/runs/{ref}/blobs/missing", {"sha256": [SHA]}),
+        ("GET", f"/runs/{ref}/checkpoints", None),
+        ("GET", f"/runs/{ref}/files", None),
+    ]
+
+
+SHA = "ab" * 32
+
+
+def file_routes(run: Json) -> list[tuple[str, str, Json | None]]:
+    """Routes of files and checkpoints that a run without any cannot answer 200 to."""
+    ref = run["id"]
+    entry = {"path": "x", "size": 1, "sha256": SHA}
+    return [
+        ("PUT", f"/runs/{ref}/blobs/{SHA}", {"x": 1}),
+        ("POST", f"/runs/{ref}/checkpoints", {"step": 1, "files": [entry]}),
+        ("GET", f"/runs/{ref}/checkpoints/resolve", None),
+        ("POST", f"/runs/{ref}/checkpoints/fork", {"from_run": str(ref)}),
+        ("GET", f"/runs/{ref}/checkpoints/1/files/x", None),
+        ("POST", f"/runs/{ref}/files", {"name": "x", "size": 1, "sha256": SHA}),
+        ("GET", f"/runs/{ref}/files/x", None),
     ]
 
 
@@ -138,7 +159,8 @@ def test_health_needs_no_key_and_says_auth_is_on(secured: Secured) -> None:
 
 def test_every_route_refuses_a_request_without_a_key(secured: Secured, target: Json) -> None:
     with httpx.Client(base_url=secured.url + "/api/v1", timeout=30) as anonymous:
-        for method, path, body in [*every_route(target), ("POST", "/ingest", ingest_body(target))]:
+        for method, path, body in [*every_route(target), *file_routes(target),
+                                   ("POST", "/ingest", ingest_body(target))]:
             resp = anonymous.request(method, path, json=body)
             assert_error(
                 resp,
@@ -162,7 +184,8 @@ def test_every_route_refuses_a_wrong_key(secured: Secured, target: Json, which: 
         "revoked": secured.revoked_key,
     }[which]
     with Api(secured.url, key=key) as intruder:
-        for method, path, body in [*every_route(target), ("POST", "/ingest", ingest_body(target))]:
+        for method, path, body in [*every_route(target), *file_routes(target),
+                                   ("POST", "/ingest", ingest_body(target))]:
             assert_error(
                 intruder.request(method, path, json=body),
                 401,
@@ -238,7 +261,7 @@ def test_a_project_scoped_key_reaches_only_its_project(secured: Secured, target:
         assert team.ingest_ok(chunk(own_run["id"], {"loss": ramp(0, 4)}))["applied"] == 1
         assert team.one_series("ours", "loss", project=mine).steps == list(range(5))
 
-        for method, path, body in every_route(target):
+        for method, path, body in [*every_route(target), *file_routes(target)]:
             if path == "/projects":
                 continue
             text = assert_error(
