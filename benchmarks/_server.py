@@ -24,12 +24,21 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(database_url: str | None = None) -> Iterator[str]:
+    with server_process(database_url) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(database_url: str | None = None,
+                   extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
+    """A server's URL and PID."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pluto-bench-") as data_dir:
         argv = [sys.executable, "-m", "pluto", "server", "--port", str(port),
                 "--data-dir", str(Path(data_dir) / "data")]
         if database_url:
             argv += ["--database-url", database_url]
+        argv += extra_args
         log = open(Path(data_dir) / "server.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -47,7 +56,7 @@ def running_server(database_url: str | None = None) -> Iterator[str]:
                     raise RuntimeError("server did not start: "
                                        + (Path(data_dir) / "server.log").read_text()[-2000:])
                 time.sleep(0.1)
-            yield url
+            yield url, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -202,7 +202,7 @@ class Transfer:
                     raise RequestRejected(response.status_code, error_detail(response))
                 announced = response.headers.get(SHA256_HEADER, entry.sha256)
                 with partial.open("wb") as handle:
-                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                    for chunk in response.iter_raw():
                         digest.update(chunk)
                         handle.write(chunk)
                         received += len(chunk)
