@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import httpx
 import msgspec
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -86,7 +87,8 @@ def _progress(total: int, quiet: bool) -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(),
         disable=quiet or total < PROGRESS_MIN_BYTES or not sys.stderr.isatty(),
-        console=None, transient=False,
+        # stderr: stdout may be the training script's data; rich would pick stdout.
+        console=Console(stderr=True), transient=False,
     )
 
 

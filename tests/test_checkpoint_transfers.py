@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -259,3 +260,50 @@ def test_the_cli_lists_forks_and_downloads_checkpoints(
     assert failed.returncode == 1
     assert "not_after_step" in failed.stdout + failed.stderr
     b.finish()
+
+
+PROGRESS_SCRIPT = """
+import pluto
+run = pluto.init(project="bars", name="bars", settings={"console": False})
+run.log({"loss": 1.0}, step=1)
+assert run.log_checkpoint(SOURCE, step=1) is not None
+run.download_checkpoint(1, DEST)
+run.finish()
+"""
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["tty", "pipe"])
+def test_big_transfers_show_progress_on_a_terminal_and_nothing_in_logs(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, terminal: bool
+) -> None:
+    server = server_factory()
+    source = big_file(tmp_path / "big.bin", 64 * MiB)
+    code = PROGRESS_SCRIPT.replace("SOURCE", repr(str(source))).replace(
+        "DEST", repr(str(tmp_path / "back")))
+    if terminal:
+        controller, stderr = pty.openpty()
+    else:
+        controller, stderr = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path,
+                            env={**sdk_env(server.url), "COLUMNS": "120", "TERM": "xterm"},
+                            stdout=subprocess.DEVNULL, stderr=stderr,
+                            preexec_fn=die_with_parent)
+    os.close(stderr)
+    output = bytearray()
+    while True:
+        try:
+            piece = os.read(controller, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not piece:
+            break
+        output += piece
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    if terminal:
+        for phase in ("hashing checkpoint 1", "uploading checkpoint 1", "downloading checkpoint"):
+            assert phase in text, text[-2000:]
+        assert "64.0/64.0 MB" in text or "67.1/67.1 MB" in text, text[-2000:]
+    else:
+        assert text == "", text
