@@ -37,7 +37,7 @@ from pluto.wire import (
     json_float,
 )
 from pluto_server import files_api, openapi
-from pluto_server.blobs import S3Options, open_store
+from pluto_server.blobs import BlobError, BlobStore, S3Options, open_store
 from pluto_server.bodies import decode, read_body, wants_msgpack
 from pluto_server.database import Database
 from pluto_server.errors import ApiError
@@ -62,6 +62,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _check_storage(store)
         yield
         await store.close()
 
@@ -213,6 +214,17 @@ def _json_safe(result: MetricQueryResult) -> dict[str, Any]:
         for name in FLOAT_FIELDS:
             series[name] = [json_float(v) for v in series[name]]
     return encoded
+
+
+async def _check_storage(store: BlobStore) -> None:
+    """Say at start when the storage refuses or cannot be reached; serve anyway (runs and
+    metrics do not need it, and it may come back)."""
+    try:
+        await store.list(".probe/")  # listing, unlike a HEAD, tells a missing bucket apart
+    except BlobError as exc:
+        log.error("file and checkpoint storage %s is not usable: %s", store.url, exc)
+    else:
+        log.info("file and checkpoint storage: %s", store.url)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -179,9 +179,14 @@ class LocalBlobStore(BlobStore):
             self._path(key).unlink()
 
     async def list(self, prefix: str) -> list[ObjectEntry]:
+        # Walk only the deepest directory the prefix names, not the whole store.
+        directory = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+
         def walk() -> list[ObjectEntry]:
-            found = []
-            for path in self.root.rglob("*"):
+            found: list[ObjectEntry] = []
+            if not directory.is_dir():
+                return found
+            for path in directory.rglob("*"):
                 if path.is_file() and not path.is_relative_to(self._tmp):
                     key = path.relative_to(self.root).as_posix()
                     if key.startswith(prefix):

@@ -13,6 +13,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
 from pluto.wire import (
     BlobsMissing,
     BlobStored,
@@ -60,13 +63,17 @@ class StorageBusy(ApiError):
 
 
 @contextlib.contextmanager
-def storage_errors(where: str) -> Iterator[None]:
-    """Blob store errors as API answers; ``where`` says which storage it was."""
+def storage_errors(where: str, *, ours: bool = True) -> Iterator[None]:
+    """Blob store errors as API answers; ``where`` says which storage it was. A bucket
+    or object missing from the server's own storage is the operator's problem (502);
+    from a bucket the caller named, it is the caller's (404)."""
     try:
         yield
     except (ChecksumMismatch, SizeMismatch) as exc:
         raise Unprocessable(str(exc)) from None
     except (BlobNotFound, BucketNotFound) as exc:
+        if ours:
+            raise StorageError(f"{where}: {exc}") from None
         raise NotFound(f"{where}: {exc}") from None
     except StorageDenied as exc:
         raise StorageError(f"{where} refused the server's credentials: {exc}") from None
@@ -84,6 +91,19 @@ class Transfers:
 
     async def _db(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.to_thread(func, *args)
+
+    async def _write(self, func: Callable[[Connection], T]) -> T:
+        """``func`` in a write transaction, once more if a concurrent writer won a unique
+        constraint race (two ranks committing one step): the second try sees its row."""
+
+        def attempt() -> T:
+            with self.service.db.write() as conn:
+                return func(conn)
+
+        try:
+            return await self._db(attempt)
+        except sa.exc.IntegrityError:
+            return await self._db(attempt)
 
     async def _run(self, ref: str, project: str | None, who: KeyIdentity | None) -> RunRow:
         return await self._db(self.service.find, ref, project, who)
@@ -113,12 +133,11 @@ class Transfers:
             raise BadRequest("a blob upload needs a Content-Length header (its size)")
         with storage_errors(f"storage {self.store.url}"):
             await self.store.put(blob_key(sha256), body, size=size, sha256=sha256)
-        await self._db(self._record, sha256, size)
+        await self._record(sha256, size)
         return BlobStored(sha256=sha256, size=size)
 
-    def _record(self, sha256: str, size: int) -> None:
-        with self.service.db.write() as conn:
-            checkpoints.record_blob(conn, sha256, size)
+    async def _record(self, sha256: str, size: int) -> None:
+        await self._write(lambda conn: checkpoints.record_blob(conn, sha256, size))
 
     async def _have(self, sha256: str) -> bool:
         def query() -> bool:
@@ -141,12 +160,7 @@ class Transfers:
                      req: CheckpointCreate) -> tuple[CheckpointInfo, bool]:
         checkpoints.check_manifest(req)
         run = await self._run(ref, project, who)
-
-        def write() -> tuple[CheckpointInfo, bool]:
-            with self.service.db.write() as conn:
-                return checkpoints.create_checkpoint(conn, run.id, req)
-
-        return await self._db(write)
+        return await self._write(lambda conn: checkpoints.create_checkpoint(conn, run.id, req))
 
     async def list(self, ref: str, project: str | None, who: KeyIdentity | None,
                    lineage_view: bool) -> CheckpointList:
@@ -194,53 +208,41 @@ class Transfers:
             return await self._import_art(target, req)
         source_run = await self._run(req.from_run, req.from_project or target.project, who)
 
-        def write() -> tuple[CheckpointInfo, bool]:
-            with self.service.db.write() as conn:
-                source = checkpoints.resolve(conn, source_run.id, source_run.display_id,
-                                             not_after_step=req.not_after_step)
-                return checkpoints.fork_into(conn, target.id, source)
+        def write(conn: Connection) -> tuple[CheckpointInfo, bool]:
+            source = checkpoints.resolve(conn, source_run.id, source_run.display_id,
+                                         not_after_step=req.not_after_step)
+            return checkpoints.fork_into(conn, target.id, source)
 
-        return await self._db(write)
+        return await self._write(write)
 
     async def _import_art(self, target: RunRow, req: CheckpointFork) -> tuple[CheckpointInfo,
                                                                              bool]:
         assert req.from_s3_bucket is not None
         bucket = req.from_s3_bucket.removeprefix("s3://").strip("/")
         where = f"bucket {bucket!r}"
-        with storage_errors(where):
+        with storage_errors(where, ours=False):
             source = open_store(f"s3://{bucket}", self.s3)
         try:
-            with storage_errors(where):
+            with storage_errors(where, ours=False):
                 found = await art.find(source, req.from_project or target.project,
                                        req.from_run, req.not_after_step)
+            with storage_errors(f"storage {self.store.url}"):
                 files = await art.import_files(source, found, self.store, self._have,
-                                               self._stored)
+                                               self._record)
         finally:
             await source.close()
         request = CheckpointCreate(step=found.step, files=files,
                                    metadata={"imported_from": "art"})
 
-        def write() -> tuple[CheckpointInfo, bool]:
-            with self.service.db.write() as conn:
-                return checkpoints.create_checkpoint(
-                    conn, target.id, request, source_uri=f"s3://{bucket}/{found.prefix}")
-
-        return await self._db(write)
-
-    async def _stored(self, sha256: str, size: int) -> None:
-        await self._db(self._record, sha256, size)
+        return await self._write(lambda conn: checkpoints.create_checkpoint(
+            conn, target.id, request, source_uri=f"s3://{bucket}/{found.prefix}"))
 
     # -- run files ----------------------------------------------------------
 
     async def commit_file(self, ref: str, project: str | None, who: KeyIdentity | None,
                           req: FileCreate) -> tuple[FileInfo, bool]:
         run = await self._run(ref, project, who)
-
-        def write() -> tuple[FileInfo, bool]:
-            with self.service.db.write() as conn:
-                return checkpoints.create_file(conn, run.id, req)
-
-        return await self._db(write)
+        return await self._write(lambda conn: checkpoints.create_file(conn, run.id, req))
 
     async def list_files(self, ref: str, project: str | None, who: KeyIdentity | None
                          ) -> FileList:

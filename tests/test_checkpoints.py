@@ -271,3 +271,17 @@ def test_unknown_runs_and_projects_are_named_in_the_error(
                               project=project)
     assert refused.value.status_code == 400 and "no-such-project" in str(refused.value)
     assert "use that project" in str(refused.value)
+
+
+def test_ranks_saving_the_same_checkpoint_at_once_make_one(
+    start: Callable[..., pluto.Run], tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = start(name="ranks")
+    path = write(tmp_path / "same.bin", os.urandom(200_000))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: run.log_checkpoint(path, step=3), range(8)))
+    assert all(result is not None for result in results)
+    assert len({result.created_at for result in results if result}) == 1
+    assert [c.step for c in run.checkpoints] == [3]
