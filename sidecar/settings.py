@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pluto.wire import DEFAULT_SOCKET
+from pluto.wire import DEFAULT_API_SOCKET, DEFAULT_SOCKET
 
 DEFAULT_SPOOL = "/var/run/pluto/spool"
 
@@ -14,6 +14,10 @@ DEFAULT_SPOOL = "/var/run/pluto/spool"
 @dataclass
 class SidecarSettings:
     socket: Path = field(default_factory=lambda: Path(DEFAULT_SOCKET))
+    #: The HTTP proxy of the server API (``pluto_sidecar.proxy``): files, checkpoints and
+    #: queries of the training processes go through it with the sidecar's key. None: off.
+    #: ``pluto sidecar`` defaults it to :func:`default_api_socket` of ``socket``.
+    api_socket: Path | None = None
     server: str = "http://127.0.0.1:7300"
     spool_dir: Path = field(default_factory=lambda: Path(DEFAULT_SPOOL))
     #: Read from PLUTO_API_KEY or a file, never from the command line.
@@ -51,8 +55,21 @@ class SidecarSettings:
         """Environment equivalents of the flags."""
         names = {
             "socket": "PLUTO_SIDECAR_SOCKET",
+            "api_socket": "PLUTO_SIDECAR_API_SOCKET",
             "server": "PLUTO_URL",
             "spool_dir": "PLUTO_SPOOL_DIR",
             "node_rank": "PLUTO_NODE_RANK",
         }
         return {attr: os.environ[var] for attr, var in names.items() if os.environ.get(var)}
+
+
+def default_api_socket(socket: Path) -> Path:
+    """Where the API socket goes when not told: beside the main socket, as ``api.sock``.
+
+    That is where the SDK looks for it (``pluto.settings.Settings.api_socket``), so a pod
+    only shares the socket directory and sets ``PLUTO_SIDECAR_SOCKET`` (or nothing, with the
+    default ``/var/run/pluto``).
+    """
+    if str(socket) == DEFAULT_SOCKET:
+        return Path(DEFAULT_API_SOCKET)
+    return socket.parent / "api.sock"

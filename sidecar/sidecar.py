@@ -18,6 +18,7 @@ from pluto_sidecar.connection import ClientError, Connection, FrameStream, Recei
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
+from pluto_sidecar.proxy import ApiProxy
 from pluto_sidecar.queue import DurableQueue, RecordKind
 from pluto_sidecar.registry import Listener, RunRegistry, as_resumed
 from pluto_sidecar.settings import SidecarSettings
@@ -48,6 +49,10 @@ class Sidecar:
             batch_max_bytes=settings.batch_max_bytes, batch_max_age=settings.batch_max_age,
             dead_letter=settings.spool_dir / "dead-letter.msgpack",
         )
+        #: The HTTP proxy of the server API on its own socket, when one is configured.
+        self.proxy = (None if settings.api_socket is None else
+                      ApiProxy(settings.api_socket, settings.server, settings.api_key,
+                               self.telemetry))
         self.health = HealthServer(settings.health_host, settings.health_port, self.telemetry,
                                    self._ready)
         # Computed when scraped, so they are current even while the forwarder sleeps.
@@ -72,17 +77,29 @@ class Sidecar:
         if cut:
             log_event(log, "spool had a torn tail from a crash; it was cut, intact records "
                       "kept", torn_bytes_cut=cut, level=logging.WARNING)
+        # Both paths are checked before either is bound: a live sidecar on one of them means
+        # this one must not start, and must not have taken the other meanwhile.
+        _claim_socket_path(self.settings.socket)
+        if self.proxy is not None:
+            _claim_socket_path(self.proxy.path)
         self.queue.start()
         self._server = await self._listen()
+        if self.proxy is not None:
+            await self.proxy.start()
         self.health.start()
         self._tasks.append(asyncio.create_task(self.forwarder.run_forever(), name="forwarder"))
         if self.settings.sys_interval > 0:
             self._tasks.append(asyncio.create_task(self._sample_system(), name="sysmetrics"))
         log_event(log, "sidecar ready", socket=str(self.settings.socket),
+                  api_socket=str(self.proxy.path) if self.proxy is not None else None,
                   server=self.settings.server, health_port=self.health.port)
 
     async def stop(self, *, drain_seconds: float | None = None) -> bool:
         """Stop accepting, forward what is spooled within the deadline, then close.
+
+        The API socket keeps serving until then: a rank that saves a last checkpoint when the
+        pod is told to stop (every container gets SIGTERM at once) can upload it, and
+        requests still in flight are given the rest of the deadline before they are cut.
 
         Returns True when everything was delivered; what was not stays spooled.
         """
@@ -96,14 +113,18 @@ class Sidecar:
             if task.get_name() != "forwarder":
                 task.cancel()
         self.forwarder.batch_max_age = 0.0  # no reason to wait for fuller batches now
-        # Keep forwarding while ranks still connected send their last frames.
-        while time.monotonic() < deadline and (self._connections or not self.queue.empty):
+        # Keep forwarding while ranks still connected send their last frames, and proxying
+        # while API requests (an upload) are under way.
+        while time.monotonic() < deadline and (self._connections or not self.queue.empty
+                                               or self._api_in_flight):
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
         delivered = self.queue.empty or await self.forwarder.drain(deadline)
         for connection in list(self._connections):
             connection.cancel()
+        if self.proxy is not None:
+            await self.proxy.stop(deadline)
         log_event(log, "sidecar stopped", delivered=delivered,
                   left_in_spool_bytes=self.queue.pending_bytes)
         await self.queue.stop()
@@ -111,14 +132,12 @@ class Sidecar:
         self.health.stop()
         return delivered
 
+    @property
+    def _api_in_flight(self) -> int:
+        return 0 if self.proxy is None else self.proxy.in_flight
+
     async def _listen(self) -> asyncio.base_events.Server:
         path = self.settings.socket
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if _socket_alive(path):
-                raise SocketInUse(f"another sidecar is listening on {path}; not taking it over")
-            path.unlink()  # left by a crashed sidecar
-            log_event(log, "replaced a stale socket file", socket=str(path))
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(lambda: FrameStream(self._accept), path=str(path))
         os.chmod(path, 0o660)  # the pod's containers share a group; nobody else writes
@@ -138,14 +157,17 @@ class Sidecar:
 
     @property
     def idle_seconds(self) -> float | None:
-        """How long the last client has been gone; None before the first or while one is on."""
-        if self._idle_since is None:
+        """How long the last client has been gone; None before the first, while one is on,
+        or while a request on the API socket (a last checkpoint upload) is under way."""
+        if self._idle_since is None or self._api_in_flight:
             return None
         return time.monotonic() - self._idle_since
 
     def _ready(self) -> tuple[bool, str]:
         if self._server is None or not self._server.is_serving():
             return False, "the socket is not listening"
+        if self.proxy is not None and not self.proxy.listening:
+            return False, f"the API socket {self.proxy.path} is not listening"
         if not os.access(self.settings.spool_dir, os.W_OK):
             return False, f"the spool directory {self.settings.spool_dir} is not writable"
         return True, "ready"
@@ -215,6 +237,16 @@ class Sidecar:
                           values=[values[k] for k in keys], times=[now] * len(keys))
             self._sys_seq += 1
             self.queue.append(RecordKind.CHUNK, encode_msgpack(chunk))
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Make ``path`` free to bind: replace a stale socket file, never a live socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if _socket_alive(path):
+            raise SocketInUse(f"another sidecar is listening on {path}; not taking it over")
+        path.unlink()  # left by a crashed sidecar
+        log_event(log, "replaced a stale socket file", socket=str(path))
 
 
 def _socket_alive(path: Path) -> bool:

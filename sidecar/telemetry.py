@@ -41,11 +41,17 @@ class Telemetry:
         batches moved to the dead-letter file after a permanent rejection.
     ``client_errors`` [reason]
         clients answered with an error (malformed frame, oversized, bad version, ...).
+    ``api_requests`` [status]
+        requests on the API socket (``pluto_sidecar.proxy``), by answer class (``2xx``,
+        ``4xx``, ``5xx``; ``broken``: cut off mid-way by the server or the client).
+    ``api_request_bytes`` / ``api_response_bytes``
+        body bytes proxied to the server (uploads) and back to clients (downloads).
 
     Gauges (``.set(x)``, or ``.set_function(f)`` to compute on scrape):
 
     ``spool_bytes``, ``oldest_unsent_age_seconds``, ``connected_clients``, ``runs_pending``
-    (runs created/attached locally whose server ids are not known yet).
+    (runs created/attached locally whose server ids are not known yet), ``api_in_flight``
+    (requests being proxied now).
 
     With ``process_metrics`` (default) the registry also carries the sidecar process's own
     CPU seconds, RSS, open fds, ... as ``pluto_sidecar_process_*`` (Linux only; absent elsewhere).
@@ -79,6 +85,20 @@ class Telemetry:
             f"{PREFIX}_client_errors", "Errors answered to clients.", ["reason"], registry=r
         )
 
+        self.api_requests = Counter(
+            f"{PREFIX}_api_requests",
+            "Requests proxied on the API socket, by answer class (broken: cut off).",
+            ["status"], registry=r,
+        )
+        self.api_request_bytes = Counter(
+            f"{PREFIX}_api_request_bytes",
+            "Request body bytes proxied from clients to the server.", registry=r,
+        )
+        self.api_response_bytes = Counter(
+            f"{PREFIX}_api_response_bytes",
+            "Response body bytes proxied from the server to clients.", registry=r,
+        )
+
         self.spool_bytes = Gauge(
             f"{PREFIX}_spool_bytes", "Bytes in the spool not yet acknowledged.", registry=r
         )
@@ -94,6 +114,10 @@ class Telemetry:
             f"{PREFIX}_runs_pending",
             "Runs created or attached locally that the server has not confirmed yet.",
             registry=r,
+        )
+
+        self.api_in_flight = Gauge(
+            f"{PREFIX}_api_in_flight", "Requests being proxied on the API socket.", registry=r
         )
 
         if process_metrics:
