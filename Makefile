@@ -120,6 +120,7 @@ bench: venv
 	@$(PY) benchmarks/sdk_log.py
 	@$(PY) benchmarks/sidecar.py
 	@$(PY) benchmarks/webhook.py
+	@$(PY) benchmarks/checkpoints.py
 
 chaos: venv postgres
 	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos

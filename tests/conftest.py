@@ -31,6 +31,12 @@ Fixture map (scopes in brackets):
     A fresh emulated Kubernetes API server (kmock, in its own process, on
     127.0.0.1) with a kubeconfig; ``kube_emulator.env`` is an environment for an
     operator subprocess (``KUBECONFIG`` set). See ``support/kube_emulator.py``.
+``s3_server`` [session]
+    A real S3-compatible server (SeaweedFS ``weed server -s3`` on 127.0.0.1, free
+    ports): ``.endpoint_url``, ``.access_key``, ``.secret_key``, ``.env`` (AWS_*
+    variables), ``.create_bucket(name=None)``, ``.client()``. Buckets persist for the
+    session: make your own. See ``support/s3_server.py``; skipped without ``weed``
+    locally, a failure under CI.
 ``kube_emulator_factory`` [function]
     ``kube_emulator_factory(**KubeEmulator kwargs)`` starts more, or differently
     configured ones (``git_version="v1.28.0"``, ``crds=[path]``, ``auth=False``).
@@ -58,6 +64,7 @@ from support.postgres import (
     PostgresStartError,
     find_postgres_bindir,
 )
+from support.s3_server import S3Server, S3ServerNotFound
 from support.server_process import ServerProcess
 from support.server_process import env_for as _env_for
 from support.sidecar_process import SidecarProcess
@@ -278,6 +285,24 @@ def sidecar_factory(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     yield make
     for sidecar in started:
         sidecar.stop()
+
+
+# -- S3 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
+    try:
+        server.start()
+    except S3ServerNotFound as exc:
+        if _in_ci():
+            pytest.fail(f"an S3 server is required under CI: {exc}", pytrace=False)
+        pytest.skip(f"S3 server not available: {exc}")
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 # -- Kubernetes API emulator ---------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Checkpoints on S3: a real ``pluto server --storage s3://...`` against a real
+S3-compatible server (SeaweedFS on loopback), and forks from ART-style buckets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from support.s3_server import S3Server
+from support.server_process import ServerProcess
+
+import pluto
+
+MiB = 1024 * 1024
+FAST: dict[str, Any] = {"console": False, "flush_interval": 0.05, "init_timeout": 10,
+                        "finish_timeout": 10}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith(("PLUTO_", "MLOP_", "AWS_")) or name == "RANK":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: S3Server) -> str:
+    return s3_server.create_bucket()
+
+
+@pytest.fixture(scope="module")
+def s3_pluto(s3_server: S3Server, bucket: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A pluto server storing files and checkpoints in ``bucket`` under ``pluto/``."""
+    data_dir = tmp_path_factory.mktemp("s3-pluto") / "data"
+    with ServerProcess(data_dir, extra_args=["--storage", f"s3://{bucket}/pluto"],
+                       env=s3_server.env) as server:
+        yield server
+
+
+@pytest.fixture
+def start(s3_pluto: ServerProcess, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., pluto.Run]]:
+    monkeypatch.setenv("PLUTO_URL", s3_pluto.url)
+    project = f"s3-{uuid.uuid4().hex[:8]}"
+    runs: list[pluto.Run] = []
+
+    def _start(**kwargs: Any) -> pluto.Run:
+        kwargs.setdefault("project", project)
+        run = pluto.init(dir=tmp_path / "pluto", settings={**FAST, "url": s3_pluto.url},
+                         **kwargs)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        run.finish()
+
+
+def keys_under(s3_server: S3Server, bucket: str, prefix: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for page in s3_server.client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = item["Size"]
+    return found
+
+
+def test_checkpoints_live_in_the_bucket_and_forks_copy_no_bytes(
+    start: Callable[..., pluto.Run], s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "ckpt"
+    (root / "shards").mkdir(parents=True)
+    big = os.urandom(MiB) * 40  # 40 MiB: a multipart upload (16 MiB parts)
+    (root / "shards" / "model-00001.bin").write_bytes(big)
+    (root / "config.json").write_bytes(b'{"layers": 2}')
+    a = start(name="a")
+    a.log({"loss": 1.0}, step=0)
+    a.log({"loss": 0.5}, step=10)
+    info = a.log_checkpoint(root, step=10)
+    assert info is not None and info.size == len(big) + 13
+    before = keys_under(s3_server, bucket, "pluto/blobs/")
+    digest = hashlib.sha256(big).hexdigest()
+    assert before[f"pluto/blobs/sha256/{digest[:2]}/{digest}"] == len(big)
+    assert len(before) == 2
+
+    a.finish()
+    b = start(name="b", fork_run_id=a.id, fork_step=10, fork_checkpoint=True)
+    assert keys_under(s3_server, bucket, "pluto/blobs/") == before  # nothing was copied
+    assert b.checkpoint_path is not None
+    assert (b.checkpoint_path / "shards" / "model-00001.bin").read_bytes() == big
+    assert (b.checkpoint_path / "config.json").read_bytes() == b'{"layers": 2}'
+    uploads = s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert uploads == []  # every multipart upload was completed or aborted
+
+
+def test_torch_state_round_trips_through_s3_bit_for_bit(
+    start: Callable[..., pluto.Run]
+) -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Linear(64, 64)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(8, 64)).sum().backward()
+    optim.step()
+    run = start(name="torch")
+    assert run.save_checkpoint({"model": model, "optim": optim}, step=0) is not None
+    state = pluto.load_checkpoint(run, step=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state["model"][name], tensor)
+    buffers = [s["momentum_buffer"] for s in optim.state_dict()["state"].values()]
+    loaded = [s["momentum_buffer"] for s in state["optim"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(buffers, loaded, strict=True))
+
+
+# -- ART -----------------------------------------------------------------------------------
+
+
+def art_bucket(s3_server: S3Server) -> tuple[str, dict[int, dict[str, bytes]]]:
+    """An ART-style bucket: email-agent/models/agent-007/checkpoints/{0010,0020,0030}/."""
+    name = s3_server.create_bucket()
+    client = s3_server.client()
+    steps: dict[int, dict[str, bytes]] = {}
+    for step in (10, 20, 30):
+        files = {"adapter_model.safetensors": os.urandom(3 * MiB),
+                 "adapter_config.json": f'{{"step": {step}}}'.encode()}
+        for name_, content in files.items():
+            client.put_object(
+                Bucket=name, Body=content,
+                Key=f"email-agent/models/agent-007/checkpoints/{step:04d}/{name_}")
+        steps[step] = files
+    client.put_object(Bucket=name, Key="email-agent/models/agent-007/history.jsonl", Body=b"{}")
+    return name, steps
+
+
+def test_an_art_checkpoint_is_forked_from_its_bucket(
+    start: Callable[..., pluto.Run], s3_server: S3Server, tmp_path: Path
+) -> None:
+    source, steps = art_bucket(s3_server)
+    run = start(name="from-art")
+    info = pluto.fork_checkpoint(run, "agent-007", from_project="email-agent",
+                                 from_s3_bucket=source, not_after_step=25)
+    assert info.step == 20
+    assert info.source_uri == f"s3://{source}/email-agent/models/agent-007/checkpoints/0020/"
+    assert sorted(f.path for f in info.files) == ["adapter_config.json",
+                                                  "adapter_model.safetensors"]
+    fetched = run.download_checkpoint(20, tmp_path / "art")
+    for name, content in steps[20].items():
+        assert (fetched / name).read_bytes() == content
+    [listed] = run.checkpoints
+    assert listed.source_uri == info.source_uri
+
+    newest = pluto.fork_checkpoint(start(name="newest"), "agent-007", from_project="email-agent",
+                                   from_s3_bucket=f"s3://{source}")
+    assert newest.step == 30
+
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(start(name="early"), "agent-007", from_project="email-agent",
+                              from_s3_bucket=source, not_after_step=5)
+    assert refused.value.status_code == 404
+    assert "steps with one: 10, 20, 30" in str(refused.value)
+
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(run, "agent-008", from_project="email-agent",
+                              from_s3_bucket=source)
+    assert "no ART checkpoint" in str(refused.value) and "agent-008" in str(refused.value)
+
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(run, "agent-007", from_project="email-agent",
+                              from_s3_bucket="no-such-bucket-here")
+    assert refused.value.status_code == 404 and "no-such-bucket-here" in str(refused.value)
+
+
+# -- broken storage ---------------------------------------------------------------------------
+
+
+def test_refused_credentials_and_a_missing_bucket_are_reported_not_crashed_on(
+    s3_server: S3Server, bucket: str, server_factory: Callable[..., ServerProcess],
+    tmp_path: Path
+) -> None:
+    secret = "not-the-secret-" + uuid.uuid4().hex
+    wrong = server_factory(extra_args=["--storage", f"s3://{bucket}/pluto"],
+                           env={**s3_server.env, "AWS_SECRET_ACCESS_KEY": secret})
+    missing = server_factory(extra_args=["--storage", "s3://no-such-bucket/pluto"],
+                             env=s3_server.env)
+    source = tmp_path / "w.bin"
+    source.write_bytes(b"weights")
+    for server, expected in ((wrong, "refused the server's credentials"),
+                             (missing, "no-such-bucket")):
+        assert "not usable" in server.logs()  # said at start
+        run = pluto.init(project="broken", dir=tmp_path / "pluto",
+                         settings={**FAST, "url": server.url})
+        run.log({"loss": 1.0})  # metrics do not need the storage
+        with pytest.warns(RuntimeWarning) as caught:
+            assert run.log_checkpoint(source, step=0) is None
+        message = str(caught[0].message)
+        assert expected in message, message
+        assert secret not in message and secret not in server.logs()
+        run.finish()
