@@ -58,6 +58,19 @@ class ObjectEntry:
     size: int
 
 
+def verified(written: int, size: int, digest: hashlib._Hash, sha256: str | None) -> str:
+    """The digest of a finished upload, or the error that keeps it from being stored."""
+    if written != size:
+        raise SizeMismatch(f"{written} bytes arrived of the {size} announced")
+    actual = digest.hexdigest()
+    if sha256 is not None and actual != sha256:
+        raise ChecksumMismatch(
+            f"the bytes received hash to sha256 {actual}, not the {sha256} announced; "
+            "the file changed while it was uploaded, or was corrupted on the way"
+        )
+    return actual
+
+
 def blob_key(sha256: str) -> str:
     return f"blobs/sha256/{sha256[:2]}/{sha256}"
 
@@ -133,14 +146,7 @@ class LocalBlobStore(BlobStore):
                     raise SizeMismatch(f"more than the {size} bytes announced were sent")
                 digest.update(chunk)
                 await asyncio.to_thread(handle.write, chunk)
-            if written != size:
-                raise SizeMismatch(f"{written} bytes arrived of the {size} announced")
-            actual = digest.hexdigest()
-            if sha256 is not None and actual != sha256:
-                raise ChecksumMismatch(
-                    f"the bytes received hash to sha256 {actual}, not the {sha256} announced; "
-                    "the file changed while it was uploaded, or was corrupted on the way"
-                )
+            actual = verified(written, size, digest, sha256)
             await asyncio.to_thread(_flush_and_sync, handle)
             handle.close()
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -44,12 +44,12 @@ from pluto_server.blobs import (
     BlobNotFound,
     BlobStore,
     BucketNotFound,
-    ChecksumMismatch,
     ObjectEntry,
     S3Options,
     SizeMismatch,
     StorageDenied,
     StorageUnavailable,
+    verified,
 )
 
 if TYPE_CHECKING:
@@ -280,14 +280,7 @@ class S3BlobStore(BlobStore):
                         await send_part(buffer)
                         buffer = bytearray(min(part_bytes, size - sent))
                         filled = 0
-            if written != size:
-                raise SizeMismatch(f"{written} bytes arrived of the {size} announced")
-            actual = digest.hexdigest()
-            if sha256 is not None and actual != sha256:
-                raise ChecksumMismatch(
-                    f"the bytes received hash to sha256 {actual}, not the {sha256} announced; "
-                    "the file changed while it was uploaded, or was corrupted on the way"
-                )
+            actual = verified(written, size, digest, sha256)
             if not multipart:
                 await self._call("write", full, self._client.put_object, Bucket=self.bucket,
                                  Key=full, Body=buffer, ContentLength=len(buffer))
