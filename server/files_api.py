@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from pluto.wire import (
     API_PREFIX,
@@ -68,7 +69,10 @@ def install(app: FastAPI, transfers: Transfers, max_body_bytes: int) -> None:
         size = int(declared) if declared is not None and declared.isdigit() else None
         if request.headers.get("content-encoding", "identity") != "identity":
             raise BadRequest("send blob bytes without content-encoding: they are hashed as sent")
-        stored = await transfers.upload(ref, project, who, sha256, size, request.stream())
+        try:
+            stored = await transfers.upload(ref, project, who, sha256, size, request.stream())
+        except ClientDisconnect:  # nothing was kept; the client is gone and retries
+            raise BadRequest("the upload was cut short before all bytes arrived") from None
         return reply(request, stored, status=201)
 
     @app.post(f"{RUN}/checkpoints", tags=["checkpoints"],
@@ -112,7 +116,8 @@ def install(app: FastAPI, transfers: Transfers, max_body_bytes: int) -> None:
 
     @app.get(f"{RUN}/checkpoints/{{step}}/files/{{path:path}}", tags=["checkpoints"],
              openapi_extra=_RAW_DOWNLOAD)
-    async def checkpoint_file(ref: str, step: int, path: str, who: Who,
+    async def checkpoint_file(ref: str, step: Annotated[int, Path(ge=0, le=INT64_MAX)],
+                              path: str, who: Who,
                               project: ProjectParam = None) -> Response:
         entry, chunks = await transfers.checkpoint_file(ref, project, who, step, path)
         return _download(entry, chunks)
