@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,10 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from support.processes import die_with_parent, terminate
 from support.s3_server import S3Server
 from support.server_process import ServerProcess
 
 import pluto
+from pluto.transfer import sha256_of
 
 MiB = 1024 * 1024
 FAST: dict[str, Any] = {"console": False, "flush_interval": 0.05, "init_timeout": 10,
@@ -203,3 +208,57 @@ def test_refused_credentials_and_a_missing_bucket_are_reported_not_crashed_on(
         assert expected in message, message
         assert secret not in message and secret not in server.logs()
         run.finish()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_big_checkpoint_streams_through_the_server_to_s3_in_bounded_memory(
+    start: Callable[..., pluto.Run], s3_pluto: ServerProcess, tmp_path: Path
+) -> None:
+    block = os.urandom(MiB)
+    source = tmp_path / "big.bin"
+    with source.open("wb") as handle:
+        for _ in range(384):
+            handle.write(block)
+    run = start(name="big")
+    info = run.log_checkpoint(source, step=0)
+    assert info is not None and info.size == 384 * MiB
+    back = run.download_checkpoint(0, tmp_path / "back")
+    assert sha256_of(back / "big.bin") == info.files[0].sha256
+    assert s3_pluto.pid is not None
+    assert peak_rss_mib(s3_pluto.pid) < 200
+
+
+def test_a_server_killed_mid_upload_to_s3_leaves_no_object(
+    s3_server: S3Server, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    bucket = s3_server.create_bucket()
+    server = server_factory(extra_args=["--storage", f"s3://{bucket}/p"], env=s3_server.env)
+    block = os.urandom(MiB)
+    source = tmp_path / "big.bin"
+    with source.open("wb") as handle:
+        for _ in range(300):
+            handle.write(block)
+    run = pluto.init(project="cut", dir=tmp_path / "pluto",
+                     settings={**FAST, "url": server.url})
+    uploader = subprocess.Popen(
+        [sys.executable, "-c", f"import pluto; r = pluto.init(project='cut', "
+         f"run_id={run.run_id!r}, resume=True); r.log_checkpoint({str(source)!r}, step=0)"],
+        cwd=tmp_path, env={**os.environ, "PLUTO_URL": server.url, "PLUTO_CONSOLE": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    client = s3_server.client()
+    deadline = time.monotonic() + 120
+    while not client.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+        assert time.monotonic() < deadline, "no multipart upload started"
+        time.sleep(0.02)
+    server.kill()
+    terminate(uploader, 10)
+    server.start()
+    assert keys_under(s3_server, bucket, "p/blobs/") == {}  # nothing half-written is visible
+    assert run.checkpoints == []
+    run.finish()
