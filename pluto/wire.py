@@ -106,6 +106,9 @@ class RunInfo(Reply):
     first_step: int | None = None
     last_step: int | None = None
     url: str = ""
+    #: Asked for with ``?metrics=`` on a run list: each metric's value at the run's
+    #: highest own step (the mean across writers); NaN and infinities as null in JSON.
+    last_values: dict[str, float | None] = {}
 
 
 class RunAttached(RunInfo, kw_only=True):
@@ -269,8 +272,9 @@ class MetricSeries(Reply):
 
     Raw queries fill ``values`` and ``times``; downsampled ones fill
     ``mins``/``maxs``/``means``/``counts``, with ``steps`` holding each
-    bucket's first step and ``last_steps`` its last. ``owners`` is the
-    run that owns each point or bucket (a bucket never straddles a fork).
+    bucket's first step and ``last_steps`` its last, and ``times`` the wall
+    time of each bucket's first point. ``owners`` is the run that owns each
+    point or bucket (a bucket never straddles a fork).
     """
 
     key: str

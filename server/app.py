@@ -109,8 +109,11 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
 
     @app.get(f"{API_PREFIX}/projects/{{project}}/runs", tags=["projects"],
              openapi_extra=openapi.route(reply=RunList))
-    def list_runs(request: Request, project: str, who: Who) -> Response:
-        return reply(request, service.list_runs(project, who))
+    def list_runs(request: Request, project: str, who: Who,
+                  metrics: Annotated[list[str] | None, Query(
+                      description="fill last_values with these metrics' latest values")]
+                  = None) -> Response:
+        return reply(request, service.list_runs(project, who, metrics))
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
              openapi_extra=openapi.route(reply=RunInfo))

@@ -166,8 +166,8 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
                 owners=owners.tolist(), values=values.tolist(), times=times.tolist(),
             ))
         else:
-            series.append(_downsample(key_names[key_id], label, steps, values, owners,
-                                      query.buckets))
+            series.append(_downsample(key_names[key_id], label, steps, values, times,
+                                      owners, query.buckets))
     return MetricQueryResult(run=query.run_id, lineage=query.lineage, series=series)
 
 
@@ -202,6 +202,7 @@ def _downsample(
     writer: int | None,
     steps: npt.NDArray[np.int64],
     values: npt.NDArray[np.float64],
+    times: npt.NDArray[np.float64],
     owners: npt.NDArray[np.int64],
     buckets: int,
 ) -> MetricSeries:
@@ -227,4 +228,44 @@ def _downsample(
         maxs=np.fmax.reduceat(values, starts).tolist(),
         means=_nanmean_reduceat(values, starts).tolist(),
         counts=(ends - starts).tolist(),
+        times=times[starts].tolist(),
     )
+
+
+LAST_BLOCKS = """
+SELECT b.run_id, b.key_id, b.steps, b.vals, m.top
+FROM metric_blocks b
+JOIN (SELECT run_id, key_id, MAX(step_max) AS top FROM metric_blocks
+      WHERE run_id IN :run_ids AND key_id IN :key_ids GROUP BY run_id, key_id) m
+  ON m.run_id = b.run_id AND m.key_id = b.key_id AND b.step_max = m.top
+"""
+
+
+def last_values(conn: Connection, project_id: int, run_ids: list[int], names: list[str]
+                ) -> dict[int, dict[str, float]]:
+    """Per run, each named key's value at the run's highest own step of it (mean across
+    the writers that logged that step)."""
+    if not run_ids or not names:
+        return {}
+    if len(names) > MAX_KEYS:
+        raise Unprocessable(f"ask for at most {MAX_KEYS} metrics at once")
+    key_names = {int(i): str(k) for i, k in conn.execute(
+        sa.select(metric_keys.c.id, metric_keys.c.key).where(
+            metric_keys.c.project_id == project_id, metric_keys.c.key.in_(names)))}
+    if not key_names:
+        return {}
+    statement = sa.text(LAST_BLOCKS).bindparams(sa.bindparam("run_ids", expanding=True),
+                                                sa.bindparam("key_ids", expanding=True))
+    found: dict[tuple[int, int], list[npt.NDArray[np.float64]]] = {}
+    for run_id, key_id, raw_steps, raw_vals, top in conn.execute(
+            statement, {"run_ids": run_ids, "key_ids": list(key_names)}):
+        steps = np.frombuffer(raw_steps, dtype="<i8")
+        values = np.frombuffer(raw_vals, dtype="<f8")
+        found.setdefault((int(run_id), int(key_id)), []).append(values[steps == int(top)])
+    result: dict[int, dict[str, float]] = {}
+    for (run_id, key_id), parts in found.items():
+        values = np.concatenate(parts)
+        valid = values[~np.isnan(values)]
+        result.setdefault(run_id, {})[key_names[key_id]] = (
+            float(valid.mean()) if len(valid) else float("nan"))
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import sqlalchemy as sa
@@ -110,12 +111,19 @@ class Service:
         with self.db.write() as conn:
             return runs.finish(conn, run_id, req.status).to_info(conn, self.base_url)
 
-    def list_runs(self, project: str, who: auth.KeyIdentity | None) -> RunList:
+    def list_runs(self, project: str, who: auth.KeyIdentity | None,
+                  metrics: list[str] | None = None) -> RunList:
         self.guard(who, project)
         with self.db.read() as conn:
             rows = runs.list_runs(conn, project)
-            return RunList(runs=[row.to_info(conn, self.base_url, history=False)
-                                 for row in rows])
+            infos = [row.to_info(conn, self.base_url, history=False) for row in rows]
+            if metrics and rows:
+                last = queries.last_values(conn, rows[0].project_id, [r.id for r in rows],
+                                           metrics)
+                for info in infos:
+                    info.last_values = {key: _json_number(value)
+                                        for key, value in last.get(info.id, {}).items()}
+            return RunList(runs=infos)
 
     def list_projects(self, who: auth.KeyIdentity | None) -> ProjectList:
         with self.db.read() as conn:
@@ -184,3 +192,8 @@ class Service:
             return logstore.read_logs(conn, run_id, after=after, limit=limit, writer=writer,
                                       contains=contains)
 
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no NaN or infinity: those read as null (no value to show)."""
+    return value if math.isfinite(value) else None

@@ -470,3 +470,25 @@ def test_a_fork_does_not_inherit_system_metrics(api: Api) -> None:
     assert "sys/cpu_percent" in keys and "loss" in keys
     parent_only = api.create_ok(project, fork_run_id=str(parent["id"]), fork_step=5)
     assert api.keys(parent_only["id"], lineage="true").json()["keys"] == ["loss"]
+
+
+def test_buckets_carry_the_wall_time_of_their_first_point(api: Api) -> None:
+    run = api.create_ok(unique_project("times"))
+    api.log(run["id"], {"t": ramp(0, 99)}, time=5000.0)  # point i at 5000 + i
+    s = api.one_series(run["id"], "t", buckets=10)
+    assert s.times == [5000.0 + first for first in s.steps]
+
+
+def test_a_run_list_carries_the_last_value_of_the_metrics_asked_for(api: Api) -> None:
+    project = unique_project("last")
+    a = api.create_ok(project, run_id="a")
+    b = api.create_ok(project, run_id="b")
+    api.log(a["id"], {"loss": ramp(0, 9, lambda s: 10.0 - s), "acc": [(3, 0.5)]})
+    api.log(a["id"], {"loss": [(9, 3.0)]}, writer=1)  # two ranks at the last step: the mean
+    api.log(b["id"], {"loss": [(0, 7.0), (4, float("nan"))]})
+    listed = api.request("GET", f"/projects/{project}/runs",
+                         params={"metrics": ["loss", "acc", "absent"]}).json()["runs"]
+    last = {run["run_id"]: run["last_values"] for run in listed}
+    assert last == {"a": {"loss": 2.0, "acc": 0.5}, "b": {"loss": None}}
+    plain = api.request("GET", f"/projects/{project}/runs").json()["runs"]
+    assert all(run["last_values"] == {} for run in plain)
