@@ -33,13 +33,14 @@ KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres test lint demo bench chaos e2e-kind clean distclean FORCE
+.PHONY: help venv postgres chromium test lint demo bench chaos e2e-kind clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
 	@echo "make postgres  install PostgreSQL (Debian) unless initdb/postgres already exist"
+	@echo "make chromium  install Chromium (Debian) for the browser tests unless it exists"
 	@echo "make lint      ruff + mypy"
-	@echo "make test      lint, then pytest (needs venv and postgres)"
+	@echo "make test      lint, then pytest (needs venv, postgres and chromium)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make chaos     the long fault-injection suite (kill -9 rounds, long outages)"
@@ -100,6 +101,25 @@ postgres:
 		echo "==> postgres: installed $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"; \
 	fi
 
+# Install Chromium (the dashboard's browser tests drive it headless through Playwright,
+# which must never download a browser of its own) only when it is missing.
+chromium:
+	@if [ -z "$${CHROMIUM_FORCE_INSTALL:-}" ] && [ -x /usr/bin/chromium ]; then \
+		echo "==> chromium: found /usr/bin/chromium"; \
+	else \
+		echo "==> chromium: no /usr/bin/chromium (or CHROMIUM_FORCE_INSTALL); apt-get install chromium"; \
+		SUDO=""; \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			if command -v sudo >/dev/null; then SUDO="sudo"; \
+			else echo "chromium: need root or sudo to apt-get install chromium" >&2; exit 1; fi; \
+		fi; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		[ -x /usr/bin/chromium ] \
+			|| { echo "chromium: install finished but /usr/bin/chromium is still missing" >&2; exit 1; }; \
+		echo "==> chromium: installed $$(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"; \
+	fi
+
 lint: venv
 	@echo "==> ruff"
 	@$(BIN)/ruff check .
@@ -108,7 +128,7 @@ lint: venv
 	@echo "==> mypy (test support, examples)"
 	@$(BIN)/mypy $(MYPY_EXTRA)
 
-test: venv postgres
+test: venv postgres chromium
 	@$(MAKE) lint
 	@echo "==> pytest"
 	@$(BIN)/pytest -q
@@ -121,6 +141,7 @@ bench: venv
 	@$(PY) benchmarks/sidecar.py
 	@$(PY) benchmarks/webhook.py
 	@$(PY) benchmarks/checkpoints.py
+	@$(PY) benchmarks/dashboard.py
 
 chaos: venv postgres
 	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos

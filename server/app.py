@@ -36,7 +36,7 @@ from pluto.wire import (
     encode_msgpack,
     json_float,
 )
-from pluto_server import files_api, openapi
+from pluto_server import dashboard, files_api, openapi
 from pluto_server.blobs import BlobError, BlobStore, S3Options, open_store
 from pluto_server.bodies import decode, read_body, wants_msgpack
 from pluto_server.database import Database
@@ -204,6 +204,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
                             contains=q)
         return reply(request, page)
 
+    dashboard.install(app)  # after the API routes: /api/... wins
     return app
 
 

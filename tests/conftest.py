@@ -40,6 +40,14 @@ Fixture map (scopes in brackets):
 ``kube_emulator_factory`` [function]
     ``kube_emulator_factory(**KubeEmulator kwargs)`` starts more, or differently
     configured ones (``git_version="v1.28.0"``, ``crds=[path]``, ``auth=False``).
+``browser`` [session]
+    Playwright driving the system headless Chromium (``/usr/bin/chromium``, from
+    ``make chromium``; never a downloaded one). Skipped without it locally, a
+    failure under CI. See ``support/browser.py``.
+``page`` [function]
+    A new page in a fresh browser context (1400x900, scale 1); on failure a screenshot
+    goes to ``test-artifacts/screenshots/``. ``support.browser.save_screenshot(page,
+    name)`` keeps named ones there too.
 
 PostgreSQL missing: tests that need it are skipped locally, and FAIL under CI
 (``CI=true``), because a CI run that quietly skips a backend proves nothing.
@@ -54,7 +62,7 @@ import pwd
 from collections.abc import Callable, Generator, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from support.kube_emulator import KubeEmulator
@@ -67,6 +75,9 @@ from support.postgres import (
 from support.s3_server import S3Server, S3ServerNotFound
 from support.server_process import ServerProcess
 from support.server_process import env_for as _env_for
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 from support.sidecar_process import SidecarProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,12 +259,17 @@ def env_for() -> Callable[..., dict[str, str]]:
 
 # -- reporting -----------------------------------------------------------------------
 
+#: Each phase's report ("setup", "call", "teardown"): fixtures see whether the test failed.
+PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
     if report.failed:
         funcargs: dict[str, object] = getattr(item, "funcargs", {})
         seen: set[int] = set()
@@ -329,3 +345,38 @@ def kube_emulator(kube_emulator_factory: Callable[..., KubeEmulator]) -> KubeEmu
     """A fresh emulated Kubernetes API server: namespaces ``default`` and ``kube-system``,
     the PlutoRun and JobSet CRDs, ``/version`` v1.31.0; ``.env`` for subprocesses."""
     return kube_emulator_factory()
+
+
+# -- browser -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    from support.browser import ChromiumNotFound, find_chromium, launch_chromium
+
+    try:
+        find_chromium()
+    except ChromiumNotFound as exc:
+        if _in_ci():
+            pytest.fail(f"Chromium is required under CI: {exc}", pytrace=False)
+        pytest.skip(f"Chromium not available: {exc}")
+    with launch_chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A page in a fresh context; a screenshot of it is saved when the test fails."""
+    from support.browser import new_context, save_screenshot, screenshot_path
+
+    context = new_context(browser)
+    try:
+        new_page = context.new_page()
+        yield new_page
+        reports = request.node.stash.get(PHASE_REPORTS, {})
+        if any(r.failed for r in reports.values()):
+            save_screenshot(new_page, f"FAILED-{request.node.nodeid}")
+        else:  # a passing run clears the screenshot of an earlier failure
+            screenshot_path(f"FAILED-{request.node.nodeid}").unlink(missing_ok=True)
+    finally:
+        context.close()
