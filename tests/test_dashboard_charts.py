@@ -9,6 +9,7 @@ person sees): the dashed fork lines, the series colours, the inherited points.
 
 from __future__ import annotations
 
+import datetime
 import struct
 import zlib
 from collections.abc import Iterator
@@ -561,3 +562,37 @@ def test_ranks_are_one_line_each_or_their_mean_with_a_band_and_system_metrics_pe
         "() => document.querySelector('#run-system .pluto-chart').data"
         ".filter((t) => t.meta.role === 'series').map((t) => t.name)")
     assert sorted(names) == ["node 0", "node 1"]
+
+
+def expected_ema(values: list[float], weight: float) -> list[float]:
+    """Debiased EMA, computed here independently of the page's code."""
+    out, last, debias = [], 0.0, 0.0
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        debias = debias * weight + (1 - weight)
+        out.append(last / debias)
+    return out
+
+
+def test_smoothing_time_axes_and_log_scale_come_from_the_url(
+        page: Page, lineage: Lineage) -> None:
+    raw = ([value_a(s) for s in range(51)] + [value_b(s) for s in range(51, 151)]
+           + [value_c(s) for s in range(151, 251)])
+    open_chart(page, run_url(lineage, "C", "smooth=0.9"))
+    [line] = series(page)
+    assert line["y"] == pytest.approx(expected_ema(raw, 0.9))
+    assert line["y"] != pytest.approx(raw)
+
+    open_chart(page, run_url(lineage, "C", "x=time&logy=1"))
+    layout = page.evaluate(f"""() => {{ const l = document.querySelector("{CHART}").layout;
+                                 return {{x: l.xaxis.type, y: l.yaxis.type}}; }}""")
+    assert layout == {"x": "date", "y": "log"}
+    [timed] = series(page)
+    now = datetime.datetime.now(datetime.UTC)
+    assert all(isinstance(x, datetime.datetime) and abs(now - x).total_seconds() < 3600
+               for x in timed["x"])  # wall times of the points, logged minutes ago
+
+    open_chart(page, run_url(lineage, "C", "x=relative"))
+    [relative] = series(page)
+    assert relative["x"][0] == pytest.approx(0.0)
+    assert relative["x"] == sorted(relative["x"]) and relative["x"][-1] > 0
