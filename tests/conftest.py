@@ -40,7 +40,7 @@ Fixture map (scopes in brackets):
 ``kube_emulator_factory`` [function]
     ``kube_emulator_factory(**KubeEmulator kwargs)`` starts more, or differently
     configured ones (``git_version="v1.28.0"``, ``crds=[path]``, ``auth=False``).
-``browser`` [session]
+``browser`` [module]
     Playwright driving the system headless Chromium (``/usr/bin/chromium``, from
     ``make chromium``; never a downloaded one). Skipped without it locally, a
     failure under CI. See ``support/browser.py``.
@@ -350,8 +350,11 @@ def kube_emulator(kube_emulator_factory: Callable[..., KubeEmulator]) -> KubeEmu
 # -- browser -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Per module, not per session: Playwright's sync API keeps an asyncio loop running in
+    the main thread while it is started, and ``asyncio.run()`` in any later test would fail
+    with "cannot be called from a running event loop"."""
     from support.browser import ChromiumNotFound, find_chromium, launch_chromium
 
     try:
