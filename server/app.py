@@ -12,6 +12,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pluto_server
 from pluto.wire import (
@@ -79,6 +80,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     transfers = Transfers(service, store, S3Options(endpoint_url=settings.s3_endpoint_url,
                                                     region=settings.s3_region))
     _install_error_handlers(app)
+    app.add_middleware(RefuseNulInUrls)
     files_api.install(app, transfers, settings.max_body_bytes)
     openapi.install(app)
 
@@ -218,6 +220,25 @@ def _json_safe(result: MetricQueryResult) -> dict[str, Any]:
         for name in FLOAT_FIELDS:
             series[name] = [json_float(v) for v in series[name]]
     return encoded
+
+
+class RefuseNulInUrls:
+    """A NUL character in a path or query is refused with 422 before any route runs:
+    PostgreSQL cannot store or compare strings holding one (it would be a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+                "\x00" in scope.get("path", "")
+                or b"%00" in scope.get("query_string", b"").lower()):
+            response = Response(
+                encode_json({"detail": "the URL holds a NUL character (%00): remove it"}),
+                status_code=422, media_type=JSON)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def _check_storage(store: BlobStore) -> None:

@@ -34,6 +34,7 @@ from botocore.exceptions import (
     ClientError,
     HTTPClientError,
     NoCredentialsError,
+    ParamValidationError,
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -182,6 +183,8 @@ class S3BlobStore(BlobStore):
             raise BlobError(
                 f"S3 at {self.endpoint} refused to {action} {what}: {code}: {message}"
             ) from None
+        if isinstance(exc, ParamValidationError):  # a request boto3 refuses to make: no retry
+            raise BlobError(f"cannot {action} {what}: {exc}") from None
         if isinstance(exc, BotoCoreError | OSError):
             raise StorageUnavailable(
                 f"S3 at {self.endpoint} failed to {action} {what}: {exc}"

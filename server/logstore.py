@@ -9,6 +9,8 @@ from pluto.wire import LogPage, LogRecord
 from pluto_server.schema import log_lines
 
 MAX_PAGE = 10_000
+#: Line ids are 32-bit integers in the schema: nothing comes after the largest.
+MAX_LINE_ID = 2**31 - 1
 
 
 def read_logs(
@@ -21,6 +23,8 @@ def read_logs(
     contains: str | None = None,
 ) -> LogPage:
     limit = max(1, min(limit, MAX_PAGE))
+    if after is not None and after >= MAX_LINE_ID:  # PostgreSQL refuses a bigger int4 bound
+        return LogPage(lines=[], next_after=None)
     query = sa.select(log_lines).where(log_lines.c.run_id == run_id)
     if after is not None:
         query = query.where(log_lines.c.id > after)

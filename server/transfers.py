@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
@@ -50,6 +51,10 @@ from pluto_server.service import Service
 T = TypeVar("T")
 
 MAX_CHECKED_BLOBS = 100_000
+#: What S3-compatible stores accept as a bucket name (AWS is stricter: lowercase, 3-63).
+BUCKET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+#: An ART project or model name: one path segment of the bucket's layout.
+ART_NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9 ._@+=-]{0,255}$")
 
 
 class StorageError(ApiError):
@@ -219,13 +224,21 @@ class Transfers:
                                                                              bool]:
         assert req.from_s3_bucket is not None
         bucket = req.from_s3_bucket.removeprefix("s3://").strip("/")
+        if not BUCKET_NAME.match(bucket):
+            raise Unprocessable(f"from_s3_bucket {req.from_s3_bucket!r} is not a bucket name: "
+                                "use letters, digits, '.', '-' or '_' (or s3://NAME)")
+        project = req.from_project or target.project
+        for what, name in (("from_run (the ART model)", req.from_run),
+                           ("from_project (the ART project)", project)):
+            if not ART_NAME.match(name) or name in (".", ".."):
+                raise Unprocessable(f"{what} {name!r} is not a name ART uses: one path "
+                                    "segment of letters, digits and . _ - @ + = or spaces")
         where = f"bucket {bucket!r}"
         with storage_errors(where, ours=False):
             source = open_store(f"s3://{bucket}", self.s3)
         try:
             with storage_errors(where, ours=False):
-                found = await art.find(source, req.from_project or target.project,
-                                       req.from_run, req.not_after_step)
+                found = await art.find(source, project, req.from_run, req.not_after_step)
             with storage_errors(f"storage {self.store.url}"):
                 files = await art.import_files(source, found, self.store, self._have,
                                                self._record)

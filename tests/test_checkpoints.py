@@ -285,3 +285,18 @@ def test_ranks_saving_the_same_checkpoint_at_once_make_one(
     assert all(result is not None for result in results)
     assert len({result.created_at for result in results if result}) == 1
     assert [c.step for c in run.checkpoints] == [3]
+
+
+@pytest.mark.parametrize(("body", "phrase"), [
+    ({"from_run": "m", "from_s3_bucket": "\U00023dbd bad"}, "is not a bucket name"),
+    ({"from_run": "", "from_s3_bucket": "art"}, "is not a name ART uses"),
+    ({"from_run": "a/../b", "from_s3_bucket": "art"}, "is not a name ART uses"),
+    ({"from_run": "m", "from_project": "..", "from_s3_bucket": "art"}, "is not a name ART uses"),
+])
+def test_an_art_fork_with_names_no_bucket_can_hold_is_refused_before_any_s3_call(
+    start: Callable[..., pluto.Run], url: str, project: str, body: dict[str, Any], phrase: str
+) -> None:
+    run = start(name="target")
+    answer = httpx.post(f"{url}{API_PREFIX}/runs/{run.id}/checkpoints/fork", json=body)
+    assert answer.status_code == 422, answer.text
+    assert phrase in answer.json()["detail"]

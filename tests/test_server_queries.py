@@ -492,3 +492,16 @@ def test_a_run_list_carries_the_last_value_of_the_metrics_asked_for(api: Api) ->
     assert last == {"a": {"loss": 2.0, "acc": 0.5}, "b": {"loss": None}}
     plain = api.request("GET", f"/projects/{project}/runs").json()["runs"]
     assert all(run["last_values"] == {} for run in plain)
+
+
+def test_a_nul_in_a_url_is_refused_and_a_log_cursor_past_every_id_is_an_empty_page(
+    api: Api
+) -> None:
+    """Both were 500s on PostgreSQL (found by tests/test_fuzz_api.py)."""
+    project = unique_project("nul")
+    run = api.create_ok(project, run_id="r")
+    api.ingest_ok(chunk(run["id"], {"loss": ramp(0, 2)}, logs=[(1, "hello")]))
+    refused = api.request("GET", f"/projects/{project}/runs?metrics=%00loss")
+    assert refused.status_code == 422 and "NUL" in refused.json()["detail"]
+    far = api.request("GET", f"/runs/{run['id']}/logs", params={"after": 12674685999603})
+    assert far.status_code == 200 and far.json() == {"lines": [], "next_after": None}
