@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.processes import die_with_parent, terminate
+from support.processes import die_with_parent, peak_rss_mib, terminate
 from support.server_process import ServerProcess
 
 import pluto
@@ -40,12 +40,6 @@ def big_file(path: Path, size: int) -> Path:
     return path
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The process's high-water mark of resident memory (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def sdk_env(url: str) -> dict[str, str]:

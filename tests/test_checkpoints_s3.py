@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.processes import die_with_parent, terminate
+from support.processes import die_with_parent, peak_rss_mib, terminate
 from support.s3_server import S3Server
 from support.server_process import ServerProcess
 
@@ -210,11 +210,6 @@ def test_refused_credentials_and_a_missing_bucket_are_reported_not_crashed_on(
         run.finish()
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def test_a_big_checkpoint_streams_through_the_server_to_s3_in_bounded_memory(

@@ -50,3 +50,12 @@ def tail(path: Path, limit: int = 4000) -> str:
         return path.read_bytes()[-limit:].decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's high-water mark of resident memory (VmHWM), in MiB. Unlike ru_maxrss it
+    starts afresh at exec, so it never counts the process this one was forked from."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
