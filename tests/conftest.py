@@ -24,6 +24,14 @@ Fixture map (scopes in brackets):
 ``server_factory`` [function]
     ``server_factory(database_url=None, **ServerProcess kwargs)`` starts extra
     servers (e.g. two replicas on one database); all stopped after the test.
+``sdk_env`` [function]
+    For in-process SDK tests: no developer ``PLUTO_*``/``MLOP_*``/``RANK``
+    variables reach ``pluto.init``, and the working directory (where spools land
+    by default) is the test's ``tmp_path``. Use with
+    ``pytestmark = pytest.mark.usefixtures("sdk_env")``.
+``project`` [function]
+    A project name of the test's own (from its name, plus a random suffix): the
+    shared server is not empty.
 ``env_for`` [function]
     ``env_for(server, **extra)``: an environment for subprocesses with
     ``PLUTO_URL`` set and no inherited ``PLUTO_*``/``MLOP_*`` variables.
@@ -59,6 +67,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import re
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from functools import cache
 from pathlib import Path
@@ -250,6 +260,20 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
         yield factory
     finally:
         factory.stop_all()
+
+
+@pytest.fixture
+def sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith(("PLUTO_", "MLOP_")) or name == "RANK":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def project(request: pytest.FixtureRequest) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    return f"{base}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture

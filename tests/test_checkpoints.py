@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,18 +27,7 @@ FAST: dict[str, Any] = {"console": False, "flush_interval": 0.05, "init_timeout"
                         "finish_timeout": 10}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("PLUTO_", "MLOP_")) or name == "RANK":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def project(request: pytest.FixtureRequest) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
-    return f"{base}-{uuid.uuid4().hex[:6]}"
+pytestmark = pytest.mark.usefixtures("sdk_env")
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ FAST: dict[str, Any] = {"console": False, "flush_interval": 0.05, "init_timeout"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(sdk_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sdk_env``, and no developer AWS credentials: each test passes its own."""
     for name in list(os.environ):
-        if name.startswith(("PLUTO_", "MLOP_", "AWS_")) or name == "RANK":
+        if name.startswith("AWS_"):
             monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,20 +37,7 @@ FAST: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No developer ``PLUTO_*``/``MLOP_*``/``RANK`` leaks in; spools land in tmp."""
-    for name in list(os.environ):
-        if name.startswith(("PLUTO_", "MLOP_")) or name == "RANK":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def project(request: pytest.FixtureRequest) -> str:
-    """A project of its own for each test: the shared server is not empty."""
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
-    return f"{base}-{uuid.uuid4().hex[:6]}"
+pytestmark = pytest.mark.usefixtures("sdk_env")
 
 
 @pytest.fixture

@@ -41,12 +41,7 @@ FAST: dict[str, Any] = {
 Point = tuple[str, int, int]  # (key, step, writer)
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("PLUTO_", "MLOP_")) or name == "RANK":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("sdk_env")
 
 
 @pytest.fixture
