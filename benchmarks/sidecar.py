@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import psutil
-from _server import free_port, running_server
+from _server import free_port, server_process
 from rich.console import Console
 from rich.table import Table
 
@@ -79,11 +79,13 @@ def writer_main(calls: int) -> int:
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.time()
+    cpu = time.process_time()  # this process, every thread: log() calls and packing
     for step in range(calls):
         run.log(payloads[step % 1000], step=step)
     logged = time.time()
     run.finish()
-    print(f"{start} {logged} {time.time()} {run.undelivered_bytes}", flush=True)
+    print(f"{start} {logged} {time.time()} {run.undelivered_bytes} "
+          f"{time.process_time() - cpu}", flush=True)
     return 0
 
 
@@ -98,7 +100,9 @@ class Measurement:
     e2e_seconds: float  # first log() -> the server holds every point
     log_seconds: float  # first log() -> last writer's last log() call
     rss_peak: int
-    cpu_seconds: float
+    cpu_seconds: float  # the sidecar's
+    writers_cpu: float = 0.0  # all writer processes together, first log() to finish()
+    server_cpu: float = 0.0  # the server's, over the same span (until it holds every point)
 
     @property
     def hop_rate(self) -> float:
@@ -181,7 +185,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def measure(url: str, writers: int, points: int) -> Measurement:
+def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement:
     calls = points // len(KEYS) // writers
     total = calls * len(KEYS) * writers
     run_ref = uuid.uuid4().hex
@@ -202,6 +206,7 @@ def measure(url: str, writers: int, points: int) -> Measurement:
                     raise RuntimeError(f"a writer failed to start (exit {proc.wait()})")
             sampler = Sampler(sidecar.pid)
             cpu = psutil.Process(sidecar.pid).cpu_times()
+            server_cpu = psutil.Process(server_pid).cpu_times()
             sampler.start()
             for proc in procs:
                 assert proc.stdin is not None
@@ -213,13 +218,16 @@ def measure(url: str, writers: int, points: int) -> Measurement:
                     raise RuntimeError("a writer failed")
                 time.sleep(0.05)
             e2e_end = time.time()
+            server_after = psutil.Process(server_pid).cpu_times()
             times = []
+            writers_cpu = 0.0
             for proc in procs:
                 out, _ = proc.communicate(timeout=120)
-                start, logged, finished, undelivered = out.split()
+                start, logged, finished, undelivered, used = out.split()
                 if int(undelivered) or proc.returncode:
                     raise RuntimeError(f"a writer could not deliver: {out!r}")
                 times.append((float(start), float(logged), float(finished)))
+                writers_cpu += float(used)
             after = psutil.Process(sidecar.pid).cpu_times()
             rss = sampler.stop()
         finally:
@@ -240,6 +248,9 @@ def measure(url: str, writers: int, points: int) -> Measurement:
         log_seconds=max(t[1] for t in times) - first,
         rss_peak=rss,
         cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
+        writers_cpu=writers_cpu,
+        server_cpu=(server_after.user + server_after.system)
+        - (server_cpu.user + server_cpu.system),
     )
 
 
@@ -268,7 +279,7 @@ def chunk_payloads(points: int, run_ref: str) -> list[bytes]:
     return frames
 
 
-def frames_through_sidecar(url: str, points: int) -> Measurement:
+def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measurement:
     """The same CHUNK frames sent by a bare protocol client (no SDK, no packing) to a
     fresh sidecar: seconds until the sidecar acknowledged them all (all spooled) and
     until the server holds them all."""
@@ -281,6 +292,7 @@ def frames_through_sidecar(url: str, points: int) -> Measurement:
             transport.open_run(RunCreate(project=PROJECT, run_id=run_ref), 15)
             sampler = Sampler(sidecar.pid)
             cpu = psutil.Process(sidecar.pid).cpu_times()
+            server_cpu = psutil.Process(server_pid).cpu_times()
             sampler.start()
             start = time.perf_counter()
             for first in range(0, len(payloads), 8):
@@ -289,6 +301,7 @@ def frames_through_sidecar(url: str, points: int) -> Measurement:
             while metric(health, "points_sent_total") < points:
                 time.sleep(0.05)
             stored = time.perf_counter()
+            server_after = psutil.Process(server_pid).cpu_times()
             after = psutil.Process(sidecar.pid).cpu_times()
             rss = sampler.stop()
             transport.close()
@@ -296,7 +309,9 @@ def frames_through_sidecar(url: str, points: int) -> Measurement:
             stop(sidecar)
     return Measurement(writers=1, points=points, hop_seconds=spooled - start,
                        e2e_seconds=stored - start, log_seconds=0.0, rss_peak=rss,
-                       cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system))
+                       cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
+                       server_cpu=(server_after.user + server_after.system)
+                       - (server_cpu.user + server_cpu.system))
 
 
 def _raw_writer(sock: socket.socket, frames: list[bytes]) -> None:
@@ -373,18 +388,19 @@ def main() -> None:
                                      if args.postgres_url else [])
     results: dict[tuple[str, str], list[Measurement]] = {}
     for name, database_url in backends:
-        with running_server(database_url) as url:
-            measure(url, 1, min(points, 100_000))  # warm up the server
+        with server_process(database_url) as (url, pid):
+            measure(url, pid, 1, min(points, 100_000))  # warm up the server
             for writers in counts:
-                results[(name, str(writers))] = [measure(url, writers, points)
+                results[(name, str(writers))] = [measure(url, pid, writers, points)
                                                  for _ in range(args.repeat)]
-            results[(name, "frames")] = [frames_through_sidecar(url, points)
+            results[(name, "frames")] = [frames_through_sidecar(url, pid, points)
                                          for _ in range(args.repeat)]
 
     table = Table(title=f"pluto sidecar: {points:,} points per run (10 scalars per log() "
                         f"call), median of {args.repeat} runs")
     for column in ("server", "writers", "sidecar hop\npoints/s", "end to end\npoints/s",
-                   "hop / raw\nsocket", "sidecar\npeak RSS", "sidecar\nCPU s"):
+                   "hop / raw\nsocket", "sidecar\npeak RSS", "sidecar\nCPU s",
+                   "CPU s per 1M points\nwriters/sidecar/server"):
         table.add_column(column, justify="left" if column == "server" else "right")
     for (name, label), runs in results.items():
         hop = statistics.median(m.hop_rate for m in runs)
@@ -394,11 +410,13 @@ def main() -> None:
             f"{hop:,.0f}", f"{e2e:,.0f}", f"{hop / raw_pps:.1%}",
             f"{max(m.rss_peak for m in runs) / MB:.1f} MB",
             f"{statistics.median(m.cpu_seconds for m in runs):.2f}",
+            "/".join(f"{statistics.median(getattr(m, f) / m.points * 1e6 for m in runs):.2f}"
+                     for f in ("writers_cpu", "cpu_seconds", "server_cpu")),
         )
     table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
-                  "")
+                  "", "")
     table.add_row("raw socket + write + fsync", "1 writer process", f"{durable_pps:,.0f}", "",
-                  f"{durable_pps / raw_pps:.1%}", "", "")
+                  f"{durable_pps / raw_pps:.1%}", "", "", "")
     console.print(table)
     console.print(f"raw Unix socket (writer process -> reader process, no processing): "
                   f"{frame_bytes / MB:.1f} MB of CHUNK frames ({len(frames)} frames, "
@@ -417,7 +435,8 @@ def main() -> None:
             console.print(
                 f"  {name} {who}: {m.points:,} points, log loop {m.log_seconds:.2f}s, all "
                 f"spooled {m.hop_seconds:.2f}s, in the server {m.e2e_seconds:.2f}s; sidecar "
-                f"{m.cpu_seconds:.2f} CPU s, peak RSS {m.rss_peak / MB:.1f} MB")
+                f"{m.cpu_seconds:.2f} CPU s, peak RSS {m.rss_peak / MB:.1f} MB; writers "
+                f"{m.writers_cpu:.2f} CPU s, server {m.server_cpu:.2f} CPU s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -53,10 +53,21 @@ class KeyCache:
             self._ids.update(entries)
 
 
+def chunk_name(position: int, chunk: Chunk) -> str:
+    """How an error names a chunk: its place in the batch and its idempotency key."""
+    return f"chunk {position} (run {chunk.run}, session {chunk.session!r}, seq {chunk.seq})"
+
+
 def validate(batch: IngestBatch) -> None:
-    """Reject a malformed batch whole, before anything is written."""
+    """Reject a malformed batch whole, before anything is written.
+
+    The per-point checks (every step in range, every key index naming a key) are made
+    by ``columns`` as it converts a chunk's points to arrays in ``apply``: looking at
+    each of a million points once more here cost as much as storing them. A bad point
+    there rolls the whole batch back, so nothing of it is applied either way.
+    """
     for position, chunk in enumerate(batch.chunks):
-        where = f"chunk {position} (run {chunk.run}, session {chunk.session!r}, seq {chunk.seq})"
+        where = chunk_name(position, chunk)
         n = len(chunk.steps)
         for name in ("key_index", "values", "times"):
             length = len(getattr(chunk, name))
@@ -81,15 +92,6 @@ def validate(batch: IngestBatch) -> None:
         for key in chunk.keys:
             if not key or len(key) > MAX_KEY_LENGTH:
                 raise Unprocessable(f"{where}: metric key {key[:40]!r} must be 1-256 characters")
-        if n:
-            key_index = np.asarray(chunk.key_index, dtype=np.int64)
-            if key_index.min() < 0 or key_index.max() >= len(chunk.keys):
-                raise Unprocessable(
-                    f"{where}: key_index refers to a key that is not in keys "
-                    f"({len(chunk.keys)} keys)"
-                )
-            if min(chunk.steps) < 0 or max(chunk.steps) > INT64_MAX:
-                raise Unprocessable(f"{where}: steps must be between 0 and 2**63-1")
         if chunk.finish is RunStatus.RUNNING:
             raise Unprocessable(f"{where}: finish must be COMPLETED, FAILED or TERMINATED")
         for line in chunk.logs:
@@ -170,7 +172,8 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
     applied = duplicates = points = 0
     now = time.time()
     # A fixed order keeps concurrent PostgreSQL transactions from deadlocking.
-    for chunk in sorted(batch.chunks, key=lambda c: (c.run, c.session, c.seq)):
+    for position, chunk in sorted(enumerate(batch.chunks),
+                                  key=lambda item: (item[1].run, item[1].session, item[1].seq)):
         fresh = conn.execute(
             insert_ignore(conn, ingest_log, ["run_id", "session", "seq"])
             .values(run_id=chunk.run, session=chunk.session, seq=chunk.seq, applied_at=now)
@@ -188,7 +191,7 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
                 key_id = keys.get(project_id, name)
                 assert key_id is not None, "ensure_keys() runs before apply()"
                 key_ids.append(key_id)
-            _insert_blocks(conn, chunk, key_ids)
+            _insert_blocks(conn, chunk, key_ids, chunk_name(position, chunk))
         if chunk.logs:
             conn.execute(
                 sa.insert(log_lines),
@@ -203,27 +206,72 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
     return IngestResult(applied=applied, duplicates=duplicates, points=points)
 
 
-def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int]) -> None:
-    key_index = np.asarray(chunk.key_index, dtype=np.int64)
-    steps = np.asarray(chunk.steps, dtype="<i8")
-    values = np.asarray(chunk.values, dtype="<f8")
-    times = np.asarray(chunk.times, dtype="<f8")
-    order = np.argsort(key_index, kind="stable")
-    sorted_keys = key_index[order]
-    bounds: npt.NDArray[np.intp] = np.flatnonzero(np.diff(sorted_keys)) + 1
+Array: TypeAlias = npt.NDArray[Any]
+
+
+def columns(chunk: Chunk, where: str) -> list[tuple[int, Array, Array, Array]]:
+    """A chunk's points as ``(key index, steps, values, times)`` per key, each column a
+    contiguous little-endian array, in the order the points came; ``Unprocessable`` for a
+    step out of range or a key index that names no key.
+
+    Each list is converted to an array once (on a 2-core machine, list -> array is most of
+    what ingest costs per point), and checked on the array.
+    """
+    n_keys = len(chunk.keys)
+    try:
+        steps = np.array(chunk.steps, dtype="<i8")
+    except OverflowError:  # a step past 2**63-1 (MessagePack carries up to 2**64-1)
+        steps = np.array([-1])
+    if steps.min() < 0:
+        raise Unprocessable(f"{where}: steps must be between 0 and 2**63-1")
+    try:
+        key_index = np.array(chunk.key_index, dtype=np.int64)
+    except OverflowError:
+        key_index = np.array([-1])
+    if key_index.min() < 0 or key_index.max() >= n_keys:
+        raise Unprocessable(f"{where}: key_index refers to a key that is not in keys "
+                            f"({n_keys} keys)")
+    values = np.array(chunk.values, dtype="<f8")
+    times = np.array(chunk.times, dtype="<f8")
+    n = len(steps)
+    if n % n_keys == 0:
+        # The SDK's layout: every logged row carries the same keys in the same order, so
+        # key_index repeats one permutation of the keys. Then a (rows x keys) reshape and
+        # one transpose give every key's column without sorting anything.
+        grid = key_index.reshape(-1, n_keys)
+        first = grid[0]
+        if (grid == first).all() and len(np.unique(first)) == n_keys:
+            by_key = [np.ascontiguousarray(column.reshape(-1, n_keys).T)
+                      for column in (steps, values, times)]
+            return [(int(first[c]), by_key[0][c], by_key[1][c], by_key[2][c])
+                    for c in range(n_keys)]
+    # Any other layout: group by key, keeping each key's points in their order. A small
+    # key type lets numpy use a radix sort (linear) instead of a merge sort.
+    small = key_index.astype(np.uint16) if n_keys <= 65536 else key_index
+    order = np.argsort(small, kind="stable")
+    bounds: npt.NDArray[np.intp] = np.flatnonzero(np.diff(small[order])) + 1
+    return [(int(key_index[group[0]]), steps[group], values[group], times[group])
+            for group in np.split(order, bounds)]
+
+
+def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int], where: str) -> None:
+    """One ``metric_blocks`` row per key of the chunk (see ``schema.metric_blocks``)."""
     rows: list[dict[str, Any]] = []
-    for group in np.split(order, bounds):
-        group_steps = steps[group]
+    low = high = -1
+    for index, steps, values, times in columns(chunk, where):
+        step_min, step_max = int(steps.min()), int(steps.max())
+        low = step_min if low < 0 else min(low, step_min)
+        high = max(high, step_max)
         rows.append({
             "run_id": chunk.run,
-            "key_id": key_ids[int(key_index[group[0]])],
+            "key_id": key_ids[index],
             "writer": chunk.writer,
-            "step_min": int(group_steps.min()),
-            "step_max": int(group_steps.max()),
-            "n": len(group),
-            "steps": group_steps.tobytes(),
-            "vals": values[group].tobytes(),
-            "times": times[group].tobytes(),
+            "step_min": step_min,
+            "step_max": step_max,
+            "n": len(steps),
+            "steps": steps.tobytes(),
+            "vals": values.tobytes(),
+            "times": times.tobytes(),
         })
     conn.execute(sa.insert(metric_blocks), rows)
     used = sorted({row["key_id"] for row in rows})
@@ -231,7 +279,6 @@ def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int]) -> None:
         insert_ignore(conn, run_keys, ["run_id", "key_id"]),
         [{"run_id": chunk.run, "key_id": key_id} for key_id in used],
     )
-    low, high = int(steps.min()), int(steps.max())
     conn.execute(
         sa.update(runs)
         .where(runs.c.id == chunk.run)

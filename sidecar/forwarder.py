@@ -5,6 +5,12 @@ oldest record old enough. The spool is acknowledged only after the server
 answers; a retried batch is harmless because the server applies each chunk once
 (its (run, session, seq) key). Errors that retrying cannot fix move the record to
 a dead-letter file with the server's reason.
+
+One request is in flight at a time, so batches reach the server in spool order.
+While it is, the next batch is read and compressed (in a worker thread): the
+server's time and the sidecar's are spent side by side instead of one after the
+other. A prepared batch is only a read ahead: nothing is acknowledged for it until
+it is sent, and it is dropped whenever the forwarder rewinds.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -31,6 +37,15 @@ log = logging.getLogger("pluto.sidecar.forwarder")
 
 MAX_BACKOFF = 30.0
 MAX_RECORDS = 4096
+#: While a batch waits to fill up (``batch_max_age``), how often it looks again.
+FILL_POLL_SECONDS = 0.01
+
+
+class Prepared(NamedTuple):
+    """A batch read ahead: its records and, when they are all chunks, the request body."""
+
+    records: list[Record]
+    body: bytes | None
 
 
 class Forwarder:
@@ -46,6 +61,7 @@ class Forwarder:
         self.dead_letter = dead_letter
         self._backoff = 0.0
         self._first_seen: float | None = None
+        self._ahead: asyncio.Task[Prepared] | None = None
 
     async def run_forever(self) -> None:
         while True:
@@ -57,19 +73,29 @@ class Forwarder:
         if self.queue.empty:
             self._first_seen = None
             return True
-        now = time.monotonic()
-        self._first_seen = self._first_seen or now
-        young = now - self._first_seen < self.batch_max_age
-        if young and self.queue.pending_bytes < self.batch_max_bytes:
-            await asyncio.sleep(self.batch_max_age - (now - self._first_seen))
-        records = await self.queue.read(MAX_RECORDS, self.batch_max_bytes)
+        records: list[Record] = []
+        body: bytes | None = None
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            try:
+                records, body = await ahead
+            except Exception as exc:  # read it again below, the ordinary way
+                log_event(log, "reading ahead failed", error=repr(exc), level=logging.WARNING)
+                self.queue.rewind()  # everything before it is acknowledged
+                records, body = [], None
+        if not records:
+            await self._fill()
+            records = await self.queue.read(MAX_RECORDS, self.batch_max_bytes)
         if not records:
             return self.queue.empty
-        sent = await self._forward(records)
+        # Whatever is spooled past this batch is read and compressed while it is sent.
+        self._ahead = asyncio.create_task(self._prepare(), name="forwarder-read-ahead")
+        sent = await self._forward(records, body)
         if sent:
             self._backoff = 0.0
             self._first_seen = None
         else:
+            self._drop_ahead()
             self.queue.rewind()
             self._backoff = min(MAX_BACKOFF, max(0.25, self._backoff * 2))
             self.telemetry.retries.inc()
@@ -81,6 +107,7 @@ class Forwarder:
         """Forward until the spool is empty or the deadline (monotonic) passes."""
         # A send cancelled mid-flight (the forwarder task) acknowledged nothing: read again
         # from the first unacknowledged record, never from past the cancelled batch.
+        self._drop_ahead()
         self.queue.rewind()
         self.batch_max_age = 0.0
         while time.monotonic() < deadline:
@@ -91,9 +118,40 @@ class Forwarder:
                 break
         return self.queue.empty
 
-    async def _forward(self, records: list[Record]) -> bool:
+    async def _fill(self) -> None:
+        """Give a batch until ``batch_max_age`` after its first record was seen to reach
+        ``batch_max_bytes``; a full batch goes at once."""
+        now = time.monotonic()
+        self._first_seen = self._first_seen or now
+        # Look again now and then rather than sleeping out the age: ranks that send big
+        # chunks fill a batch in a few ms, and sleeping 0.2 s then was pure latency.
+        while (now - self._first_seen < self.batch_max_age
+               and self.queue.pending_bytes < self.batch_max_bytes):
+            await asyncio.sleep(min(FILL_POLL_SECONDS,
+                                    self.batch_max_age - (now - self._first_seen)))
+            now = time.monotonic()
+
+    async def _prepare(self) -> Prepared:
+        """The next batch, read ahead of the one being sent; its body compressed when it
+        holds only chunks (mixed batches are sent piece by piece by ``_forward``)."""
+        records = await self.queue.read(MAX_RECORDS, self.batch_max_bytes)
+        if not records or any(RecordKind(r.payload[:1]) is not RecordKind.CHUNK
+                              for r in records):
+            return Prepared(records, None)
+        return Prepared(records, await self.upstream.prepare(_chunk_views(records)))
+
+    def _drop_ahead(self) -> None:
+        """Forget the batch read ahead (the read position is rewound after this)."""
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
+
+    async def _forward(self, records: list[Record], body: bytes | None = None) -> bool:
         """Send records in order; False (and nothing acknowledged past the failure) on a
-        transient error."""
+        transient error. ``body``: the records' request body, compressed ahead of time
+        (they are then all chunks)."""
+        if body is not None:
+            return await self._send_chunks(records, body)
         group: list[Record] = []
         for record in records:
             kind = RecordKind(record.payload[:1])
@@ -107,11 +165,11 @@ class Forwarder:
                 return False
         return not group or await self._send_chunks(group)
 
-    async def _send_chunks(self, group: list[Record]) -> bool:
-        # Views past each record's kind byte: the chunk bytes are not copied.
-        payloads = [memoryview(record.payload)[1:] for record in group]
+    async def _send_chunks(self, group: list[Record], body: bytes | None = None) -> bool:
         try:
-            result = await self.upstream.ingest(payloads)
+            if body is None:
+                body = await self.upstream.prepare(_chunk_views(group))
+            result = await self.upstream.send_ingest(body)
         except RequestRejected as exc:
             if not exc.permanent:
                 return self._transient(exc)
@@ -169,3 +227,8 @@ class Forwarder:
         log_event(log, "record refused by the server, moved to dead letters",
                   status=exc.status_code, detail=exc.detail, file=str(self.dead_letter),
                   level=logging.ERROR)
+
+
+def _chunk_views(records: list[Record]) -> list[memoryview]:
+    """The chunks of records, as views past each record's kind byte: not copied."""
+    return [memoryview(record.payload)[1:] for record in records]

@@ -72,9 +72,15 @@ class Upstream:
         return await self._call("PATCH", path, RunInfo, encode_json(request.update), JSON)
 
     async def ingest(self, chunks: Sequence[bytes | memoryview]) -> IngestResult:
+        return await self.send_ingest(await self.prepare(chunks))
+
+    async def prepare(self, chunks: Sequence[bytes | memoryview]) -> bytes:
+        """The compressed ``IngestBatch`` body of ``chunks``, for ``send_ingest``."""
         # Compressed in a worker thread: zlib lets go of the GIL, so the event loop keeps
         # reading and acknowledging clients' frames meanwhile (on another core).
-        body = await asyncio.to_thread(gzip_body, ingest_body_parts(chunks))
+        return await asyncio.to_thread(gzip_body, ingest_body_parts(chunks))
+
+    async def send_ingest(self, body: bytes) -> IngestResult:
         return await self._call("POST", "/ingest", IngestResult, body, MSGPACK, gzipped=True)
 
     async def _call(self, method: str, path: str, reply: type[T], body: bytes,
