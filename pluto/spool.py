@@ -11,16 +11,31 @@ spool left by a dead process can be adopted and replayed by another. A new
 spool is built under a hidden name and renamed into place already locked, and
 an emptied one is renamed away before it is taken apart, so a process looking
 for orphans never sees a spool that is half made or half removed.
+
+A full volume (``ENOSPC``, ``EDQUOT``) never leaves a partial record behind: a
+write that fails is cut back to where the segment ended before it, so the next
+record follows the last intact one (a torn record in the middle of a segment
+would hide every record after it from readers, and recovery would cut them all).
+``append`` then holds the record in memory (up to ``held_max_bytes``), warns once,
+and writes it when there is room again; the sidecar's queue raises
+:class:`SpoolFull` instead and holds its clients back (``pluto_sidecar.queue``).
+While space is short, a spool whose records are all delivered moves to a fresh
+segment so that the old one, and its space, can go.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import fcntl
+import logging
 import os
 import struct
 import threading
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,10 +45,25 @@ CURSOR = struct.Struct("<QQ")
 SEGMENT_BYTES = 16 * 1024 * 1024
 LOCK_NAME = "LOCK"
 CURSOR_NAME = "CURSOR"
+#: errno values that mean "the volume (or the user's quota on it) is full".
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+Buffer = bytes | bytearray | memoryview
+
+log = logging.getLogger("pluto.spool")
 
 
 class SpoolLocked(Exception):
     """Another live process owns this spool directory."""
+
+
+class SpoolFull(OSError):
+    """No space left on the spool's volume: the record was not written (nothing partial
+    of it is left in the spool either). Retry once there is room."""
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, SpoolFull) or (isinstance(exc, OSError) and exc.errno in NO_SPACE)
 
 
 @dataclass(frozen=True, order=True)
@@ -57,11 +87,25 @@ class Recovery:
 
 
 class Spool:
+    #: ``append`` holds at most this many bytes of records in memory while the volume is
+    #: full; past that it raises :class:`SpoolFull`.
+    held_max_bytes = 64 * 1024 * 1024
+
     def __init__(self, directory: Path, *, fsync: bool = True,
                  segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        #: Set when a write found the volume full; cleared when a drained spool moved to a
+        #: fresh segment (which gives the old one's space back).
+        self.short_of_space = False
+        #: Records written to the segment files by this process (``sync()`` reports how many
+        #: it made durable).
+        self.records_written = 0
+        #: Records ``append`` could not write yet (volume full), oldest first.
+        self._held: collections.deque[bytes] = collections.deque()
+        self._held_bytes = 0
+        self._cursor_saved = True
         self._lock = threading.Lock()
         if directory.is_dir():
             self._lock_fd = self._lock_existing(directory)
@@ -72,7 +116,7 @@ class Spool:
         self._read_pos = self.acked
         segments = self._segments()
         self._write_segment = segments[-1] if segments else max(self.acked.segment, 1)
-        self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
+        self._writer = _open_segment(self._path(self._write_segment))
         self.pending_bytes = self._count_pending_bytes()
 
     @staticmethod
@@ -101,20 +145,103 @@ class Spool:
 
     # -- writing ----------------------------------------------------------
 
-    def append(self, payload: bytes) -> Position:
+    def append(self, payload: bytes) -> Position | None:
         """Write a record; with ``fsync`` off it is durable only after ``sync()``.
 
-        Returns where the record ends: acknowledging that position delivers it.
+        Returns where the record ends: acknowledging that position delivers it. When the
+        record cannot be written (the volume is full, or a write or fsync fails), nothing
+        of it stays in the file; it is held in memory, written by a later ``append``,
+        ``read`` or ``ack`` once there is room, and ``None`` is returned. A warning says so
+        once. Past ``held_max_bytes`` held, :class:`SpoolFull` is raised instead.
         """
         with self._lock:
-            if self._writer.tell() >= self.segment_bytes:
-                self._rotate()
-            self._writer.write(HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-            self._writer.flush()
-            if self.fsync:
-                os.fsync(self._writer.fileno())
+            if self._held:
+                self._write_held_locked()
+            if not self._held:
+                try:
+                    return self._append_locked(payload)
+                except OSError as exc:
+                    self._start_holding(exc)
+            if self._held_bytes + len(payload) > self.held_max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"the spool volume of {self.directory} is full "
+                                f"and {self._held_bytes} bytes already wait in memory")
+            self._held.append(payload)
+            self._held_bytes += len(payload)
             self.pending_bytes += HEADER.size + len(payload)
-            return Position(self._write_segment, self._writer.tell())
+            return None
+
+    def _append_locked(self, record: Buffer) -> Position:
+        """Write one record (and fsync it, with ``fsync``); on failure nothing of it stays."""
+        size = HEADER.size + len(record)
+        end = self._write_locked([HEADER.pack(len(record), zlib.crc32(record)), record])
+        if self.fsync:
+            try:
+                os.fsync(self._writer.fileno())
+            except OSError:
+                # Every earlier record was fsynced on its own, so only this one is in doubt:
+                # take it out of the file and keep it in memory (see ``append``).
+                self._cut_back(end.segment, end.offset - size)
+                self.records_written -= 1
+                raise
+        self.pending_bytes += size
+        return end
+
+    def _write_locked(self, parts: Sequence[Buffer]) -> Position:
+        """Write a record's bytes at the end of the current segment (rotating first if it is
+        full). A write that fails is cut back to where the segment ended before it: a torn
+        record left in the middle would hide every later record from readers."""
+        if self._writer.tell() >= self.segment_bytes:
+            self._rotate()
+        fd = self._writer.fileno()
+        start = self._writer.tell()
+        try:
+            _write_all(fd, parts)
+        except OSError as exc:
+            self._cut_back(self._write_segment, start)
+            if exc.errno in NO_SPACE:
+                self.short_of_space = True
+                raise SpoolFull(exc.errno, f"no space left on the spool volume of "
+                                f"{self.directory}: {exc.strerror}") from exc
+            raise
+        self.records_written += 1
+        return Position(self._write_segment, self._writer.tell())
+
+    def _cut_back(self, segment: int, offset: int) -> None:
+        """Truncate the current segment to ``offset`` (shrinking a file needs no space)."""
+        assert segment == self._write_segment
+        fd = self._writer.fileno()
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)  # O_APPEND writes go to the end; tell() must agree
+
+    def _start_holding(self, exc: OSError) -> None:
+        if not self._held:
+            what = ("the volume is full" if is_no_space(exc)
+                    else f"writing it failed ({type(exc).__name__}: {exc})")
+            warnings.warn(
+                f"pluto: cannot write to the spool {self.directory}: {what}. Logged data is "
+                f"kept in memory (up to {self.held_max_bytes // (1024 * 1024)} MB) and "
+                f"written when there is room again: free space on that volume.",
+                RuntimeWarning, stacklevel=4)
+
+    def _write_held_locked(self) -> None:
+        """Write records held in memory, oldest first, as far as there is room."""
+        while self._held:
+            payload = self._held[0]
+            try:
+                self._append_locked(payload)
+            except OSError:
+                return
+            self._held.popleft()
+            self._held_bytes -= len(payload)
+            self.pending_bytes -= HEADER.size + len(payload)  # _append_locked counted it again
+            if not self._held:
+                log.warning("pluto: the spool %s has room again; records held in memory "
+                            "are written", self.directory)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of records ``append`` holds in memory because the volume was full."""
+        return self._held_bytes
 
     @property
     def end(self) -> Position:
@@ -122,31 +249,50 @@ class Spool:
         with self._lock:
             return Position(self._write_segment, self._writer.tell())
 
-    def sync(self) -> None:
+    def sync(self) -> int:
         """Make every record appended so far durable (group commit: one fsync for many).
 
+        Returns how many records this process has written, all of them now durable.
         Safe to call from another thread than ``append``: the fsync runs on a
         duplicate descriptor, outside the lock, so appends are not held up by it.
         """
         with self._lock:
             fd = os.dup(self._writer.fileno())
+            written = self.records_written
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        return written
 
     def _rotate(self) -> None:
-        os.fsync(self._writer.fileno())  # a finished segment is always durable
+        """Move on to a new segment. The finished one is fsynced first (a finished segment is
+        always durable); if the new file cannot be made, nothing changes."""
+        os.fsync(self._writer.fileno())
+        path = self._path(self._write_segment + 1)
+        try:
+            writer = _open_segment(path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if exc.errno in NO_SPACE:
+                self.short_of_space = True
+                raise SpoolFull(exc.errno, f"no space left on the spool volume of "
+                                f"{self.directory} for a new segment") from exc
+            raise
         self._writer.close()
+        self._writer = writer
         self._write_segment += 1
-        self._writer = open(self._path(self._write_segment), "ab")  # noqa: SIM115
-        _fsync_dir(self.directory)
 
     # -- reading and acknowledging -----------------------------------------
 
     def read(self, limit: int, max_bytes: int | None = None) -> list[Record]:
         """Up to ``limit`` unread records (and about ``max_bytes``; always at least one)
         after the last ones returned, oldest first."""
+        if self._held:
+            with self._lock:
+                self._write_held_locked()
         records: list[Record] = []
         size = 0
         for record in self._iter_from(self._read_pos):
@@ -168,24 +314,81 @@ class Spool:
         """Everything up to ``position`` is delivered: move the cursor, drop old segments."""
         freed = self._bytes_between(self.acked, position)
         self.acked = position
-        tmp = self.directory / (CURSOR_NAME + ".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(CURSOR.pack(position.segment, position.offset))
-            handle.flush()
-            if self.fsync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / CURSOR_NAME)
+        if self.short_of_space:
+            position = self._fresh_segment_if_drained(position)
         with self._lock:  # append() may run on another thread
             self.pending_bytes = max(0, self.pending_bytes - freed)
+        saved = self._save_cursor(position)
         for segment in self._segments():
             if segment < position.segment:
-                self._path(segment).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._path(segment).unlink(missing_ok=True)
+        if not saved:
+            # Deleting delivered segments may have made room for the cursor.
+            self._save_cursor(position)
+        if self._held:
+            with self._lock:
+                self._write_held_locked()
+
+    def _save_cursor(self, position: Position) -> bool:
+        """Write the cursor file (replaced atomically). False when it could not be written.
+
+        The cursor only saves work: without it (a full volume, an I/O error) a restart
+        replays records from the last cursor that was saved, and the server applies each
+        chunk once (its idempotency key), so a replay is harmless. Deleting segments that
+        are wholly delivered before the cursor says so is just as safe: a cursor naming a
+        segment that is gone reads from the first segment there is, at its start.
+        """
+        tmp = self.directory / (CURSOR_NAME + ".tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(CURSOR.pack(position.segment, position.offset))
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+            os.replace(tmp, self.directory / CURSOR_NAME)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if self._cursor_saved:
+                log.warning("pluto: cannot save the spool cursor of %s (%s); delivered "
+                            "records may be sent again after a restart (the server applies "
+                            "each once)", self.directory, exc)
+            self._cursor_saved = False
+            return False
+        self._cursor_saved = True
+        return True
+
+    def _fresh_segment_if_drained(self, position: Position) -> Position:
+        """With space short and every record on disk delivered, move to a fresh segment so
+        that the current one (and its space) can be deleted: a spool smaller than one
+        segment would otherwise never give its space back. Returns the position to keep
+        as acknowledged."""
+        with self._lock:
+            if (position != Position(self._write_segment, self._writer.tell())
+                    or position.offset == 0):
+                return position
+            try:
+                self._rotate()
+            except OSError:
+                return position
+            self.short_of_space = False
+            self.acked = Position(self._write_segment, 0)
+            return self.acked
 
     @property
     def empty(self) -> bool:
         return self.pending_bytes == 0
 
     def close(self, *, remove_if_empty: bool = False) -> None:
+        with self._lock:
+            if self._held:
+                self._write_held_locked()
+            if self._held:
+                warnings.warn(
+                    f"pluto: {self._held_bytes} bytes of logged data could not be written to "
+                    f"the spool {self.directory} (its volume is full) and are lost",
+                    RuntimeWarning, stacklevel=2)
         self._writer.close()
         if remove_if_empty and self.empty:
             # Hide it first (still locked), then take it apart: nobody can adopt it now.
@@ -277,6 +480,24 @@ def _intact_records(handle: BinaryIO, offset: int) -> Iterator[tuple[bytes, int]
             return
         offset += HEADER.size + length
         yield payload, offset
+
+
+def _open_segment(path: Path) -> BinaryIO:
+    # Unbuffered: a record goes to the file in one ``writev`` and nothing of it lingers in a
+    # buffer that a failed write would leave behind.
+    return open(path, "ab", buffering=0)
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """``writev`` until every byte is written (a regular file rarely takes less)."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,6 +3,13 @@
 Clients' frames are appended as they arrive; one committer task fsyncs the spool
 for everything appended so far and only then are those frames acknowledged. So
 an ACK always means "on disk", and many ranks share one fsync.
+
+A full spool volume is back-pressure too, never loss: a record that finds no room
+is held in memory (nothing partial of it stays in the file), unacknowledged, and
+the queue reports itself full, so connections stop reading their clients (one
+frame each at most is held). The committer writes held records, in order, as soon
+as there is room (after each acknowledgement by the server, and every second),
+and the sidecar logs one line when the volume fills and one when it has room again.
 """
 
 from __future__ import annotations
@@ -11,16 +18,24 @@ import asyncio
 import collections
 import contextlib
 import enum
+import logging
 import os
+import shutil
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from pluto.spool import HEADER, Position, Record, Spool, _fsync_dir
+from pluto.spool import HEADER, Buffer, Position, Record, Spool, SpoolFull
+from pluto_sidecar.logs import log_event
 
-Buffer = bytes | bytearray | memoryview
+log = logging.getLogger("pluto.sidecar.spool")
+
+#: While records are held for want of space, the committer tries to write them this often
+#: (and after every acknowledgement, which may have freed space).
+HELD_RETRY_SECONDS = 1.0
+#: The exit code after a failed fsync (EX_IOERR): see ``DurableQueue._fsync_failed``.
+EXIT_FSYNC_FAILED = 74
 
 
 class RecordKind(bytes, enum.Enum):
@@ -34,10 +49,11 @@ class SidecarSpool(Spool):
 
     A client's frame is received straight into the buffer that becomes the spool record (a
     kind byte, then the frame's payload). ``append_record`` writes it with one ``writev``
-    (header, record), unbuffered, instead of building ``header + payload`` and copying that
-    through a ``BufferedWriter``: for chunk frames of several MB those copies were most of the
-    sidecar's memory and a good part of its time. Durability is unchanged: nothing is
-    promised before ``sync()`` (group commit, see ``DurableQueue``).
+    (header, record), unbuffered: for chunk frames of several MB a copy into ``header +
+    payload`` was most of the sidecar's memory and a good part of its time. Durability is
+    unchanged: nothing is promised before ``sync()`` (group commit, see ``DurableQueue``).
+    A record that finds the volume full raises :class:`~pluto.spool.SpoolFull` and leaves
+    nothing of itself in the file.
 
     ``read_from`` reads without moving the shared read position, so it can run in a worker
     thread that a cancelled forwarder may leave behind (``DurableQueue.read``).
@@ -45,25 +61,14 @@ class SidecarSpool(Spool):
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory, fsync=False)
-        self._writer.close()
-        self._writer = _unbuffered(self._path(self._write_segment))
 
     def append_record(self, record: Buffer) -> Position:
         """Write one record (its bytes as given, unchanged); durable only after ``sync()``."""
         header = HEADER.pack(len(record), zlib.crc32(record))
         with self._lock:
-            if self._writer.tell() >= self.segment_bytes:
-                self._rotate()
-            _write_all(self._writer.fileno(), [header, record])
+            end = self._write_locked([header, record])
             self.pending_bytes += HEADER.size + len(record)
-            return Position(self._write_segment, self._writer.tell())
-
-    def _rotate(self) -> None:
-        os.fsync(self._writer.fileno())  # a finished segment is always durable
-        self._writer.close()
-        self._write_segment += 1
-        self._writer = _unbuffered(self._path(self._write_segment))
-        _fsync_dir(self.directory)
+            return end
 
     def read_from(self, start: Position, limit: int, max_bytes: int) -> list[Record]:
         """Like ``Spool.read`` (up to ``limit`` records and about ``max_bytes``, always at
@@ -80,27 +85,22 @@ class SidecarSpool(Spool):
         return records
 
 
-def _unbuffered(path: Path) -> Any:
-    # Any: Spool types its writer as a BufferedWriter; a FileIO offers all Spool uses of it
-    # (write, flush, tell, fileno, close), without a buffer to copy records through.
-    return open(path, "ab", buffering=0)
-
-
-def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
-    """``writev`` until every byte is written (a regular file rarely takes less)."""
-    views = [memoryview(part).cast("B") for part in parts]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+def _exit_now(code: int) -> None:
+    os._exit(code)
 
 
 class DurableQueue:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, *,
+                 exit_process: Callable[[int], None] = _exit_now) -> None:
         self.spool = SidecarSpool(directory)
+        self._exit_process = exit_process
+        #: Records appended but not written for want of space: (ticket, record, time), oldest
+        #: first. Their tickets are the newest (order is kept), so tickets up to
+        #: ``_appended - len(_held)`` are in the file.
+        self._held: collections.deque[tuple[int, Buffer, float]] = collections.deque()
+        self._held_bytes = 0
+        #: Since when (monotonic) the spool volume has been full; None while it has room.
+        self.volume_full_since: float | None = None
         self._read_pos = self.spool.acked
         self.max_bytes = max_bytes
         self._appended = 0
@@ -127,14 +127,26 @@ class DurableQueue:
     async def stop(self) -> None:
         if self._committer is not None:
             self._committer.cancel()
-        await asyncio.to_thread(self.spool.sync)
+        with contextlib.suppress(OSError):  # nothing is acknowledged after this sync
+            await asyncio.to_thread(self.spool.sync)
+        if self._held:
+            log_event(log, "stopping with records held for want of space: they were not "
+                      "acknowledged, so their clients still have them",
+                      held_records=len(self._held), held_bytes=self._held_bytes,
+                      level=logging.WARNING)
         self.spool.close()
 
     # -- producers (client connections) ----------------------------------------
 
     @property
     def full(self) -> bool:
-        return self.spool.pending_bytes >= self.max_bytes
+        """No room: ``max_bytes`` of unsent data spooled, or the spool volume is full."""
+        return bool(self._held) or self.spool.pending_bytes >= self.max_bytes
+
+    @property
+    def volume_full(self) -> bool:
+        """The spool volume had no room for the last record, which waits in memory."""
+        return bool(self._held)
 
     async def room(self) -> None:
         """Back-pressure: wait while the spool holds ``max_bytes`` of unsent data."""
@@ -150,13 +162,62 @@ class DurableQueue:
     def append_record(self, record: Buffer) -> int:
         """Append a record already laid out as ``kind byte + payload`` (a client's frame as
         received, see ``Connection``), without copying it; returns a ticket for
-        ``durable()``."""
-        end = self.spool.append_record(record)
+        ``durable()``. With the volume full the record waits in memory (see the module
+        docstring): its ticket becomes durable once it is written and fsynced."""
         self._appended += 1
-        self._unsent.append((end, time.time()))
+        ticket = self._appended
+        now = time.time()
+        if self._held or not self._write(ticket, record, now):
+            self._held.append((ticket, record, now))
+            self._held_bytes += len(record)
         self._to_sync.set()
+        return ticket
+
+    def _write(self, ticket: int, record: Buffer, at: float) -> bool:
+        """Write a record to the spool; False when the volume has no room for it."""
+        try:
+            end = self.spool.append_record(record)
+        except SpoolFull as exc:
+            if self.volume_full_since is None:
+                self.volume_full_since = time.monotonic()
+                self._log_volume_full(exc)
+            return False
+        except OSError as exc:  # not a full volume: an I/O error the spool cannot survive
+            self._fsync_failed(exc)
+            return False
+        self._unsent.append((end, at))
         self._new_data.set()
-        return self._appended
+        return True
+
+    def _log_volume_full(self, exc: OSError) -> None:
+        directory = self.spool.directory
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = None
+        log_event(log, "spool volume full: clients are held back until there is room; "
+                  "nothing is dropped. Give the spool's volume more space, or let the server "
+                  "drain the spool (is it reachable?)", spool=str(directory),
+                  volume_free_bytes=free, spool_bytes=self.spool.pending_bytes,
+                  error=str(exc.strerror or exc), level=logging.ERROR)
+
+    async def _write_held(self) -> None:
+        """Write held records, oldest first, as far as there is room."""
+        held = self._held
+        while held:
+            ticket, record, at = held[0]
+            if not self._write(ticket, record, at):
+                return
+            held.popleft()
+            self._held_bytes -= len(record)
+        if self.volume_full_since is not None:
+            log_event(log, "spool volume has room again: clients are read again",
+                      spool=str(self.spool.directory),
+                      full_seconds=round(time.monotonic() - self.volume_full_since, 1),
+                      spool_bytes=self.spool.pending_bytes)
+            self.volume_full_since = None
+        async with self._room_cond:
+            self._room_cond.notify_all()
 
     async def durable(self, ticket: int) -> None:
         """Wait until the record with this ticket is fsynced."""
@@ -167,13 +228,46 @@ class DurableQueue:
 
     async def _commit_loop(self) -> None:
         while True:
-            await self._to_sync.wait()
+            if self._held:  # retry now and then: space may come back from elsewhere too
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._to_sync.wait(), HELD_RETRY_SECONDS)
+            else:
+                await self._to_sync.wait()
             self._to_sync.clear()
-            target = self._appended
-            await asyncio.to_thread(self.spool.sync)
-            self._synced = target
+            if self._held:
+                await self._write_held()
+            try:
+                written = await asyncio.to_thread(self.spool.sync)
+            except OSError as exc:
+                self._fsync_failed(exc)
+                return
+            # Records are written in ticket order and held ones are the newest, so the
+            # first ``written`` tickets are on disk now.
+            self._synced = written
             async with self._synced_cond:
                 self._synced_cond.notify_all()
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        """A failed fsync (or a write error other than a full volume): exit at once.
+
+        After a failed fsync nobody knows what of the file is on disk: Linux may already
+        have dropped the dirty pages, or marked them clean with the error reported once, so
+        a retried fsync can succeed while the data never reached the disk. Nothing written
+        since the last good fsync may therefore be acknowledged on the strength of a later
+        one, and the sidecar keeps no copy of those records to write them again (frames are
+        spooled without copies). It was not acknowledged either: every client still holds
+        what it sent since, and resends it when it reconnects. So the only safe move is the
+        one a crash makes: stop now (the kubelet restarts a native sidecar), and let the
+        next start recover the spool (a torn or corrupt tail is cut by its CRC). A record
+        that survives in the file and is also resent is applied once by the server (its
+        idempotency key), and everything acknowledged before was covered by a good fsync.
+        """
+        log_event(log, "spool fsync or write failed: what was written since the last good "
+                  "fsync may not be on disk; exiting so that a restart recovers the spool "
+                  "and clients resend what was not acknowledged",
+                  spool=str(self.spool.directory), error=f"{type(exc).__name__}: {exc}",
+                  exit_code=EXIT_FSYNC_FAILED, level=logging.CRITICAL)
+        self._exit_process(EXIT_FSYNC_FAILED)
 
     # -- the consumer (forwarder) --------------------------------------------
 
@@ -207,6 +301,8 @@ class DurableQueue:
         unsent = self._unsent
         while unsent and unsent[0][0] <= position:
             unsent.popleft()
+        if self._held:
+            self._to_sync.set()  # the acknowledgement may have freed space: write them now
         async with self._room_cond:
             self._room_cond.notify_all()
 
@@ -216,12 +312,22 @@ class DurableQueue:
         try:  # read by the metrics thread while the loop appends and pops
             return time.time() - self._unsent[0][1]
         except IndexError:
+            pass
+        try:  # nothing in the file is unsent, but records wait for room on the volume
+            return time.time() - self._held[0][2]
+        except IndexError:
             return 0.0
 
     @property
     def pending_bytes(self) -> int:
+        """Unsent bytes in the spool (records held in memory not counted)."""
         return self.spool.pending_bytes
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of records waiting in memory for room on the spool volume."""
+        return self._held_bytes
+
+    @property
     def empty(self) -> bool:
-        return self.spool.empty
+        return self.spool.empty and not self._held

@@ -57,6 +57,7 @@ class Sidecar:
                                    self._ready)
         # Computed when scraped, so they are current even while the forwarder sleeps.
         self.telemetry.spool_bytes.set_function(lambda: self.queue.pending_bytes)
+        self.telemetry.spool_volume_full.set_function(lambda: self.queue.volume_full)
         self.telemetry.oldest_unsent_age_seconds.set_function(
             lambda: self.queue.oldest_unsent_age)
         self.telemetry.runs_pending.set_function(lambda: self.registry.pending_count)

@@ -49,7 +49,8 @@ class Telemetry:
 
     Gauges (``.set(x)``, or ``.set_function(f)`` to compute on scrape):
 
-    ``spool_bytes``, ``oldest_unsent_age_seconds``, ``connected_clients``, ``runs_pending``
+    ``spool_bytes``, ``spool_volume_full`` (1 while the spool's volume has no room and clients
+    are held back), ``oldest_unsent_age_seconds``, ``connected_clients``, ``runs_pending``
     (runs created/attached locally whose server ids are not known yet), ``api_in_flight``
     (requests being proxied now).
 
@@ -101,6 +102,11 @@ class Telemetry:
 
         self.spool_bytes = Gauge(
             f"{PREFIX}_spool_bytes", "Bytes in the spool not yet acknowledged.", registry=r
+        )
+        self.spool_volume_full = Gauge(
+            f"{PREFIX}_spool_volume_full",
+            "1 while the spool's volume is full: clients are held back, nothing is dropped.",
+            registry=r,
         )
         self.oldest_unsent_age_seconds = Gauge(
             f"{PREFIX}_oldest_unsent_age_seconds",
