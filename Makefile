@@ -33,7 +33,7 @@ KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres chromium test lint demo bench chaos e2e-kind clean distclean FORCE
+.PHONY: help venv postgres chromium test lint demo bench bench-anchors chaos e2e-kind clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
@@ -43,6 +43,8 @@ help:
 	@echo "make test      lint, then pytest (needs venv, postgres and chromium)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
+	@echo "make bench-anchors  log() and end to end against wandb, trackio, neptune-scale, mlflow"
+	@echo "              (installs them into .venv-anchors, about 1 GB; about 7 minutes)"
 	@echo "make chaos     the long fault-injection suite (kill -9 rounds, long outages)"
 	@echo "make e2e-kind  end to end on a throwaway kind cluster (needs Docker and kind)"
 	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
@@ -143,8 +145,12 @@ bench: venv
 	@$(PY) benchmarks/checkpoints.py
 	@$(PY) benchmarks/dashboard.py
 
+# Other trackers, pinned in benchmarks/anchors/requirements.txt, in a venv of their own.
+bench-anchors: venv
+	@$(PY) benchmarks/anchors/compare.py
+
 chaos: venv postgres
-	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos
+	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos tests/chaos
 
 e2e-kind: venv
 	@tests/e2e/kind.sh

@@ -18,7 +18,7 @@ What a pod relies on, and what these tests pin:
   by forks; the training process needs no credentials.
 
 The kill -9 rounds, the long outages, the two-node torchrun job and the benchmark live in
-tests/test_sidecar_chaos.py.
+tests/chaos/.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The sidecar's copy-free data path, piece by piece (the end-to-end promises are in
-``test_sidecar.py`` and ``test_sidecar_chaos.py``).
+``test_sidecar.py`` and ``tests/chaos/``).
 
 - ``FrameStream`` hands out exactly the bytes a client sent, however the kernel splits
   them, big payloads read straight into the caller's buffer; a stream that ends early

@@ -1,4 +1,4 @@
-"""A tiny two-node DDP job for tests/test_sidecar_chaos.py (gloo, CPU).
+"""A tiny two-node DDP job for tests/chaos/ (gloo, CPU).
 
 Run under ``torchrun --nnodes=2 --node_rank=N --nproc_per_node=2 ...`` on each
 "node", with ``PLUTO_RUN_ID`` shared by every rank and ``PLUTO_SIDECAR_SOCKET``

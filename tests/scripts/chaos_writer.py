@@ -1,4 +1,4 @@
-"""A training-like writer for tests/test_sidecar_chaos.py: logs deterministic values.
+"""A training-like writer for tests/chaos/: logs deterministic values.
 
     chaos_writer.py STEPS [--keys K] [--every N --pause S] [--ready FILE] [--report FILE]
 
