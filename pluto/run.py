@@ -18,7 +18,13 @@ from pluto.merge import deep_merge, union_tags
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
-from pluto.values import ValueConverter
+from pluto.values import (
+    MAX_STEP,
+    MetadataCleaner,
+    ValueConverter,
+    finite_time,
+    key_problem,
+)
 from pluto.wire import (
     CheckpointInfo,
     CheckpointList,
@@ -31,7 +37,8 @@ from pluto.wire import (
 
 log = logging.getLogger("pluto")
 
-MAX_KEY_LENGTH = 256  # the server's limit; checked here so one bad key can't sink a chunk
+#: Keys found valid are remembered (up to this many) so ``log()`` checks each key once.
+MAX_CHECKED_KEYS = 100_000
 
 
 class Run:
@@ -54,6 +61,7 @@ class Run:
         self._rows = pipeline.rows
         self._limit = pipeline.max_buffered_calls
         self._converter = ValueConverter()
+        self._good_keys: set[str] = set()
         self._step = first_step - 1
         self._finished = False
         self._finish_lock = threading.Lock()
@@ -147,31 +155,58 @@ class Run:
             if step is None:
                 step = self._step + 1
             elif type(step) is not int:
+                raw: Any = step
+                if isinstance(raw, float) and not raw.is_integer():
+                    self._warn_once(f"log() needs a whole-number step, got {step!r}; this call "
+                                    "was skipped")
+                    return
                 step = int(step)
-            if step < 0:
-                self._warn_once(f"log() needs a step >= 0, got {step}; this call was skipped")
+            # Checked here, not by the server: a step beyond 64 bits used to reach the sender
+            # thread, where it failed the whole chunk (every valid point packed with it lost).
+            if not 0 <= step <= MAX_STEP:
+                self._warn_once(f"log() needs a step between 0 and 2**63-1, got {step}; this "
+                                "call was skipped")
                 return
+            if timestamp is None:
+                at = time.time()
+            elif type(timestamp) is float and timestamp - timestamp == 0.0:  # finite: fast path
+                at = timestamp
+            else:
+                # A timestamp that is not a finite number (a string, NaN) failed the chunk in the
+                # sender thread too; the points are kept, at the current time.
+                checked = finite_time(timestamp)
+                if checked is None:
+                    self._warn_once(f"log() got timestamp {timestamp!r}, not a finite number "
+                                    "of seconds; the current time is used")
+                    checked = time.time()
+                at = checked
             self._step = step
             values: dict[str, float] = {}
             convert = self._converter.convert
+            good = self._good_keys
             for key, value in data.items():
-                kind = type(value)
                 if type(key) is not str:
-                    key = str(key)
-                if not 0 < len(key) <= MAX_KEY_LENGTH:
-                    self._converter.reject_key(key)
-                    continue
-                if kind is float:
+                    try:
+                        key = str(key)
+                    except Exception as exc:  # a key object whose __str__ raises
+                        self._warn_once(f"log() skipped a key whose str() failed: {exc!r}")
+                        continue
+                if key not in good:
+                    problem = key_problem(key)
+                    if problem is not None:
+                        self._converter.reject_key(key, problem)
+                        continue
+                    if len(good) < MAX_CHECKED_KEYS:
+                        good.add(key)
+                if type(value) is float:
                     values[key] = value
-                elif kind is int:
-                    values[key] = float(value)
                 else:
-                    converted = convert(str(key), value)
+                    converted = convert(key, value)
                     if converted is not None:
-                        values[str(key)] = converted
+                        values[key] = converted
             if len(self._rows) >= self._limit:
                 self._pipeline.wait_for_room()
-            self._rows.append((step, time.time() if timestamp is None else timestamp, values))
+            self._rows.append((step, at, values))
         except Exception as exc:  # never crash the training loop
             self._warn_once(f"log() failed and skipped this call: {exc!r}")
 
@@ -182,17 +217,22 @@ class Run:
 
     # -- metadata -------------------------------------------------------------
 
+    # Metadata is made storable as in init() (values.MetadataCleaner), with a warning.
     def add_tags(self, tags: str | Iterable[str]) -> None:
-        self._update(RunUpdate(add_tags=[tags] if isinstance(tags, str) else list(tags)))
+        cleaner = MetadataCleaner()
+        self._update(RunUpdate(add_tags=cleaner.tags(tags)), cleaner)
 
     def remove_tags(self, tags: str | Iterable[str]) -> None:
-        self._update(RunUpdate(remove_tags=[tags] if isinstance(tags, str) else list(tags)))
+        cleaner = MetadataCleaner()
+        self._update(RunUpdate(remove_tags=cleaner.tags(tags)), cleaner)
 
     def update_config(self, config: Mapping[str, Any]) -> None:
         """Deep-merge ``config`` into the run's config (new keys win)."""
-        self._update(RunUpdate(config=dict(config)))
+        cleaner = MetadataCleaner()
+        self._update(RunUpdate(config=cleaner.config(config)), cleaner)
 
-    def _update(self, request: RunUpdate) -> None:
+    def _update(self, request: RunUpdate, cleaner: MetadataCleaner) -> None:
+        cleaner.warn(stacklevel=4)
         try:
             info = self._transport.update_run(self.id, request)
         except Exception as exc:

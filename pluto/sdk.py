@@ -20,6 +20,7 @@ from pluto.settings import Settings, default_dir
 from pluto.transport.base import Transport
 from pluto.transport.http import HttpTransport
 from pluto.transport.sidecar import SidecarTransport
+from pluto.values import MetadataCleaner
 from pluto.wire import RunCreate, RunStatus
 
 if TYPE_CHECKING:
@@ -79,18 +80,22 @@ def init(
             raise ValueError("resume=True needs run_id= (or PLUTO_RUN_ID) naming the run")
         # A fresh id makes a retried create idempotent instead of making two runs.
         external = secrets.token_hex(8)
+    # Config, tags and name are made storable here (with a warning), not refused: see
+    # values.MetadataCleaner for the values that used to make init() raise.
+    cleaner = MetadataCleaner()
     request = RunCreate(
         project=project,
         run_id=external,
-        name=name,
-        config=dict(config) if config is not None else None,
-        tags=[tags] if isinstance(tags, str) else (list(tags) if tags is not None else None),
+        name=cleaner.name(name) if name is not None else None,
+        config=cleaner.config(config) if config is not None else None,
+        tags=cleaner.tags(tags) if tags is not None else None,
         resume=resume,
         fork_run_id=str(fork_run_id) if fork_run_id is not None else None,
         fork_step=fork_step,
         inherit_config=True if inherit_config is None else inherit_config,
         inherit_tags=False if inherit_tags is None else inherit_tags,
     )
+    cleaner.warn()
     if fork_checkpoint:
         # Before the run exists: no checkpoint to fork is an error that creates nothing.
         checkpoints.find_checkpoint(str(fork_run_id), not_after_step=fork_step, project=project,
@@ -108,7 +113,7 @@ def init(
     except BaseException:
         transport.close()
         raise
-    if info.resumed and name is not None and name != info.name:
+    if info.resumed and request.name is not None and request.name != info.name:
         warnings.warn(
             f"pluto: run {info.display_id} already exists as {info.name!r}; the name {name!r} "
             "given here is ignored", RuntimeWarning, stacklevel=2,
