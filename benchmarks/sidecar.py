@@ -14,7 +14,7 @@ with explicit steps, then ``finish()``) into one fresh sidecar per measurement:
   point (the sidecar's ``points_sent_total`` reaches the total, polled every
   50 ms; checked afterwards by a query that must count exactly the points
   logged) and every writer's ``finish()`` has returned;
-- the sidecar's peak RSS (psutil, sampled every 20 ms) and CPU seconds.
+- the sidecar's and the server's peak RSS (psutil, sampled every 20 ms) and CPU seconds.
 
 A "frame client" row isolates the sidecar from the SDK: one process sends the
 pre-encoded CHUNK frames (the same ones as the raw-socket figure) through the
@@ -103,6 +103,7 @@ class Measurement:
     cpu_seconds: float  # the sidecar's
     writers_cpu: float = 0.0  # all writer processes together, first log() to finish()
     server_cpu: float = 0.0  # the server's, over the same span (until it holds every point)
+    server_rss_peak: int = 0  # the server's peak RSS over the same span
 
     @property
     def hop_rate(self) -> float:
@@ -205,9 +206,11 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
                 if proc.stdout.readline().strip() != "ready":
                     raise RuntimeError(f"a writer failed to start (exit {proc.wait()})")
             sampler = Sampler(sidecar.pid)
+            server_sampler = Sampler(server_pid)
             cpu = psutil.Process(sidecar.pid).cpu_times()
             server_cpu = psutil.Process(server_pid).cpu_times()
             sampler.start()
+            server_sampler.start()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
@@ -219,6 +222,7 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
                 time.sleep(0.05)
             e2e_end = time.time()
             server_after = psutil.Process(server_pid).cpu_times()
+            server_rss = server_sampler.stop()
             times = []
             writers_cpu = 0.0
             for proc in procs:
@@ -251,6 +255,7 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
         writers_cpu=writers_cpu,
         server_cpu=(server_after.user + server_after.system)
         - (server_cpu.user + server_cpu.system),
+        server_rss_peak=server_rss,
     )
 
 
@@ -291,9 +296,11 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
             transport = SidecarTransport(str(sock), session=uuid.uuid4().hex, writer=0)
             transport.open_run(RunCreate(project=PROJECT, run_id=run_ref), 15)
             sampler = Sampler(sidecar.pid)
+            server_sampler = Sampler(server_pid)
             cpu = psutil.Process(sidecar.pid).cpu_times()
             server_cpu = psutil.Process(server_pid).cpu_times()
             sampler.start()
+            server_sampler.start()
             start = time.perf_counter()
             for first in range(0, len(payloads), 8):
                 transport.deliver(payloads[first:first + 8])
@@ -302,6 +309,7 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
                 time.sleep(0.05)
             stored = time.perf_counter()
             server_after = psutil.Process(server_pid).cpu_times()
+            server_rss = server_sampler.stop()
             after = psutil.Process(sidecar.pid).cpu_times()
             rss = sampler.stop()
             transport.close()
@@ -311,7 +319,8 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
                        e2e_seconds=stored - start, log_seconds=0.0, rss_peak=rss,
                        cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
                        server_cpu=(server_after.user + server_after.system)
-                       - (server_cpu.user + server_cpu.system))
+                       - (server_cpu.user + server_cpu.system),
+                       server_rss_peak=server_rss)
 
 
 def _raw_writer(sock: socket.socket, frames: list[bytes]) -> None:
@@ -370,7 +379,7 @@ def main() -> None:
     parser.add_argument("--postgres-url", help="also measure into this PostgreSQL database")
     args = parser.parse_args()
     counts = [int(n) for n in args.writers.split(",")]
-    console = Console(width=120)
+    console = Console(width=140)
 
     points = args.points // len(KEYS) * len(KEYS)
     frames = [encode_frame(FrameKind.CHUNK, i + 1, payload)
@@ -399,7 +408,8 @@ def main() -> None:
     table = Table(title=f"pluto sidecar: {points:,} points per run (10 scalars per log() "
                         f"call), median of {args.repeat} runs")
     for column in ("server", "writers", "sidecar hop\npoints/s", "end to end\npoints/s",
-                   "hop / raw\nsocket", "sidecar\npeak RSS", "sidecar\nCPU s",
+                   "hop / raw\nsocket", "sidecar\npeak RSS", "server\npeak RSS",
+                   "sidecar\nCPU s",
                    "CPU s per 1M points\nwriters/sidecar/server"):
         table.add_column(column, justify="left" if column == "server" else "right")
     for (name, label), runs in results.items():
@@ -409,14 +419,15 @@ def main() -> None:
             name, "1 frame client (no SDK)" if label == "frames" else label,
             f"{hop:,.0f}", f"{e2e:,.0f}", f"{hop / raw_pps:.1%}",
             f"{max(m.rss_peak for m in runs) / MB:.1f} MB",
+            f"{max(m.server_rss_peak for m in runs) / MB:.1f} MB",
             f"{statistics.median(m.cpu_seconds for m in runs):.2f}",
             "/".join(f"{statistics.median(getattr(m, f) / m.points * 1e6 for m in runs):.2f}"
                      for f in ("writers_cpu", "cpu_seconds", "server_cpu")),
         )
     table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
-                  "", "")
+                  "", "", "")
     table.add_row("raw socket + write + fsync", "1 writer process", f"{durable_pps:,.0f}", "",
-                  f"{durable_pps / raw_pps:.1%}", "", "", "")
+                  f"{durable_pps / raw_pps:.1%}", "", "", "", "")
     console.print(table)
     console.print(f"raw Unix socket (writer process -> reader process, no processing): "
                   f"{frame_bytes / MB:.1f} MB of CHUNK frames ({len(frames)} frames, "
@@ -435,8 +446,9 @@ def main() -> None:
             console.print(
                 f"  {name} {who}: {m.points:,} points, log loop {m.log_seconds:.2f}s, all "
                 f"spooled {m.hop_seconds:.2f}s, in the server {m.e2e_seconds:.2f}s; sidecar "
-                f"{m.cpu_seconds:.2f} CPU s, peak RSS {m.rss_peak / MB:.1f} MB; writers "
-                f"{m.writers_cpu:.2f} CPU s, server {m.server_cpu:.2f} CPU s")
+                f"{m.cpu_seconds:.2f} CPU s, peak RSS {m.rss_peak / MB:.1f} MB (server "
+                f"{m.server_rss_peak / MB:.1f} MB); writers {m.writers_cpu:.2f} CPU s, "
+                f"server {m.server_cpu:.2f} CPU s")
 
 
 if __name__ == "__main__":
