@@ -240,6 +240,10 @@ class MetadataCleaner:
 
     def name(self, name: Any) -> str:
         text = _text(name) if type(name) is str else _describe(name)
+        if "\x00" in text:
+            # PostgreSQL cannot store a NUL in text: the server failed the whole init().
+            self.changes.append("a NUL in the name is stored as U+FFFD")
+            text = text.replace("\x00", "\ufffd")
         if len(text) > MAX_NAME_LENGTH:
             self.changes.append(f"the name was cut to {MAX_NAME_LENGTH} characters")
             text = text[:MAX_NAME_LENGTH]

@@ -85,6 +85,11 @@ def validate(batch: IngestBatch) -> None:
                            "before logging")
         if not chunk.session or len(chunk.session) > MAX_SESSION_LENGTH:
             raise Unprocessable(f"{where}: session must be 1-{MAX_SESSION_LENGTH} characters")
+        # PostgreSQL cannot store a NUL in text (it raised, the sender got a 500 and retried
+        # for ever); one backend refusing it refuses it on all, with what to change.
+        for name in ("session", "project", "run_ref"):
+            if "\x00" in (getattr(chunk, name) or ""):
+                raise Unprocessable(f"{where}: {name} holds a NUL character: remove it")
         if not 0 <= chunk.seq <= INT64_MAX:
             raise Unprocessable(f"{where}: seq must be between 0 and 2**63-1")
         if not 0 <= chunk.writer <= INT32_MAX:
@@ -92,11 +97,18 @@ def validate(batch: IngestBatch) -> None:
         for key in chunk.keys:
             if not key or len(key) > MAX_KEY_LENGTH:
                 raise Unprocessable(f"{where}: metric key {key[:40]!r} must be 1-256 characters")
+            if "\x00" in key:
+                raise Unprocessable(f"{where}: metric key {key[:40]!r} holds a NUL character; "
+                                    "a key cannot hold one")
         if chunk.finish is RunStatus.RUNNING:
             raise Unprocessable(f"{where}: finish must be COMPLETED, FAILED or TERMINATED")
         for line in chunk.logs:
             if len(line.line) > MAX_LOG_LINE:
                 raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
+            if "\x00" in line.line:
+                # A program may print a NUL: console text is kept, the NUL shown as U+FFFD
+                # (refusing the chunk would lose the points that travel with it).
+                line.line = line.line.replace("\x00", "\ufffd")
 
 
 def resolve_run_refs(conn: Connection, batch: IngestBatch) -> None:
