@@ -1,10 +1,11 @@
 """AdmissionReview v1 in, AdmissionReview v1 out: the protocol side of the pod webhook.
 
 Whatever arrives, the answer is a well-formed review with HTTP 200: a malformed request gets
-``allowed: true`` and a warning, never a 500, because the API server turns a webhook error into
-a failed pod creation (``failurePolicy: Fail``) or a slow one (retries until the timeout). An
-internal error while deciding is answered the same way, fail-open, unless the operator runs
-with ``--failure-policy Fail``: then the pod is refused with the reason.
+``allowed: true`` and a warning (``allowed: false`` under ``--failure-policy Fail``), never a
+500, because the API server turns a webhook error into a failed pod creation
+(``failurePolicy: Fail``) or a slow one (retries until the timeout). An internal error while
+deciding is answered the same way, fail-open, unless the operator runs with
+``--failure-policy Fail``: then the pod is refused with the reason.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ class Reviewed:
 
 
 class MalformedReview(ValueError):
-    """The request is not an AdmissionReview v1 for a pod; says what is wrong."""
+    """The request is not an AdmissionReview v1 for a pod; says what is wrong.
+
+    ``uid`` is the request's uid when it could be read (the answer then carries it)."""
+
+    def __init__(self, message: str, uid: str = "") -> None:
+        super().__init__(message)
+        self.uid = uid
 
 
 _decoder = msgspec.json.Decoder()
@@ -98,7 +105,7 @@ def parse(body: bytes) -> tuple[str, PodRequest | None]:
         raise MalformedReview(
             f"expected apiVersion {API_VERSION} kind {KIND}, got "
             f"{review.get('apiVersion')!r} {review.get('kind')!r}: set "
-            "admissionReviewVersions: [v1] in the webhook configuration"
+            "admissionReviewVersions: [v1] in the webhook configuration", uid
         )
     kind = request.get("kind") or {}
     if not isinstance(kind, dict) or kind.get("kind") != "Pod" or kind.get("group", "") != "":
@@ -107,10 +114,15 @@ def parse(body: bytes) -> tuple[str, PodRequest | None]:
         return uid, None
     pod = request.get("object")
     if not isinstance(pod, dict):
-        raise MalformedReview("a pod CREATE review without the pod in 'object'")
-    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        raise MalformedReview("a pod CREATE review without the pod in 'object'", uid)
+    metadata = pod.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        # Found by fuzzing: this raised AttributeError, which became an HTTP 500.
+        raise MalformedReview(f"the pod's metadata is a {type(metadata).__name__}, not an "
+                              "object", uid)
+    namespace = request.get("namespace") or (metadata or {}).get("namespace")
     if not isinstance(namespace, str) or not namespace:
-        raise MalformedReview("a pod CREATE review without a namespace")
+        raise MalformedReview("a pod CREATE review without a namespace", uid)
     return uid, PodRequest(uid, namespace, pod, bool(request.get("dryRun")))
 
 
@@ -119,14 +131,26 @@ def review(
     mutate: Callable[[PodRequest], Mutation],
     failure_policy: FailurePolicy = "Ignore",
 ) -> Reviewed:
-    """Answer one AdmissionReview: never raises, always a review to send with HTTP 200."""
+    """Answer one AdmissionReview: never raises, always a review to send with HTTP 200.
+
+    A malformed review is allowed with a warning, or denied under ``failure_policy`` Fail
+    (a pod the webhook could not read could not be injected either).
+    """
     try:
         uid, request = parse(body)
-    except MalformedReview as exc:
-        # No usable uid: the API server will not match this answer to a request, but a client
-        # that sent garbage gets a readable reason instead of a stack trace.
-        warning = f"pluto: malformed admission review, pod allowed unchanged: {exc}"
-        return Reviewed(_answer("", warnings=[warning]), "malformed", warnings=[warning])
+    except Exception as exc:
+        # Often no usable uid: the API server will not match this answer to a request, but a
+        # client that sent garbage gets a readable reason instead of a stack trace.
+        uid = exc.uid if isinstance(exc, MalformedReview) else ""
+        reason = str(exc) if isinstance(exc, MalformedReview) else (
+            f"it could not be read ({exc.__class__.__name__}: {exc})")
+        if failure_policy == "Fail":
+            message = ("pluto: malformed admission review, pod denied (failurePolicy is "
+                       f"Fail): {reason}")
+            return Reviewed(_answer(uid, allowed=False, message=message), "malformed",
+                            warnings=[message])
+        warning = f"pluto: malformed admission review, pod allowed unchanged: {reason}"
+        return Reviewed(_answer(uid, warnings=[warning]), "malformed", warnings=[warning])
     if request is None:
         return Reviewed(_answer(uid), "skipped")
     try:
