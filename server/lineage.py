@@ -28,6 +28,28 @@ WITH RECURSIVE chain(id, parent_id, fork_step, upper, depth) AS (
 )
 """
 
+# The same chain for PostgreSQL. Its planner does not know that the recursive step
+# yields one row, so the join above becomes a hash join over a sequential scan of
+# ``runs`` at every level: depth x (runs in the table), 98 ms for 1000 levels of a
+# 1000-run table. A lateral subquery is one primary-key lookup per level (1.7 ms).
+# SQLite has no LATERAL, and walks the join above by primary key already.
+CHAIN_CTE_POSTGRESQL = """
+WITH RECURSIVE chain(id, parent_id, fork_step, upper, depth) AS (
+    SELECT id, forked_from_id, fork_step, CAST(NULL AS BIGINT), 0
+    FROM runs WHERE id = :run_id
+    UNION ALL
+    SELECT r.id, r.forked_from_id, r.fork_step, c.fork_step, c.depth + 1
+    FROM chain c CROSS JOIN LATERAL (
+        SELECT id, forked_from_id, fork_step FROM runs WHERE id = c.parent_id LIMIT 1
+    ) r
+)
+"""
+
+
+def chain_cte(conn: Connection) -> str:
+    """``WITH RECURSIVE chain(id, parent_id, fork_step, upper, depth)`` for this backend."""
+    return CHAIN_CTE_POSTGRESQL if conn.dialect.name == "postgresql" else CHAIN_CTE
+
 # The walk up from a run while the step is at or before the current run's fork step.
 OWNER_SQL = sa.text("""
 WITH RECURSIVE walk(id, parent_id, fork_step, depth) AS (
@@ -35,6 +57,20 @@ WITH RECURSIVE walk(id, parent_id, fork_step, depth) AS (
     UNION ALL
     SELECT r.id, r.forked_from_id, r.fork_step, w.depth + 1
     FROM runs r JOIN walk w ON r.id = w.parent_id
+    WHERE w.fork_step IS NOT NULL AND :step <= w.fork_step
+)
+SELECT id FROM walk ORDER BY depth DESC LIMIT 1
+""")
+
+# The same walk for PostgreSQL, one primary-key lookup per level (see CHAIN_CTE_POSTGRESQL).
+OWNER_SQL_POSTGRESQL = sa.text("""
+WITH RECURSIVE walk(id, parent_id, fork_step, depth) AS (
+    SELECT id, forked_from_id, fork_step, 0 FROM runs WHERE id = :run_id
+    UNION ALL
+    SELECT r.id, r.forked_from_id, r.fork_step, w.depth + 1
+    FROM walk w CROSS JOIN LATERAL (
+        SELECT id, forked_from_id, fork_step FROM runs WHERE id = w.parent_id LIMIT 1
+    ) r
     WHERE w.fork_step IS NOT NULL AND :step <= w.fork_step
 )
 SELECT id FROM walk ORDER BY depth DESC LIMIT 1
@@ -71,14 +107,15 @@ class Segment:
 def segments(conn: Connection, run_id: int) -> list[Segment]:
     """The run itself first, then each ancestor up to the root."""
     rows = conn.execute(
-        sa.text(CHAIN_CTE + "SELECT id, fork_step, upper, depth FROM chain ORDER BY depth"),
+        sa.text(chain_cte(conn) + "SELECT id, fork_step, upper, depth FROM chain ORDER BY depth"),
         {"run_id": run_id},
     )
     return [Segment(int(i), lower, upper, int(depth)) for i, lower, upper, depth in rows]
 
 
 def step_owner(conn: Connection, run_id: int, step: int) -> int:
-    owner = conn.execute(OWNER_SQL, {"run_id": run_id, "step": step}).scalar()
+    sql = OWNER_SQL_POSTGRESQL if conn.dialect.name == "postgresql" else OWNER_SQL
+    owner = conn.execute(sql, {"run_id": run_id, "step": step}).scalar()
     if owner is None:
         raise LookupError(f"run {run_id} does not exist")
     return int(owner)
@@ -88,7 +125,7 @@ def stitched_first_step(conn: Connection, run_id: int) -> int | None:
     """The first step of the lineage: the root's first logged step."""
     row = conn.execute(
         sa.text(
-            CHAIN_CTE + "SELECT MIN(r.first_step) FROM chain c JOIN runs r ON r.id = c.id "
+            chain_cte(conn) + "SELECT MIN(r.first_step) FROM chain c JOIN runs r ON r.id = c.id "
             "WHERE c.depth = (SELECT MAX(depth) FROM chain)"
         ),
         {"run_id": run_id},
@@ -96,7 +133,8 @@ def stitched_first_step(conn: Connection, run_id: int) -> int | None:
     if row is not None:
         return int(row)
     fallback = conn.execute(
-        sa.text(CHAIN_CTE + "SELECT MIN(r.first_step) FROM chain c JOIN runs r ON r.id = c.id"),
+        sa.text(chain_cte(conn)
+                + "SELECT MIN(r.first_step) FROM chain c JOIN runs r ON r.id = c.id"),
         {"run_id": run_id},
     ).scalar()
     return None if fallback is None else int(fallback)
@@ -116,7 +154,7 @@ def stitched_last_step(conn: Connection, run_id: int) -> int | None:
 def ancestors(conn: Connection, run_id: int) -> list[AncestorLink]:
     rows = conn.execute(
         sa.text(
-            CHAIN_CTE + "SELECT c.id, c.fork_step, c.upper, r.name, r.number, p.prefix "
+            chain_cte(conn) + "SELECT c.id, c.fork_step, c.upper, r.name, r.number, p.prefix "
             "FROM chain c JOIN runs r ON r.id = c.id JOIN projects p ON p.id = r.project_id "
             "ORDER BY c.depth"
         ),

@@ -3,12 +3,18 @@
 Blocks are read in one SQL statement (the lineage chain is a recursive CTE
 joined to the blocks), then cut to each owner's step range, merged and
 bucketed with numpy.
+
+The statement has no ``ORDER BY``: the blocks (a few hundred rows, each a blob) are
+put in arrival order (by id) in Python. SQLite cannot read them in id order from its
+index, so ``ORDER BY b.id`` sorted the rows with their blobs in a temporary B-tree
+that spilled to disk: two thirds of a 1e6-point query (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from operator import itemgetter
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -17,15 +23,17 @@ from sqlalchemy.engine import Connection
 
 from pluto.wire import MetricQueryResult, MetricSeries
 from pluto_server.errors import Unprocessable
-from pluto_server.lineage import CHAIN_CTE
+from pluto_server.lineage import chain_cte
 from pluto_server.schema import metric_keys, run_keys, runs
 
 Aggregate = Literal["none", "mean"]
 MAX_BUCKETS = 100_000
 MAX_KEYS = 1000
 
-STITCHED_BLOCKS = CHAIN_CTE + """
-SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times, c.fork_step, c.upper, c.depth
+#: The blocks of the chain (after ``chain_cte``) that overlap their owner's steps.
+STITCHED_BLOCKS_OF_CHAIN = """
+SELECT b.id, b.run_id, b.key_id, b.writer, b.step_min, b.step_max, b.steps, b.vals, b.times,
+       c.fork_step, c.upper, c.depth
 FROM metric_blocks b JOIN chain c ON b.run_id = c.id
 WHERE b.key_id IN :key_ids
   AND (c.fork_step IS NULL OR b.step_max > c.fork_step)
@@ -34,7 +42,7 @@ WHERE b.key_id IN :key_ids
 """
 
 OWN_BLOCKS = """
-SELECT b.run_id, b.key_id, b.writer, b.steps, b.vals, b.times,
+SELECT b.id, b.run_id, b.key_id, b.writer, b.step_min, b.step_max, b.steps, b.vals, b.times,
        CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), 0
 FROM metric_blocks b
 WHERE b.run_id = :run_id AND b.key_id IN :key_ids
@@ -66,17 +74,23 @@ class MetricQuery:
             raise Unprocessable(f"ask for at most {MAX_KEYS} keys at once")
 
 
+def stitched_blocks(conn: Connection) -> str:
+    """The lineage block query in this connection's dialect (the chain walk differs)."""
+    return chain_cte(conn) + STITCHED_BLOCKS_OF_CHAIN
+
+
 @dataclass
 class _Parts:
     steps: list[npt.NDArray[np.int64]]
     values: list[npt.NDArray[np.float64]]
     times: list[npt.NDArray[np.float64]]
-    owners: list[npt.NDArray[np.int64]]
+    owners: list[int]
+    lengths: list[int]
 
 
 def metric_keys_of(conn: Connection, run_id: int, lineage: bool) -> list[str]:
     if lineage:
-        sql = CHAIN_CTE + (
+        sql = chain_cte(conn) + (
             "SELECT DISTINCT k.key FROM run_keys rk JOIN chain c ON rk.run_id = c.id "
             "JOIN metric_keys k ON k.id = rk.key_id "
             f"WHERE c.depth = 0 OR k.key NOT LIKE '{SYSTEM_PREFIX}%' ORDER BY k.key"
@@ -107,8 +121,8 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
     key_names = {int(i): str(k) for i, k in key_rows}
     if not key_names:
         return MetricQueryResult(run=query.run_id, lineage=query.lineage, series=[])
-    sql = STITCHED_BLOCKS if query.lineage else OWN_BLOCKS
-    params = {
+    sql = stitched_blocks(conn) if query.lineage else OWN_BLOCKS
+    params: dict[str, int | list[int]] = {
         "run_id": query.run_id,
         "key_ids": list(key_names),
         "step_min": query.step_min if query.step_min is not None else -STEP_LIMIT - 1,
@@ -117,46 +131,53 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
     if query.writer is not None:
         sql += " AND b.writer = :writer"
         params["writer"] = query.writer
-    sql += " ORDER BY b.id"  # arrival order: ties in (step, time) keep it on every backend
     statement = sa.text(sql).bindparams(sa.bindparam("key_ids", expanding=True))
+    # Arrival order (block id), so ties in (step, time) keep it on every backend.
+    blocks = sorted(fetch_blocks(conn, statement, params), key=itemgetter(0))
     groups: dict[tuple[int, int], _Parts] = {}
-    for run_id, key_id, writer, raw_steps, raw_vals, raw_times, lower, upper, depth in (
-        conn.execute(statement, params)
-    ):
+    for (_, run_id, key_id, writer, block_min, block_max, raw_steps, raw_vals, raw_times,
+         lower, upper, depth) in blocks:
         if depth and key_names[int(key_id)].startswith(SYSTEM_PREFIX):
             continue  # system metrics describe the machines of one run: never inherited
         steps = np.frombuffer(raw_steps, dtype="<i8")
         values = np.frombuffer(raw_vals, dtype="<f8")
         times = np.frombuffer(raw_times, dtype="<f8")
-        mask: npt.NDArray[np.bool_] = np.ones(len(steps), dtype=bool)
-        if lower is not None:
-            mask &= steps > lower
-        if upper is not None:
-            mask &= steps <= upper
-        if query.step_min is not None:
-            mask &= steps >= query.step_min
-        if query.step_max is not None:
-            mask &= steps <= query.step_max
-        if not mask.all():
+        # The steps this block may contribute: its owner's range within the query's window.
+        low = query.step_min
+        if lower is not None and (low is None or lower >= low):
+            low = int(lower) + 1  # lower is exclusive
+        high = query.step_max
+        if upper is not None and (high is None or upper < high):
+            high = int(upper)
+        if (low is not None and block_min < low) or (high is not None and block_max > high):
+            mask: npt.NDArray[np.bool_] = np.ones(len(steps), dtype=bool)
+            if low is not None:
+                mask &= steps >= low
+            if high is not None:
+                mask &= steps <= high
             steps, values, times = steps[mask], values[mask], times[mask]
         if not len(steps):
             continue
         group_writer = -1 if query.aggregate == "mean" else int(writer)
-        parts = groups.setdefault((int(key_id), group_writer), _Parts([], [], [], []))
+        parts = groups.setdefault((int(key_id), group_writer), _Parts([], [], [], [], []))
         parts.steps.append(steps)
         parts.values.append(values)
         parts.times.append(times)
-        parts.owners.append(np.full(len(steps), int(run_id), dtype=np.int64))
+        parts.owners.append(int(run_id))
+        parts.lengths.append(len(steps))
     series = []
     for (key_id, writer), parts in sorted(groups.items(), key=lambda g: (key_names[g[0][0]],
                                                                           g[0][1])):
         steps = np.concatenate(parts.steps)
         values = np.concatenate(parts.values)
         times = np.concatenate(parts.times)
-        owners = np.concatenate(parts.owners)
-        # Stable by step, then by wall time, so repeated logs of a step keep their order.
-        order = np.lexsort((times, steps))
-        steps, values, times, owners = steps[order], values[order], times[order], owners[order]
+        owners: npt.NDArray[np.int64] = np.repeat(np.array(parts.owners, dtype=np.int64),
+                                                  parts.lengths)
+        if not _strictly_increasing(steps):
+            # Stable by step, then by wall time, so repeated logs of a step keep their order.
+            order = np.lexsort((times, steps))
+            steps, values, times, owners = (steps[order], values[order], times[order],
+                                            owners[order])
         if query.aggregate == "mean":
             steps, values, times, owners = _mean_per_step(steps, values, times, owners)
         label = None if writer < 0 else writer
@@ -169,6 +190,34 @@ def run_metrics(conn: Connection, query: MetricQuery) -> MetricQueryResult:
             series.append(_downsample(key_names[key_id], label, steps, values, times,
                                       owners, query.buckets))
     return MetricQueryResult(run=query.run_id, lineage=query.lineage, series=series)
+
+
+def fetch_blocks(conn: Connection, statement: sa.TextClause, params: dict[str, int | list[int]]
+           ) -> list[Any]:
+    """Every row of a block query, its blobs as bytes.
+
+    On PostgreSQL the rows come in binary format: psycopg asks for text by default, and
+    bytea as text is hex, twice the bytes plus their decoding (fetching 1e6 points took
+    112 ms as text, 50 ms as binary). SQLAlchemy has no switch for it, so the statement,
+    compiled by SQLAlchemy, runs on a binary cursor of the same connection and transaction.
+    """
+    if conn.dialect.name != "postgresql":
+        return list(conn.execute(statement, params))
+    bound = statement.bindparams(*(
+        sa.bindparam(name, value, type_=sa.BigInteger, expanding=isinstance(value, list))
+        for name, value in params.items()
+    ))
+    compiled = bound.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    driver: Any = conn.connection.driver_connection
+    with driver.cursor(binary=True) as cursor:
+        cursor.execute(compiled.string, compiled.params)
+        return list(cursor.fetchall())
+
+
+def _strictly_increasing(steps: npt.NDArray[np.int64]) -> bool:
+    """True when sorting by (step, time) would leave the order as it is (one O(n) pass):
+    the common case of a chain whose runs each logged their steps in order."""
+    return bool(np.all(steps[1:] > steps[:-1]))
 
 
 def _mean_per_step(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
 import signal
 
+from pluto._malloc import M_MMAP_THRESHOLD, mallopt
 from pluto_sidecar.logs import configure, log_event
 from pluto_sidecar.settings import SidecarSettings
 from pluto_sidecar.sidecar import Sidecar, SocketInUse
@@ -48,8 +47,7 @@ async def _exit_when_idle(sidecar: Sidecar, idle_for: float, stop: asyncio.Event
             return
 
 
-#: glibc's M_MMAP_THRESHOLD, and the value the sidecar sets it to.
-M_MMAP_THRESHOLD = -3
+#: The value the sidecar sets glibc's M_MMAP_THRESHOLD to.
 MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
@@ -64,15 +62,10 @@ def tune_malloc() -> bool:
     of 256 KiB keeps small objects on the heap and maps every bigger buffer on its own, at
     the cost of page faults on each new buffer (a few ms of CPU per 100 MB). Left alone
     where ``MALLOC_MMAP_THRESHOLD_`` is set (the operator's choice wins) and where the C
-    library has no ``mallopt`` (not glibc: nothing to do).
+    library has no ``mallopt`` (not glibc: nothing to do). The server does the opposite
+    (``pluto_server.main.tune_malloc``): its big buffers are a query's, and it asks again.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def run(settings: SidecarSettings) -> int:

@@ -472,6 +472,33 @@ def test_a_fork_does_not_inherit_system_metrics(api: Api) -> None:
     assert api.keys(parent_only["id"], lineage="true").json()["keys"] == ["loss"]
 
 
+def test_repeats_of_a_step_at_the_same_time_keep_their_arrival_order(api: Api) -> None:
+    """Blocks are read without ``ORDER BY`` and put in arrival order afterwards: the
+    second chunk here starts at a lower step, so the index would read it first."""
+    run = api.create_ok(unique_project("ties"))
+    api.log(run["id"], {"x": [(10, 1.0)]}, time=100.0)
+    api.log(run["id"], {"x": [(1, 0.0), (10, 2.0)]}, time=99.0)  # step 10 at 100.0 again
+    api.log(run["id"], {"x": [(10, 3.0)]}, time=100.0)
+    s = api.one_series(run["id"], "x")
+    assert (s.steps, s.values, s.times) == ([1, 10, 10, 10], [0.0, 1.0, 2.0, 3.0],
+                                            [99.0, 100.0, 100.0, 100.0])
+    (mean,) = api.series(run["id"], "x", aggregate="mean")
+    assert (mean.steps, mean.values) == ([1, 10], [0.0, 2.0])
+
+
+def test_points_logged_out_of_order_come_back_sorted_by_step(api: Api) -> None:
+    project = unique_project("unsorted")
+    root = api.create_ok(project)
+    api.log(root["id"], {"x": [(5, 5.0), (3, 3.0), (4, 4.0)]})
+    api.log(root["id"], {"x": [(2, 2.0), (6, 6.0)]})
+    fork = api.create_ok(project, fork_run_id=str(root["id"]), fork_step=4)
+    api.log(fork["id"], {"x": [(8, 80.0), (7, 70.0), (4, 40.0)]})  # 4: hidden when stitched
+    assert api.one_series(root["id"], "x").steps == [2, 3, 4, 5, 6]
+    stitched = api.one_series(fork["id"], "x", lineage="true")
+    assert (stitched.steps, stitched.values, stitched.owners) == (
+        [2, 3, 4, 7, 8], [2.0, 3.0, 4.0, 70.0, 80.0], [root["id"]] * 3 + [fork["id"]] * 2)
+
+
 def test_buckets_carry_the_wall_time_of_their_first_point(api: Api) -> None:
     run = api.create_ok(unique_project("times"))
     api.log(run["id"], {"t": ramp(0, 99)}, time=5000.0)  # point i at 5000 + i
