@@ -166,6 +166,11 @@ class Operator:
             self._tmp.cleanup()
 
     def _caches_warm(self, **_: Any) -> None:
+        # kopf sets its event queue only in the tasks that handle objects, not for startup
+        # handlers: kopf.warn from the context copied at startup raised LookupError, so the
+        # webhook's events were never posted (found by tests/test_rbac.py). Handlers run in
+        # a copy of such a task's context: keep that one for _report.
+        self._context = contextvars.copy_context()
         if self.view is not None:
             self.view.mark_warm()
 

@@ -729,25 +729,25 @@ def test_without_the_server_a_server_url_is_required() -> None:
 
 Grant = tuple[str, str, str, str]  # (where: "cluster" or a namespace, apiGroup, resource, verb)
 
-EVENTS = {(group, "events", verb)
-          for group in ("", "events.k8s.io") for verb in ("create", "patch")}
-READ = ("get", "list", "watch")
+# What each role uses, as tests/test_rbac.py sees the real processes use it.
+EVENTS = {("", "events", "create")}
+WATCH = ("list", "watch")
 RECONCILER_NAMESPACED = (
-    {("pluto.dev", "plutoruns", v) for v in (*READ, "create", "patch", "update")}
-    | {("pluto.dev", "plutoruns/status", v) for v in ("get", "patch", "update")}
-    | {("", "pods", v) for v in READ}
-    | {("batch", "jobs", v) for v in READ}
-    | {("jobset.x-k8s.io", "jobsets", v) for v in READ}
+    {("pluto.dev", "plutoruns", v) for v in (*WATCH, "create", "patch")}
+    | {("pluto.dev", "plutoruns/status", "patch")}
+    | {("", "pods", "list")}
+    | {("batch", "jobs", "get")}
+    | {("jobset.x-k8s.io", "jobsets", v) for v in ("get", *WATCH, "patch")}
     | EVENTS
 )
 RECONCILER_CLUSTER = (
-    {("", "namespaces", v) for v in READ}
-    | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in READ}
+    {("", "namespaces", v) for v in WATCH}
+    | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in WATCH}
 )
-WEBHOOK_NAMESPACED = {("pluto.dev", "plutoruns", v) for v in READ} | EVENTS
+WEBHOOK_NAMESPACED = {("pluto.dev", "plutoruns", v) for v in WATCH} | EVENTS
 WEBHOOK_CLUSTER = (
-    {("", "namespaces", v) for v in READ}
-    | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    {("", "namespaces", v) for v in WATCH}
+    | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in WATCH}
 )
 
 

@@ -13,7 +13,8 @@ event loop away from pytest's, and can be killed without leaving a thread behind
 command runs it by hand for development (``--port 8001 --kubeconfig kc``).
 
 For assertions on how an operator used the API, the server also answers (without a token)
-``/_emulator/requests`` (every request: method, path, query, content type, status, body),
+``/_emulator/requests`` (every request: method, path, query, content type, user agent,
+status, body),
 ``/_emulator/changes`` (every committed write, in resourceVersion order) and
 ``/_emulator/watches`` (the watch streams open now).
 
@@ -302,6 +303,8 @@ class ApiServer(kmock.KubernetesScaffold):
         entry: dict[str, Any] = {
             "method": str(request.method.value), "path": path, "query": dict(request.params),
             "contentType": _header(request, "content-type"), "status": None,
+            # Who asked: tells an operator's requests from a test's own (tests/test_rbac.py).
+            "userAgent": _header(request, "user-agent"),
         }
         if request.method.value in ("POST", "PUT", "PATCH", "DELETE"):
             entry["data"] = request.data
