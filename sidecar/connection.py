@@ -63,6 +63,9 @@ class ClientError(Exception):
 
 
 SCRATCH_BYTES = 64 * 1024
+#: The largest frame a client may send before its HELLO is accepted (a HELLO is tens of
+#: bytes): a connection that has not introduced itself cannot make the sidecar allocate more.
+HELLO_MAX_BYTES = 64 * 1024
 
 
 class FrameStream(asyncio.BufferedProtocol):
@@ -260,6 +263,7 @@ class Connection:
         self.hello: Hello | None = None
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._hello_deadline: float | None = None  # set when the first frame is awaited
 
     async def serve(self) -> None:
         telemetry = self.sidecar.telemetry
@@ -302,15 +306,30 @@ class Connection:
 
     async def _read_frame(self) -> tuple[FrameKind | None, int, bytearray, int]:
         """(kind, request id, record, budget taken): ``record`` is one spare byte (for the
-        spool record's kind) followed by the frame's payload, read straight into it."""
-        timeout = self.sidecar.settings.hello_timeout if self.hello is None else None
+        spool record's kind) followed by the frame's payload, read straight into it.
+
+        Until its HELLO is accepted a client has ``hello_timeout`` seconds in all (from the
+        first read) for whole frames, not only their headers, and frames of at most
+        ``HELLO_MAX_BYTES``: connections that announce a big first frame and then trickle
+        or stall cannot hold the sidecar's memory.
+        """
+        if self.hello is not None:
+            return await self._read_one_frame(self.sidecar.settings.max_frame_bytes)
+        timeout = self.sidecar.settings.hello_timeout
+        if self._hello_deadline is None:
+            self._hello_deadline = asyncio.get_running_loop().time() + timeout
         try:
-            header = await asyncio.wait_for(self.stream.read_exactly(FRAME_HEADER.size),
-                                            timeout)
+            async with asyncio.timeout_at(self._hello_deadline):
+                return await self._read_one_frame(HELLO_MAX_BYTES)
         except TimeoutError:
             raise ClientError(
                 f"no HELLO within {timeout:g}s: a client starts with a HELLO frame",
                 fatal=True) from None
+
+    async def _read_one_frame(self, max_bytes: int) -> tuple[FrameKind | None, int,
+                                                              bytearray, int]:
+        try:
+            header = await self.stream.read_exactly(FRAME_HEADER.size)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise ClientError("connection closed in the middle of a frame header",
@@ -322,6 +341,12 @@ class Connection:
         except FrameFormatError as exc:
             self.sidecar.telemetry.client_errors.labels(reason="bad_header").inc()
             raise ClientError(str(exc), fatal=True) from None
+        if length > max_bytes:  # before HELLO
+            self.sidecar.telemetry.client_errors.labels(reason="bad_header").inc()
+            raise ClientError(
+                f"frame of {length} bytes before HELLO is larger than the limit of "
+                f"{max_bytes} for a first frame; a client starts with a HELLO frame",
+                fatal=True)
         budget = self.sidecar.receive_budget
         taken = await budget.take(length)
         try:
