@@ -6,10 +6,11 @@ import re
 
 from pluto_server.errors import Unprocessable
 
-PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 # No "/": an external id must work as one URL path segment (GET /runs/{ref}).
-EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
-DISPLAY_ID = re.compile(r"^([A-Z0-9]{1,8})-([0-9]+)$")
+EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}\Z")
+DISPLAY_ID = re.compile(r"^([A-Z0-9]{1,8})-([0-9]+)\Z")
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 
@@ -20,6 +21,14 @@ def check_project_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_storable_text(value: str, what: str) -> str:
+    """PostgreSQL stores no NUL character in a text column (the insert, or a lookup by it,
+    fails): refused here with a 422 that names the field, on every backend alike."""
+    if "\x00" in value:
+        raise Unprocessable(f"{what} {value[:40]!r} holds a NUL character (\\x00): remove it")
+    return value
 
 
 def check_external_id(run_id: str) -> str:

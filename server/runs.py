@@ -20,6 +20,7 @@ from pluto_server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from pluto_server.naming import (
     check_external_id,
     check_project_name,
+    check_storable_text,
     display_id,
     parse_display_id,
     project_prefix,
@@ -273,8 +274,12 @@ def check_create(req: RunCreate) -> None:
         raise Unprocessable("resume=True attaches to an existing run and cannot fork; drop one")
     if req.resume and req.run_id is None:
         raise Unprocessable("resume=True needs run_id (external, numeric or display id)")
-    if req.name is not None and len(req.name) > MAX_NAME_LENGTH:
-        raise Unprocessable(f"name is longer than {MAX_NAME_LENGTH} characters")
+    if req.name is not None:
+        if len(req.name) > MAX_NAME_LENGTH:
+            raise Unprocessable(f"name is longer than {MAX_NAME_LENGTH} characters")
+        check_storable_text(req.name, "name")
+    if req.fork_run_id is not None:
+        check_storable_text(req.fork_run_id, "fork_run_id")
     check_tags(req.tags or [])
 
 

@@ -574,3 +574,21 @@ def test_bad_patches_say_what_to_change(api: Api) -> None:
     assert_error(api.patch(run["id"], {"add_tags": [""]}), 422, "tag", "1-128 characters")
     assert_error(api.patch(999_999_999, {"config": {"a": 1}}), 404, "does not exist")
     assert api.get_ok(run["id"])["tags"] == []
+
+
+def test_text_that_a_database_cannot_store_is_refused_before_it_reaches_it(api: Api) -> None:
+    # PostgreSQL stores no NUL character in text: a name or fork reference holding one used to
+    # fail the insert or the lookup (a 500 that a sender retries); a trailing newline slipped
+    # through the "$" of the name patterns.
+    project = unique_project("nul")
+    parent = api.create_ok(project, run_id="parent")
+    assert_error(api.create(project, name="a\x00b"), 422, "name", "NUL")
+    assert_error(api.create(project, fork_run_id="par\x00ent", fork_step=0), 422,
+                 "fork_run_id", "NUL")
+    assert_error(api.create(project, run_id="parent\n"), 422, "run_id")
+    assert_error(api.create(project + "\n"), 422, "project name")
+    # Inside config's and tags' JSON a NUL is escaped: stored and given back as it was.
+    updated = api.patch(parent["id"], {"config": {"k\x00": "v\x00"}, "add_tags": ["a\x00"]})
+    assert updated.status_code == 200, updated.text
+    stored = api.get(parent["id"]).json()
+    assert stored["config"]["k\x00"] == "v\x00" and stored["tags"] == ["a\x00"]
