@@ -93,6 +93,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._transport: asyncio.Transport | None = None
+        self._ended = asyncio.Event()  # the client closed its end (EOF) or the socket is gone
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio.BufferedProtocol ---------------------------------------------
@@ -123,12 +124,14 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        self._ended.set()
         self._wake()
         return True  # keep the transport open: ACKs still pending may go out
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._closed = True
+        self._ended.set()
         self._writable.set()
         self._wake()
 
@@ -139,6 +142,11 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable.set()
 
     # -- reading ----------------------------------------------------------------
+
+    async def ended(self) -> None:
+        """Return once the client has closed its end. Seen while reading is not paused, so
+        for a client that sent less than ``SCRATCH_BYTES`` beyond what was read from it."""
+        await self._ended.wait()
 
     async def read_exactly(self, n: int) -> bytes:
         """``n`` bytes (at most ``SCRATCH_BYTES``); ``IncompleteReadError`` at end of stream."""
@@ -284,7 +292,8 @@ class Connection:
 
     async def _serve(self) -> None:
         while True:
-            await self.sidecar.queue.room()
+            if not await self._room():
+                return
             try:
                 kind, request_id, payload, taken = await self._read_frame()
             except ClientError as exc:
@@ -303,6 +312,25 @@ class Connection:
                 await self._send_error(request_id, exc)
                 if exc.fatal:
                     return
+
+    async def _room(self) -> bool:
+        """Back-pressure: wait for room in the spool before reading the next frame (see
+        ``DurableQueue.room``). False when the client went away meanwhile: a client held
+        back long enough times out, reconnects and waits again, and without this each of
+        those connections would stay for as long as the spool has no room (a full spool
+        volume can last hours). What the client sent and was not acknowledged, it resends.
+        """
+        queue = self.sidecar.queue
+        if not queue.full:
+            return True
+        room = asyncio.ensure_future(queue.room())
+        gone = asyncio.ensure_future(self.stream.ended())
+        try:
+            await asyncio.wait((room, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            gone.cancel()
+        return not gone.done() or gone.cancelled()
 
     async def _read_frame(self) -> tuple[FrameKind | None, int, bytearray, int]:
         """(kind, request id, record, budget taken): ``record`` is one spare byte (for the

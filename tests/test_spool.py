@@ -9,12 +9,17 @@ owns a spool directory at a time.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.volumes import fill, free_bytes, small_tmpfs
 
-from pluto.spool import HEADER, Record, Spool, SpoolLocked
+from pluto.spool import HEADER, Record, Spool, SpoolFull, SpoolLocked, is_no_space
 
 
 def payloads(records: list[Record]) -> list[bytes]:
@@ -186,3 +191,124 @@ def test_second_spool_on_a_locked_directory_is_refused(spool_dir: Path) -> None:
     adopter = Spool(spool_dir, fsync=False)  # the lock goes with its owner
     assert payloads(adopter.read(10)) == [b"mine"]
     adopter.close()
+
+
+# -- a full volume (a real small tmpfs) ---------------------------------------------------
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs: writes there fail with ENOSPC as on a full disk."""
+    with small_tmpfs(tmp_path / "volume", 512 * 1024) as path:
+        yield path
+
+
+def whole_records(directory: Path) -> list[bytes]:
+    """Every record in the segment files, checking that each file is whole records end to
+    end (no torn or partial record left by a failed write)."""
+    found = []
+    for segment in segment_files(directory):
+        data = segment.read_bytes()
+        offset = 0
+        while offset < len(data):
+            length, crc = HEADER.unpack_from(data, offset)
+            end = offset + HEADER.size + length
+            assert end <= len(data), f"{segment.name}: a torn record at {offset}"
+            assert zlib.crc32(data[offset + HEADER.size:end]) == crc, \
+                f"{segment.name}: a corrupt record at {offset}"
+            found.append(data[offset + HEADER.size:end])
+            offset = end
+    return found
+
+
+def test_full_volume_holds_records_in_memory_and_writes_them_when_room_returns(
+        small_volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The volume fills (another file takes the space): ``append`` keeps accepting, holds
+    what it cannot write in memory and warns once; the files hold whole records only; once
+    the space is freed the held records are written, in order, and nothing is lost, torn or
+    written twice, also across a reopen."""
+    spool_dir = small_volume / "spool"
+    spool = Spool(spool_dir, fsync=True)
+    filler = fill(small_volume / "filler", leave=16 * 1024)
+    records = [f"{i:05d}".encode() * 200 for i in range(40)]  # 1,000 bytes each: 40 KB
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ends = [spool.append(record) for record in records]
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1 and "cannot write to the spool" in said[0], said
+    assert "free space on that volume" in said[0]
+    written = ends.index(None)
+    assert 0 < written < len(records) and all(end is None for end in ends[written:])
+    assert spool.short_of_space
+    assert spool.held_bytes == sum(len(r) for r in records[written:])
+    assert whole_records(spool_dir) == records[:written]
+    # Held records count as pending; read returns what is on disk (they cannot go yet).
+    assert spool.pending_bytes == sum(HEADER.size + len(r) for r in records)
+    assert payloads(spool.read(100)) == records[:written]
+
+    filler.unlink()  # room again: the next append writes the held ones first, in order
+    caplog.set_level(logging.WARNING, logger="pluto.spool")
+    assert spool.append(b"after") is not None
+    assert spool.held_bytes == 0
+    assert any("has room again" in r.getMessage() for r in caplog.records)
+    assert whole_records(spool_dir) == [*records, b"after"]
+    assert payloads(spool.read(100)) == [*records[written:], b"after"]
+    spool.close()
+
+    again = Spool(spool_dir, fsync=True)
+    assert again.recovery.cut_bytes == 0
+    assert payloads(again.read(100)) == [*records, b"after"]
+    again.close()
+
+
+def test_a_spool_that_fills_its_volume_gives_the_space_back_once_delivered(
+        small_volume: Path) -> None:
+    """Nothing else on the volume: the spool itself fills it (with one segment, smaller than
+    ``segment_bytes``). Once everything on disk is acknowledged it moves to a fresh segment,
+    the old one goes with its space, and the held records are written."""
+    spool_dir = small_volume / "spool"
+    spool = Spool(spool_dir, fsync=False)
+    records = [f"{i:06d}".encode() * 1000 for i in range(120)]  # 6,000 bytes each: 720 KB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ends = [spool.append(record) for record in records]
+    written = ends.index(None)
+    assert written < len(records) and spool.held_bytes > 0
+    assert len(segment_files(spool_dir)) == 1
+    free_when_full = free_bytes(small_volume)
+
+    delivered: list[bytes] = []
+    while len(delivered) < len(records):  # the server takes everything there is, in turn
+        batch = spool.read(1000)
+        assert batch, (len(delivered), spool.held_bytes)
+        delivered += payloads(batch)
+        spool.ack(batch[-1].end)
+    assert delivered == records  # in order, each once
+    assert spool.held_bytes == 0 and spool.empty
+    assert not spool.short_of_space
+    assert free_bytes(small_volume) > free_when_full
+    assert whole_records(spool_dir) == records[-len(whole_records(spool_dir)):]
+    spool.close()
+
+
+def test_spool_full_is_raised_past_what_may_be_held(small_volume: Path) -> None:
+    """Past ``held_max_bytes`` in memory, ``append`` raises ``SpoolFull`` (the record is
+    neither written nor held: the caller still has it)."""
+    spool = Spool(small_volume / "spool", fsync=False)
+    spool.held_max_bytes = 20_000
+    filler = fill(small_volume / "filler")
+    record = b"r" * 6000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        held = 0
+        with pytest.raises(SpoolFull) as raised:
+            for _ in range(10):
+                assert spool.append(record) is None
+                held += 1
+    assert held == 3 and spool.held_bytes == 3 * len(record)
+    assert is_no_space(raised.value)
+    assert spool.read(10) == []
+    filler.unlink()
+    spool.append(b"last")
+    assert payloads(spool.read(10)) == [record] * 3 + [b"last"]
+    spool.close()

@@ -2,7 +2,9 @@
 restarted, while the sidecar forwards; and every fault at once, for many rounds. Every point
 arrives exactly once, and each writer's chunks are applied in order.
 
-The 30 s outage and the mixed rounds carry the ``chaos`` marker (``make chaos``).
+Also kill -9 of the sidecar and the server together at random moments (issue 7): three
+rounds in the normal suite; the 30 s outage and 50 rounds of mixed faults carry the ``chaos``
+marker (``make chaos``). ``PLUTO_CHAOS_SEED`` replays a schedule (failures print the seed).
 """
 
 from __future__ import annotations
@@ -176,46 +178,64 @@ def test_server_kill9_mid_batch(database: str, server_factory: ServerFactory,
     assert sidecar_metric(sidecar, "dead_letters_total") == 0, context
 
 
-# -- everything at once ------------------------------------------------------------------
+# -- kill -9 of the sidecar and the server, and everything at once -----------------------
 
 
-@pytest.mark.chaos
-@long_chaos
-@pytest.mark.timeout(900)
-def test_mixed_faults_many_rounds(server_factory: ServerFactory,
-                                  sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
-    """40 rounds of a random fault while 4 writers log: SIGKILL the sidecar, SIGKILL or
-    SIGTERM the server, or SIGKILL both; then restart what was taken down."""
+def mixed_fault_rounds(server: ServerProcess, sidecar: SidecarProcess, tmp_path: Path, *,
+                       rounds: int, steps: int, every: int, pause: float,
+                       each_once: list[str] | None = None) -> None:
+    """``rounds`` faults at random moments while 4 writers log into one run: each SIGKILLs
+    the sidecar, the server, or both (in a random order), or stops the server (SIGTERM);
+    what was taken down comes back after a random pause (in a random order when both were).
+    With ``each_once`` the rounds are those faults, each once, in a random order (else each
+    round's fault is drawn at random). Every
+    (key, step, writer) point arrives exactly once, and each writer's chunks are applied
+    in order."""
     seed = chaos_seed()
+    print(f"chaos seed {seed} (PLUTO_CHAOS_SEED={seed} replays it)")
     rng = random.Random(seed)
     run_ref = f"mixed-{seed}"
-    server = server_factory()
-    sidecar = sidecar_factory(server.url, extra_args=SIDECAR_ARGS)
-    steps = 30_000
-    writers = start_writers(sidecar, tmp_path / "writers", run_ref, 4, steps, every=50,
-                            pause=0.15)
+    kinds = ["kill sidecar", "kill server", "kill both", "stop server"]
+    schedule = rng.sample(each_once, len(each_once)) if each_once else None
+    writers = start_writers(sidecar, tmp_path / "writers", run_ref, 4, steps, every=every,
+                            pause=pause)
     faults: list[str] = []
+    under_load = 0
     try:
         writers.wait_ready()
-        for _ in range(40):
+        start = time.monotonic()
+        for index in range(rounds):
             time.sleep(rng.uniform(0.2, 2.0))
-            fault = rng.choice(["kill sidecar", "kill server", "stop server", "kill both"])
-            faults.append(fault if writers.alive else f"{fault} (writers done)")
-            if fault in ("kill sidecar", "kill both"):
-                sidecar.kill()
-            if fault in ("kill server", "kill both"):
-                server.kill()
-            if fault == "stop server":
-                server.stop()
+            fault = schedule[index % len(schedule)] if schedule else rng.choice(kinds)
+            if writers.alive:
+                under_load += 1
+                faults.append(fault)
+            else:
+                faults.append(f"{fault} (writers done)")
+            victims = {"kill sidecar": [sidecar.kill], "kill server": [server.kill],
+                       "kill both": [sidecar.kill, server.kill],
+                       "stop server": [server.stop]}[fault]
+            for victim in rng.sample(victims, len(victims)):
+                victim()
+                time.sleep(rng.uniform(0.0, 0.2))
             time.sleep(rng.uniform(0.0, 1.5))
+            comebacks = []
             if not server.running:
-                server.start()
+                comebacks.append(server.start)
             if sidecar.proc is not None and sidecar.proc.poll() is not None:
-                sidecar.start()
+                comebacks.append(sidecar.start)
+            for comeback in rng.sample(comebacks, len(comebacks)):
+                comeback()
+        chaos_seconds = time.monotonic() - start
         reports = writers.wait(timeout=300)
     finally:
         writers.kill()
-    context = f"seed {seed} (PLUTO_CHAOS_SEED={seed} replays it); faults: {faults}"
+    counts = {kind: sum(f.startswith(kind) for f in faults) for kind in kinds}
+    context = (f"seed {seed} (PLUTO_CHAOS_SEED={seed} replays it); {rounds} faults in "
+               f"{chaos_seconds:.0f}s, {under_load} while the writers logged ({counts}): "
+               f"{faults}")
+    print(context)
+    assert under_load > rounds // 2, f"the writers finished too early: {context}"
     assert all(r["undelivered_bytes"] == 0 for r in reports), f"{context}\n{reports}"
     expected = expected_points(range(4), steps, 10)
     waited = wait_delivered(server, [sidecar], run_ref, sum(expected.values()), timeout=180)
@@ -224,3 +244,30 @@ def test_mixed_faults_many_rounds(server_factory: ServerFactory,
     assert_stored_in_order(server, run_ref)
     assert run_status(server, run_ref) == "COMPLETED"
     assert sidecar_metric(sidecar, "dead_letters_total") == 0, context
+
+
+def test_sidecar_and_server_kill9_under_load(server_factory: ServerFactory,
+                                             sidecar_factory: SidecarFactory,
+                                             tmp_path: Path) -> None:
+    """The short version (``make test``): 3 rounds while 4 writers log, one of each kind of
+    kill -9 (the sidecar, the server, both) in a random order at random moments."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=SIDECAR_ARGS)
+    # ~15 s of logging per writer: 5,000 calls of 10 scalars, a pause every 50 calls.
+    mixed_fault_rounds(server, sidecar, tmp_path, rounds=3, steps=5000, every=50, pause=0.15,
+                       each_once=["kill sidecar", "kill server", "kill both"])
+
+
+@pytest.mark.chaos
+@long_chaos
+@pytest.mark.timeout(900)
+def test_mixed_faults_many_rounds(server_factory: ServerFactory,
+                                  sidecar_factory: SidecarFactory, tmp_path: Path) -> None:
+    """50 rounds (``make chaos``): kill -9 of the sidecar, of the server or of both, or a
+    SIGTERM of the server, at random moments while 4 writers log."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=SIDECAR_ARGS)
+    # ~5 minutes of logging per writer (50,000 calls, 0.3 s pause every 50), about as long as
+    # 50 rounds take, so that the faults hit the writers while they log.
+    mixed_fault_rounds(server, sidecar, tmp_path, rounds=50, steps=50_000, every=50,
+                       pause=0.3)

@@ -38,10 +38,14 @@ def main() -> int:
     parser.add_argument("--ready", type=Path)
     parser.add_argument("--report", type=Path)
     parser.add_argument("--finish-timeout", type=float, default=120.0)
+    parser.add_argument("--http-timeout", type=float, default=None,
+                        help="the SDK's socket timeout (default: the SDK's, 30 s)")
     args = parser.parse_args()
 
-    run = pluto.init(project=os.environ.get("PLUTO_PROJECT", "chaos"),
-                     settings={"console": False, "finish_timeout": args.finish_timeout})
+    settings: dict[str, object] = {"console": False, "finish_timeout": args.finish_timeout}
+    if args.http_timeout is not None:
+        settings["http_timeout"] = args.http_timeout
+    run = pluto.init(project=os.environ.get("PLUTO_PROJECT", "chaos"), settings=settings)
     writer = run.writer
     if args.ready is not None:
         args.ready.write_text(str(os.getpid()))

@@ -265,8 +265,10 @@ class Writers:
 
 def start_writers(sidecar: SidecarProcess, directory: Path, run_ref: str, count: int,
                   steps: int, *, every: int = 0, pause: float = 0.0, keys: int = 10,
-                  ranks: Iterable[int] | None = None) -> Writers:
-    """``count`` chaos_writer processes (RANK 0..count-1) logging through ``sidecar``."""
+                  ranks: Iterable[int] | None = None,
+                  http_timeout: float | None = None) -> Writers:
+    """``count`` chaos_writer processes (RANK 0..count-1) logging through ``sidecar``;
+    ``http_timeout`` overrides the SDK's socket timeout (30 s)."""
     directory.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in (range(count) if ranks is None else ranks):
@@ -276,7 +278,8 @@ def start_writers(sidecar: SidecarProcess, directory: Path, run_ref: str, count:
                 [sys.executable, str(WRITER), str(steps), "--keys", str(keys),
                  "--every", str(every), "--pause", str(pause),
                  "--ready", str(directory / f"ready-{rank}"),
-                 "--report", str(directory / f"report-{rank}.json")],
+                 "--report", str(directory / f"report-{rank}.json"),
+                 *([] if http_timeout is None else ["--http-timeout", str(http_timeout)])],
                 cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT))
     return Writers(procs, directory)
 
