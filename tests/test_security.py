@@ -147,6 +147,7 @@ def test_a_sidecar_whose_key_is_refused_never_shows_it(keys: Keys, tmp_path: Pat
                            settings={"sidecar_socket": str(sidecar.socket), "console": False,
                                      "init_timeout": 5})
         assert refused.value.status_code == 401, refused.value
+        assert str(refused.value).count("(HTTP 401)") == 1, refused.value  # once, not relayed twice
         said = [str(refused.value), repr(refused.value)] + [str(w.message) for w in caught]
         # The server refused the sidecar's key: it says so, without the key.
         deadline = time.monotonic() + 15

@@ -252,11 +252,14 @@ def _stand_in(request: RunCreate) -> RunAttached:
 
 def _rejected(payload: bytes) -> RequestRejected:
     error = msgspec.msgpack.decode(payload, type=FrameError)
-    status = 400
-    if error.detail.endswith(")") and "(HTTP " in error.detail:
-        code = error.detail.rsplit("(HTTP ", 1)[1].rstrip(")")
-        status = int(code) if code.isdigit() else 400
-    return RequestRejected(status, error.detail)
+    status, detail = 400, error.detail
+    if detail.endswith(")") and "(HTTP " in detail:
+        # The sidecar relays the server's answer as "<detail> (HTTP <code>)"; RequestRejected
+        # adds the code itself, so it is taken off here (it was shown twice).
+        rest, code = detail.rsplit(" (HTTP ", 1) if " (HTTP " in detail else (detail, "")
+        if code.rstrip(")").isdigit():
+            status, detail = int(code.rstrip(")")), rest
+    return RequestRejected(status, detail)
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
