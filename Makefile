@@ -44,7 +44,7 @@ help:
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make bench-anchors  log() and end to end against wandb, trackio, neptune-scale, mlflow"
-	@echo "              (installs them into .venv-anchors, about 1 GB; about 7 minutes)"
+	@echo "              (installs them into .venv-anchors, about 1 GB; about 10 minutes)"
 	@echo "make chaos     the long fault-injection suite (kill -9 rounds, long outages)"
 	@echo "make e2e-kind  end to end on a throwaway kind cluster (needs Docker and kind)"
 	@echo "make clean     remove caches; make distclean also removes .venv, build/, .pluto-data/, .pluto/"
