@@ -237,12 +237,16 @@ def _mean_per_step(
 def _nanmean_reduceat(
     values: npt.NDArray[np.float64], starts: npt.NDArray[np.intp]
 ) -> npt.NDArray[np.float64]:
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, then the general case below
+        sums = np.add.reduceat(values, starts)
+    if not np.isnan(sums).any():  # no NaN in any bucket: every value counts
+        means: npt.NDArray[np.float64] = sums / np.diff(starts, append=len(values))
+        return means
     valid = ~np.isnan(values)
     sums = np.add.reduceat(np.where(valid, values, 0.0), starts)
     counts = np.add.reduceat(valid.astype(np.int64), starts)
     with np.errstate(invalid="ignore", divide="ignore"):
-        means: npt.NDArray[np.float64] = np.where(counts > 0, sums / np.maximum(counts, 1),
-                                                  np.nan)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     return means
 
 
@@ -255,17 +259,26 @@ def _downsample(
     owners: npt.NDArray[np.int64],
     buckets: int,
 ) -> MetricSeries:
-    """Equal-width step buckets with min/max/mean; a bucket never straddles a fork."""
+    """Equal-width step buckets with min/max/mean; a bucket never straddles a fork.
+
+    Step ``s`` falls in bucket ``(s - first) * buckets // width``. The steps are sorted, so
+    where each bucket starts is a binary search for its first step, not an index computed
+    for every point (at 1e7 points, three arrays of 80 MB less to fault in).
+    """
     first, last = int(steps[0]), int(steps[-1])
     width = last - first + 1
-    offsets = steps - first
     if width * buckets < 2**62:
-        index = (offsets * buckets) // width
+        # Bucket k starts at the first step >= first + ceil(k * width / buckets); an edge
+        # past the last step starts no bucket (and first + width could overflow).
+        gaps: npt.NDArray[np.int64] = -((np.arange(1, buckets, dtype=np.int64) * -width)
+                                        // buckets)
+        edges = first + gaps[gaps < width]
+        bucket_starts: npt.NDArray[np.intp] = np.searchsorted(steps, edges, side="left")
     else:  # steps near 2**63: the exact product would overflow int64
-        index = np.minimum((offsets / width * buckets).astype(np.int64), buckets - 1)
-    starts = np.flatnonzero(
-        np.r_[True, (index[1:] != index[:-1]) | (owners[1:] != owners[:-1])]
-    )
+        index = np.minimum(((steps - first) / width * buckets).astype(np.int64), buckets - 1)
+        bucket_starts = np.flatnonzero(index[1:] != index[:-1]) + 1
+    owner_starts: npt.NDArray[np.intp] = np.flatnonzero(owners[1:] != owners[:-1]) + 1
+    starts = np.union1d(np.union1d(bucket_starts, owner_starts), [0])
     ends = np.r_[starts[1:], len(steps)]
     return MetricSeries(
         key=key,
