@@ -144,6 +144,7 @@ bench: venv
 	@$(PY) benchmarks/webhook.py
 	@$(PY) benchmarks/checkpoints.py
 	@$(PY) benchmarks/dashboard.py
+	@$(PY) benchmarks/lineage.py
 
 # Other trackers, pinned in benchmarks/anchors/requirements.txt, in a venv of their own.
 bench-anchors: venv
