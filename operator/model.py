@@ -314,7 +314,7 @@ class PlutoRun(_Model):
         name = self.metadata.name
         if name is None:
             raise ValueError("PlutoRun has neither spec.runId nor metadata.name")
-        if re.match(RUN_ID_PATTERN, name) is None:
+        if re.fullmatch(RUN_ID_PATTERN, name) is None:
             raise ValueError(
                 f"PlutoRun name {name!r} is not a valid run id (at most 128 characters): "
                 "set spec.runId"

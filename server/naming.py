@@ -6,16 +6,17 @@ import re
 
 from pluto_server.errors import Unprocessable
 
-# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
-PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+# The same text as the CRD's patterns (tests/test_crd.py), which Kubernetes reads as ECMA-262:
+# matched with fullmatch, since Python's "$" also matches before a trailing newline.
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # No "/": an external id must work as one URL path segment (GET /runs/{ref}).
-EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}\Z")
+EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 DISPLAY_ID = re.compile(r"^([A-Z0-9]{1,8})-([0-9]+)\Z")
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 
 def check_project_name(name: str) -> str:
-    if not PROJECT_NAME.match(name):
+    if not PROJECT_NAME.fullmatch(name):
         raise Unprocessable(
             f"project name {name!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -32,7 +33,7 @@ def check_storable_text(value: str, what: str) -> str:
 
 
 def check_external_id(run_id: str) -> str:
-    if not EXTERNAL_ID.match(run_id):
+    if not EXTERNAL_ID.fullmatch(run_id):
         raise Unprocessable(
             f"run_id {run_id!r} is not valid: use 1-128 letters, digits or . _ : @ + -, "
             "starting with a letter or digit"

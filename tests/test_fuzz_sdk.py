@@ -108,6 +108,12 @@ surrogate_text = st.builds(lambda a, s, b: a + s + b, any_text,
                            st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3),
                            any_text)
 nul_text = st.builds(lambda a, b: a + "\x00" + b, any_text, any_text)
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 long_text = st.integers(250, 262).map(lambda n: "k" * n) | st.just("x" * 100_000)
 
 
@@ -432,7 +438,10 @@ def test_valid_metadata_arrives_exactly(
     @given(name=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
                         min_size=1, max_size=256),
            config=valid_config,
-           tags=st.lists(valid_tag | nul_text.filter(lambda t: len(t) <= 128), max_size=6,
+           # A NUL in a tag is storable (tags are JSON); a lone surrogate is not (any_text
+           # can hold one, and the SDK then stores its escaped text, with a warning).
+           tags=st.lists(valid_tag | nul_text.filter(lambda t: len(t) <= 128
+                                                     and not _has_surrogate(t)), max_size=6,
                          unique=True))
     def check(name: str, config: dict[str, Any], tags: list[str]) -> None:
         with warnings.catch_warnings():
