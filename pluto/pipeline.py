@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from pluto.errors import PlutoError, RequestRejected
-from pluto.spool import Spool, SpoolLocked, is_spool_name
+from pluto.spool import Spool, SpoolFull, SpoolLocked, is_spool_name
 from pluto.transport.base import Transport
 from pluto.wire import Chunk, LogLine, RunStatus, encode_msgpack
 
@@ -75,6 +75,10 @@ class Pipeline:
         self.spool_root = spool_root
         self.spool = Spool(spool_root / self.session, fsync=fsync)
         self._seq = 0
+        #: A packed chunk the spool could not take (its volume full and as much as it may
+        #: hold already in memory): kept here and appended first on the next pass, while
+        #: packing stops, so ``rows`` fills up and ``log()`` is held back instead.
+        self._unspooled: bytes | None = None
         self._final: RunStatus | None = None
         self._final_spooled = False
         self._wake = threading.Event()
@@ -125,7 +129,7 @@ class Pipeline:
 
     @property
     def pending_bytes(self) -> int:
-        return self.spool.pending_bytes
+        return self.spool.pending_bytes + len(self._unspooled or b"")
 
     # -- the sender thread ---------------------------------------------------
 
@@ -139,7 +143,12 @@ class Pipeline:
             self._wake.wait(max(self.flush_interval, backoff))
             self._wake.clear()
             try:
-                self._pack()
+                try:
+                    self._pack()
+                except SpoolFull as exc:
+                    # Nothing is dropped (see _unspooled); delivering what is spooled is
+                    # what frees the space, so the pass goes on to send.
+                    self.state.last_error = repr(exc)
                 backoff = 0.0 if self._send() else min(MAX_BACKOFF, max(0.2, backoff * 2))
             except Exception as exc:  # the sender must outlive any one bad chunk
                 log.exception("pluto sender error")
@@ -151,11 +160,14 @@ class Pipeline:
                 self._idle.set()
 
     def _quiet(self) -> bool:
-        return (not self.rows and not self.logs and self.spool.empty
+        return (not self.rows and not self.logs and self._unspooled is None and self.spool.empty
                 and (self._final is None or self._final_spooled))
 
     def _pack(self) -> None:
         final = self._final  # read first: every row logged before finish() is queued by now
+        if self._unspooled is not None:
+            self.spool.append(self._unspooled)  # SpoolFull again while there is no room
+            self._unspooled = None
         while self.rows or self.logs:
             keys: dict[str, int] = {}
             key_index: list[int] = []
@@ -190,12 +202,19 @@ class Pipeline:
             chunk = self._chunk(keys=list(keys), key_index=key_index, steps=steps,
                                 values=values, times=times, logs=lines)
             self._seq += 1
-            self.spool.append(encode_msgpack(chunk))
+            self._spool_chunk(encode_msgpack(chunk))
         if final is not None and not self._final_spooled:
             chunk = self._chunk(finish=final)
             self._seq += 1
-            self.spool.append(encode_msgpack(chunk))
-            self._final_spooled = True
+            self._final_spooled = True  # in the spool, or in _unspooled until it has room
+            self._spool_chunk(encode_msgpack(chunk))
+
+    def _spool_chunk(self, payload: bytes) -> None:
+        try:
+            self.spool.append(payload)
+        except SpoolFull:
+            self._unspooled = payload
+            raise
 
     def _chunk(self, **fields: Any) -> Chunk:
         if self.run_ref is not None:

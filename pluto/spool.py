@@ -199,12 +199,38 @@ class Spool:
         except OSError as exc:
             self._cut_back(self._write_segment, start)
             if exc.errno in NO_SPACE:
+                if self._reclaim_delivered_locked(start):
+                    return self._write_locked(parts)  # once: the fresh segment is empty
                 self.short_of_space = True
                 raise SpoolFull(exc.errno, f"no space left on the spool volume of "
                                 f"{self.directory}: {exc.strerror}") from exc
             raise
         self.records_written += 1
         return Position(self._write_segment, self._writer.tell())
+
+    def _reclaim_delivered_locked(self, end_offset: int) -> bool:
+        """The volume is full and every record on disk is delivered (the spool itself filled
+        the volume during an outage, then drained): move to a fresh segment and delete the
+        delivered ones, so that their space takes the write. ``ack`` does the same when
+        space is already short, but when the last ack came before the first failed write no
+        further ack would come, and the spool would hold its space for ever. True when it
+        gave the space back."""
+        if end_offset == 0 or self.acked != Position(self._write_segment, end_offset):
+            return False
+        try:
+            self._rotate()
+        except OSError:
+            return False
+        self.acked = Position(self._write_segment, 0)
+        for segment in self._segments():
+            if segment < self._write_segment:
+                with contextlib.suppress(OSError):
+                    self._path(segment).unlink(missing_ok=True)
+        # After the deletions, so the cursor has room; a crash before it is harmless: a
+        # cursor naming a deleted segment reads from the first one there is (empty here).
+        self._save_cursor(self.acked)
+        self.short_of_space = False
+        return True
 
     def _cut_back(self, segment: int, offset: int) -> None:
         """Truncate the current segment to ``offset`` (shrinking a file needs no space)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any, cast
 
 import pytest
 from support.server_process import ServerProcess
+from support.volumes import fill, small_tmpfs
 
 import pluto
 from pluto import query
@@ -91,6 +93,49 @@ def spool_sessions(spool_dir: Path) -> list[Path]:
 
 
 # -- outages --------------------------------------------------------------------------
+
+
+def test_a_full_spool_volume_holds_log_back_and_loses_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The SDK's spool volume is full while the server is away, and more is logged than the
+    spool may hold in memory: the chunk that fits nowhere is kept (it used to be dropped,
+    with only a logged exception), ``log()`` is held back once its buffer is full, and when
+    the server and the space return every point arrives exactly once."""
+    with small_tmpfs(tmp_path / "volume", 512 * 1024) as volume:
+        run = start(server, volume / "pluto", max_buffered_calls=500, max_chunk_points=1000)
+        run._pipeline.spool.held_max_bytes = 20_000  # instead of 64 MiB: full sooner
+        server.stop()
+        filler = fill(volume / "filler")
+        steps = 4000  # 40,000 points: far beyond 20 KB held and 500 buffered calls
+
+        def log_all() -> None:
+            for step in range(steps):
+                run.log({f"k{j}": step + j / 16 for j in range(10)}, step=step)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "cannot write to the spool"
+            logger = threading.Thread(target=log_all, daemon=True)
+            logger.start()
+            logger.join(3.0)
+            assert logger.is_alive(), "log() was not held back by a full spool volume"
+            server.start()
+            filler.unlink()
+            logger.join(60)
+            pipeline = run._pipeline
+            assert not logger.is_alive(), (
+                "log() stayed blocked after space returned: "
+                f"{len(pipeline.rows)} calls buffered, sender alive "
+                f"{pipeline._thread.is_alive()}, held {pipeline.spool.held_bytes} bytes, "
+                f"unspooled {pipeline._unspooled is not None}, last error "
+                f"{pipeline.state.last_error}, free {shutil.disk_usage(volume).free}, "
+                f"pending {pipeline.spool.pending_bytes} empty {pipeline.spool.empty} short "
+                f"{pipeline.spool.short_of_space} acked {pipeline.spool.acked} files "
+                f"{[(p.name, p.stat().st_size) for p in pipeline.spool.directory.iterdir()]}")
+            run.finish()
+        assert not run.undelivered_bytes
+        expected = {(f"k{j}", step, 0): step + j / 16 for step in range(steps) for j in range(10)}
+        assert_exactly_once(server, run.id, expected)
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])

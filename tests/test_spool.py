@@ -291,6 +291,32 @@ def test_a_spool_that_fills_its_volume_gives_the_space_back_once_delivered(
     spool.close()
 
 
+def test_a_drained_spool_on_a_full_volume_gives_the_space_back_at_the_next_write(
+        small_volume: Path) -> None:
+    """The spool fills its volume with no write failing, and everything is acknowledged
+    before the next record comes (so no ack follows the failure to give the space back):
+    that record's write finds the volume full, moves to a fresh segment, deletes the
+    delivered one and goes through: nothing held, nothing stuck."""
+    spool_dir = small_volume / "spool"
+    spool = Spool(spool_dir, fsync=False)
+    record = b"r" * 4000
+    while free_bytes(small_volume) > 2 * len(record):
+        assert spool.append(record) is not None
+    while batch := spool.read(1000):
+        spool.ack(batch[-1].end)
+    assert spool.empty and not spool.short_of_space
+    full = free_bytes(small_volume)
+    later = [f"{i:04d}".encode() * 1000 for i in range(20)]  # 80 KB: more than is free
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "cannot write to the spool": not said
+        ends = [spool.append(record) for record in later]
+    assert None not in ends and spool.held_bytes == 0
+    assert free_bytes(small_volume) > full
+    assert payloads(spool.read(1000)) == later
+    assert whole_records(spool_dir) == later  # the delivered segment is gone
+    spool.close()
+
+
 def test_spool_full_is_raised_past_what_may_be_held(small_volume: Path) -> None:
     """Past ``held_max_bytes`` in memory, ``append`` raises ``SpoolFull`` (the record is
     neither written nor held: the caller still has it)."""
