@@ -61,8 +61,14 @@ def display_id(prefix: str, number: int | None) -> str:
     return f"{prefix}-{number if number is not None else 0}"
 
 
+#: A run's number is a 32-bit INTEGER column on every backend.
+MAX_RUN_NUMBER = 2**31 - 1
+
+
 def parse_display_id(ref: str) -> tuple[str, int] | None:
+    """(prefix, number) of a display id such as ``MNIST-12``; None for anything else,
+    including a number no run can have (it reached the database and overflowed there)."""
     match = DISPLAY_ID.match(ref.upper())
-    if match is None:
+    if match is None or int(match.group(2)) > MAX_RUN_NUMBER:
         return None
     return match.group(1), int(match.group(2))

@@ -46,13 +46,19 @@ def route(
                 "description": "Created" if status == 201 else "OK",
                 "content": {m: {"schema": _ref(reply)} for m in media},
             }
-    error = {"content": {JSON: {"schema": _ref(ApiError)}}}
-    for code, text in (("400", "Bad request"), ("401", "API key missing or refused"),
-                       ("404", "Not found"), ("413", "Body too large"),
-                       ("422", "Invalid body or parameters")):
-        responses[code] = {"description": text, **error}
     extra["responses"] = responses
     return extra
+
+
+#: The answers any route may give besides its own (server.errors; every one an ``ApiError``
+#: body). Declared on every operation by ``install``, so that routes FastAPI documents by
+#: itself (files, checkpoints, the dashboard's API) say the same as those declared here.
+ERRORS = (
+    ("400", "Bad request"), ("401", "API key missing or refused"),
+    ("403", "The API key may not reach this project"), ("404", "Not found"),
+    ("409", "Conflicts with the current state"), ("413", "Body too large"),
+    ("422", "Invalid body or parameters"),
+)
 
 
 def install(app: FastAPI) -> None:
@@ -61,9 +67,20 @@ def install(app: FastAPI) -> None:
             return app.openapi_schema
         document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                description=app.description)
+        error = {"content": {JSON: {"schema": _ref(ApiError)}}}
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for code, text in ERRORS:
+                    # Replaces FastAPI's own 422 (a list of pydantic errors): this server
+                    # answers every error as {"detail": "what to change"}.
+                    responses[code] = {"description": text, **error}
         _, components = msgspec.json.schema_components(sorted(_registered, key=str),
                                                         ref_template=REF)
-        document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas.update(components)
         app.openapi_schema = document
         return document
 

@@ -1,4 +1,5 @@
-"""Schemathesis against the server's own OpenAPI document: no input makes it answer 5xx.
+"""Schemathesis against the server's own OpenAPI document: no input makes it answer 5xx,
+and every answer is the one documented (status code, content type, body schema).
 
 A real server with a run that has points, a log line, a checkpoint and a file, so that
 generated requests reach the routes' logic instead of stopping at 404. The seed is in
@@ -17,6 +18,9 @@ from support.server_process import ServerProcess
 import pluto
 
 MAX_EXAMPLES = 40
+#: No 5xx, and every answer as documented: its status code, content type and body schema.
+CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
+          "response_schema_conformance")
 
 
 def test_no_generated_request_gets_a_server_error(
@@ -38,7 +42,7 @@ def test_no_generated_request_gets_a_server_error(
                       '"path.name" = "notes.txt"\n')
     seed = random.randrange(2**32)
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
-               f"{shared_server.url}/api/openapi.json", "--checks", "not_a_server_error",
+               f"{shared_server.url}/api/openapi.json", "--checks", ",".join(CHECKS),
                "--phases", "coverage,fuzzing", "--max-examples", str(MAX_EXAMPLES),
                "--seed", str(seed), "--no-color"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

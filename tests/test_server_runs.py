@@ -592,3 +592,13 @@ def test_text_that_a_database_cannot_store_is_refused_before_it_reaches_it(api: 
     assert updated.status_code == 200, updated.text
     stored = api.get(parent["id"]).json()
     assert stored["config"]["k\x00"] == "v\x00" and stored["tags"] == ["a\x00"]
+
+
+def test_a_display_id_with_a_number_no_run_can_have_is_not_found(api: Api) -> None:
+    # Found by Schemathesis: the number reached the database and overflowed there (a 500).
+    project = unique_project("big")
+    api.create_ok(project, run_id="only")
+    for ref in ("B-2147483648", "B-99999999999999999999"):
+        assert_error(api.get(ref, project=project), 404, ref)
+        assert_error(api.create(project, run_id=ref, resume=True), 404, ref)
+        assert_error(api.create(project, fork_run_id=ref, fork_step=0), 404, ref)
