@@ -14,12 +14,9 @@ the webhook could not read is denied with the reason, never a 500. Found: a pod 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
-import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,72 +26,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.admission import pod_review
-
-from pluto_operator.certs import ReloadingContext, self_signed, write_certificate
-from pluto_operator.model import PlutoRun
-from pluto_operator.servers import WEBHOOK_PATH, WebhookListener
-from pluto_operator.settings import FailurePolicy, OperatorSettings
-from pluto_operator.targets import KnownRun, NamespaceInfo
-from pluto_operator.webhook import PodInjector
+from support.webhook_https import Webhook, WebhookServers
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
 
-class StaticView:
-    def __init__(self, runs: list[KnownRun]) -> None:
-        self._runs = runs
-
-    def namespace(self, name: str) -> NamespaceInfo | None:
-        return None
-
-    def runs(self, namespace: str) -> list[KnownRun]:
-        return [r for r in self._runs if r.namespace == namespace]
-
-
-class Hook:
-    """A listening webhook on a loop thread of its own, and an HTTPS client for it."""
-
-    def __init__(self, directory: Path, failure_policy: FailurePolicy) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        cert = self_signed(["localhost", "127.0.0.1"])
-        cert_file, key_file = write_certificate(cert, directory / "tls")
-        ca_file = directory / "ca.pem"
-        ca_file.write_bytes(cert.ca_pem)
-        run = PlutoRun.model_validate({"metadata": {"name": "sft", "namespace": "ml"},
-                                       "spec": {"project": "llm"}})
-        injector = PodInjector(OperatorSettings(), StaticView(
-            [KnownRun("sft", "ml", "2026-01-01T00:00:00Z", run)]), "native")
-        self.listener = WebhookListener(injector, failure_policy=failure_policy)
-        self._call(self.listener.start("127.0.0.1", 0,
-                                       ReloadingContext(cert_file, key_file).context))
-        self.url = f"https://localhost:{self.listener.port}{WEBHOOK_PATH}"
-        self.client = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)),
-                                   timeout=10)
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
-
-    def post(self, body: bytes) -> httpx.Response:
-        return self.client.post(self.url, content=body,
-                                headers={"content-type": "application/json"})
-
-    def close(self) -> None:
-        self.client.close()
-        self._call(self.listener.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
-
-
 @pytest.fixture(params=["Ignore", "Fail"])
-def hook(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hook]:
-    started = Hook(tmp_path, request.param)
-    yield started
-    started.close()
+def hook(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Webhook]:
+    servers = WebhookServers(tmp_path)
+    yield servers.start(failure_policy=request.param, timeout=10)
+    servers.close()
 
 
 # -- reviews ------------------------------------------------------------------------------
@@ -197,7 +140,7 @@ def check_answer(response: httpx.Response, uid: str | None, failure_policy: str)
         assert reply["status"]["message"].startswith("pluto: "), reply
 
 
-def test_any_body_gets_a_well_formed_answer_never_a_500(hook: Hook) -> None:
+def test_any_body_gets_a_well_formed_answer_never_a_500(hook: Webhook) -> None:
     policy = hook.listener.failure_policy
     outcomes: set[bool] = set()
 
@@ -215,7 +158,7 @@ def test_any_body_gets_a_well_formed_answer_never_a_500(hook: Hook) -> None:
 
 @pytest.mark.parametrize("metadata", [[], "ml", 7, ["namespace", "ml"], True])
 def test_a_pod_whose_metadata_is_not_an_object_is_answered_not_a_500(
-        hook: Hook, metadata: Any) -> None:
+        hook: Webhook, metadata: Any) -> None:
     """The bug the fuzz found: ``metadata`` of another type raised AttributeError (a 500)."""
     review = pod_review(good_pod(), "ml", uid="meta-1")
     review["request"]["object"]["metadata"] = metadata
@@ -231,7 +174,7 @@ def test_a_pod_whose_metadata_is_not_an_object_is_answered_not_a_500(
         assert "metadata is a" in reply["warnings"][0], reply
 
 
-def test_a_good_review_is_still_patched(hook: Hook) -> None:
+def test_a_good_review_is_still_patched(hook: Webhook) -> None:
     """The fuzz's seed, answered as before: the pod gets its sidecar."""
     review = pod_review(copy.deepcopy(good_pod()), "ml", uid="good-1")
     response = hook.post(json.dumps(review).encode())

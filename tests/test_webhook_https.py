@@ -7,11 +7,9 @@ server verifies ``caBundle``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,83 +18,18 @@ from typing import Any
 import httpx
 import pytest
 from support.admission import apply_answer, patch_of, pod_review
+from support.webhook_https import LoopThread, Webhook, WebhookServers
 
 from pluto_operator.admission import Mutation, PodRequest
 from pluto_operator.certs import ReloadingContext, self_signed, write_certificate
-from pluto_operator.model import PlutoRun
 from pluto_operator.servers import WEBHOOK_PATH, WebhookListener
-from pluto_operator.settings import FailurePolicy, OperatorSettings
-from pluto_operator.targets import KnownRun, NamespaceInfo
-from pluto_operator.webhook import PodInjector
-
-
-class StaticView:
-    def __init__(self, runs: list[KnownRun]) -> None:
-        self._runs = runs
-
-    def namespace(self, name: str) -> NamespaceInfo | None:
-        return None
-
-    def runs(self, namespace: str) -> list[KnownRun]:
-        return [r for r in self._runs if r.namespace == namespace]
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
-
-
-class Webhook:
-    def __init__(self, url: str, ca_file: Path, listener: WebhookListener) -> None:
-        self.url = url
-        self.ca_file = ca_file
-        self.listener = listener
-        self.client = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)))
-
-    def post(self, body: bytes | dict[str, Any]) -> httpx.Response:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return self.client.post(self.url, content=content,
-                                headers={"content-type": "application/json"})
 
 
 @pytest.fixture
 def start_webhook(tmp_path: Path) -> Iterator[Callable[..., Webhook]]:
-    loop = LoopThread()
-    started: list[Webhook] = []
-
-    def start(mutate: Callable[[PodRequest], Mutation] | None = None,
-              failure_policy: FailurePolicy = "Ignore") -> Webhook:
-        cert = self_signed(["localhost", "127.0.0.1"])
-        cert_file, key_file = write_certificate(cert, tmp_path / f"tls{len(started)}")
-        ca_file = tmp_path / f"ca{len(started)}.pem"
-        ca_file.write_bytes(cert.ca_pem)
-        if mutate is None:
-            run = PlutoRun.model_validate({"metadata": {"name": "sft", "namespace": "ml"},
-                                           "spec": {"project": "llm"}})
-            view = StaticView([KnownRun("sft", "ml", "2026-01-01T00:00:00Z", run)])
-            mutate = PodInjector(OperatorSettings(), view, "native")
-        listener = WebhookListener(mutate, failure_policy=failure_policy)
-        tls = ReloadingContext(cert_file, key_file)
-        loop.run(listener.start("127.0.0.1", 0, tls.context))
-        hook = Webhook(f"https://localhost:{listener.port}{WEBHOOK_PATH}", ca_file, listener)
-        started.append(hook)
-        return hook
-
-    yield start
-    for hook in started:
-        hook.client.close()
-        loop.run(hook.listener.stop())
-    loop.close()
+    servers = WebhookServers(tmp_path)
+    yield servers.start
+    servers.close()
 
 
 def labelled_pod() -> dict[str, Any]:
