@@ -38,13 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import aiohttp
-import httpx
 import psutil
 from _server import free_port
 from rich.console import Console
 from rich.table import Table
 from support import pod_specs
-from support.kube_emulator import PLUTORUNS, KubeEmulator, OperatorProcess, wait_for
+from support.kube_emulator import PLUTORUNS, KubeEmulator, OperatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
@@ -149,15 +148,7 @@ def main() -> int:
                 env=kube.env, log_path=work / "operator.log", cwd=ROOT).start()
             assert operator.pid is not None
 
-            def ready() -> bool:
-                assert operator is not None and operator.running, operator and operator.logs()
-                try:
-                    return httpx.get(f"http://127.0.0.1:{health_port}/readyz",
-                                     timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(ready, 60, message=operator.logs)
+            operator.wait_ready(f"http://127.0.0.1:{health_port}", 60)
             idle_rss = psutil.Process(operator.pid).memory_info().rss
             config = kube.get(CONFIGS, "pluto-dev-webhook")
             ca = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"]).decode()

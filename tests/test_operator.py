@@ -101,14 +101,7 @@ def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
     cluster = Cluster(kube, server, operator, webhook_url,
                       f"http://127.0.0.1:{health_port}")
 
-    def ready() -> bool:
-        assert operator.running, operator.logs()
-        try:
-            return httpx.get(cluster.health_url + "/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 30, message=operator.logs)
+    operator.wait_ready(cluster.health_url, 30)
     try:
         yield cluster
     finally:

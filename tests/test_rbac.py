@@ -123,15 +123,7 @@ def start_role(kube: KubeEmulator, server: ServerProcess, tmp_path: Path, role: 
         env=kube.env, log_path=tmp_path / f"{role}.log", cwd=ROOT,
     ).start()
 
-    def ready() -> bool:
-        assert operator.running, operator.logs()
-        try:
-            return httpx.get(f"http://127.0.0.1:{health_port}/readyz",
-                             timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 30, message=operator.logs)
+    operator.wait_ready(f"http://127.0.0.1:{health_port}", 30)
     return operator, f"http://127.0.0.1:{health_port}"
 
 

@@ -442,6 +442,18 @@ class OperatorProcess:
     def logs(self, limit: int = 20000) -> str:
         return tail(self.log_path, limit)
 
+    def wait_ready(self, health_url: str, timeout: float) -> None:
+        """Wait until its ``/readyz`` (at ``health_url``) answers 200; the log on timeout."""
+
+        def ready() -> bool:
+            assert self.running, self.logs()
+            try:
+                return httpx.get(health_url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout, message=self.logs)
+
     def tracebacks(self) -> list[str]:
         """Each ``Traceback (most recent call last)`` block in the log."""
         blocks = re.split(r"(?=Traceback \(most recent call last\))", self.logs(limit=10**7))
