@@ -19,13 +19,13 @@ from pluto.pipeline import Pipeline
 from pluto.settings import Settings
 from pluto.transport.base import Transport
 from pluto.values import (
-    MAX_STEP,
     MetadataCleaner,
     ValueConverter,
     finite_time,
     key_problem,
 )
 from pluto.wire import (
+    MAX_STEP,
     CheckpointInfo,
     CheckpointList,
     FileInfo,

@@ -7,9 +7,7 @@ import numbers
 import warnings
 from typing import Any
 
-MAX_KEY_LENGTH = 256  # the server's limit; checked here so one bad key can't sink a chunk
-#: Steps are 64-bit on the server; a bigger one would get the whole chunk refused.
-MAX_STEP = 2**63 - 1
+from pluto.wire import MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_TAG_LENGTH, MAX_TAGS
 
 
 def key_problem(key: str) -> str | None:
@@ -116,9 +114,6 @@ class ValueConverter:
 
 # -- run metadata: config, tags, name ------------------------------------------------------
 
-MAX_TAGS = 256  # the server's limits (pluto_server.runs): a request past them is refused whole
-MAX_TAG_LENGTH = 128
-MAX_NAME_LENGTH = 256
 MAX_CONFIG_DEPTH = 64
 _INT_RANGE = (-(2**63), 2**64 - 1)  # what MessagePack, the SDK's wire format, can carry
 

@@ -19,6 +19,14 @@ API_PREFIX: Final = "/api/v1"
 MSGPACK: Final = "application/msgpack"
 JSON: Final = "application/json"
 
+# Limits the server enforces; the SDK checks them too, so that one bad key or tag is dropped
+# with a warning instead of getting the whole chunk or request refused.
+MAX_KEY_LENGTH: Final = 256  # characters in a metric key
+MAX_STEP: Final = 2**63 - 1  # steps are 64-bit
+MAX_TAGS: Final = 256  # tags on a run
+MAX_TAG_LENGTH: Final = 128
+MAX_NAME_LENGTH: Final = 256  # characters in a run's name
+
 #: The JSON encoding of non-finite floats in metric query answers (JSON has no NaN).
 NON_FINITE_JSON: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import Chunk, IngestBatch, IngestResult, RunStatus
+from pluto.wire import MAX_KEY_LENGTH, Chunk, IngestBatch, IngestResult, RunStatus
 from pluto_server.errors import NotFound, Unprocessable
 from pluto_server.runs import finish as finish_run
 from pluto_server.schema import (
@@ -30,7 +30,6 @@ from pluto_server.schema import (
 )
 from pluto_server.sql import insert_ignore
 
-MAX_KEY_LENGTH = 256
 MAX_LOG_LINE = 64 * 1024
 MAX_SESSION_LENGTH = 64
 INT32_MAX = 2**31 - 1  # run ids and writers are 32-bit columns

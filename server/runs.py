@@ -14,7 +14,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from pluto.merge import deep_merge, union_tags
-from pluto.wire import RunAttached, RunCreate, RunInfo, RunStatus, RunUpdate, StatusChange
+from pluto.wire import (
+    MAX_NAME_LENGTH,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    RunAttached,
+    RunCreate,
+    RunInfo,
+    RunStatus,
+    RunUpdate,
+    StatusChange,
+)
 from pluto_server import lineage
 from pluto_server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from pluto_server.naming import (
@@ -28,9 +38,6 @@ from pluto_server.naming import (
 from pluto_server.schema import projects, runs, status_history
 from pluto_server.sql import insert_ignore
 
-MAX_TAGS = 256
-MAX_TAG_LENGTH = 128
-MAX_NAME_LENGTH = 256
 MAX_RUN_ID = 2**31 - 1
 
 parent = runs.alias("parent")
