@@ -71,9 +71,6 @@ class Upstream:
         path = f"/runs/{quote(request.run_ref, safe='')}?project={quote(request.project)}"
         return await self._call("PATCH", path, RunInfo, encode_json(request.update), JSON)
 
-    async def ingest(self, chunks: Sequence[bytes | memoryview]) -> IngestResult:
-        return await self.send_ingest(await self.prepare(chunks))
-
     async def prepare(self, chunks: Sequence[bytes | memoryview]) -> bytes:
         """The compressed ``IngestBatch`` body of ``chunks``, for ``send_ingest``."""
         # Compressed in a worker thread: zlib lets go of the GIL, so the event loop keeps
