@@ -20,16 +20,19 @@ What a request becomes on its way through:
 - paths outside ``/api/v1/`` are answered 404, an unreachable server 502 and a server that does
   not answer in time 504, each with a JSON ``{"detail": ...}`` that the SDK shows as the error.
 
-Bodies are streamed in both directions and never held whole: aiohttp stops reading the client
-once about 128 KiB wait unforwarded, httpx writes each piece to the server as it arrives, and
-the answer is written to the client a network read at a time with the writer's back-pressure.
+Bodies are streamed in both directions and never held whole: uvicorn stops reading the client
+once 64 KiB wait unforwarded, httpx writes each piece to the server as it arrives, and the
+answer is written to the client a network read at a time with the writer's back-pressure.
 A 300 MB upload through the proxy grows its RSS by a few MB at most
 (tests/test_sidecar_proxy.py measures it).
 
-The server is aiohttp's (``web.UnixSite``: it runs in the sidecar's asyncio loop and installs
-no signal handlers; ``pluto_sidecar.main`` owns SIGTERM); the client is an
-``httpx.AsyncClient`` like :class:`~pluto_sidecar.upstream.Upstream`'s. A client that goes
-away cancels its request to the server (``handler_cancellation``).
+The HTTP server is uvicorn's, over h11, serving a plain ASGI callable: the tracking server's
+own stack, and about 8 MB less resident memory than aiohttp's, which the sidecar used before
+(docs/benchmarks.md: the sidecar's RSS target is 60 MB). It runs in the sidecar's asyncio loop
+through ``Server.startup`` / ``Server.shutdown``, never ``serve()``, which would install signal
+handlers: ``pluto_sidecar.main`` owns SIGTERM. The client is an ``httpx.AsyncClient`` like
+:class:`~pluto_sidecar.upstream.Upstream`'s. A client that goes away cancels its request to the
+server, whether it leaves mid-upload or while the answer is on its way.
 
 The key never appears in a log line or an answer: errors name the server URL (scrubbed of
 any inline password) and the exception, never a header.
@@ -39,14 +42,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
-from aiohttp import web
+import uvicorn
 
 from pluto.wire import API_PREFIX
 from pluto_sidecar.logs import log_event, scrub
@@ -62,7 +69,7 @@ HOP_BY_HOP = frozenset({
     "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
 #: Also dropped from requests: the client's credentials (the sidecar's replace them), the
-#: host (the server's own is set), and ``expect`` (aiohttp answered the 100-continue itself).
+#: host (the server's own is set), and ``expect`` (uvicorn answered the 100-continue itself).
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "x-api-key", "expect"}
 #: A request to the server waits this long to connect ...
 CONNECT_TIMEOUT = 10.0
@@ -70,9 +77,22 @@ CONNECT_TIMEOUT = 10.0
 #: before the server answers, so this is generous; the client's own timeout still applies).
 IO_TIMEOUT = 300.0
 #: Idle keep-alive connections and requests still running when the sidecar stops are cut
-#: after this long (the drain deadline has passed by then).
-_CLOSE_GRACE = 0.5
-_MAX_LINE = 64 * 1024
+#: after this long, in seconds (the drain deadline has passed by then).
+_CLOSE_GRACE = 1
+#: Request line and headers up to 64 KiB (h11's default is 16 KiB): the proxy should not be
+#: a narrower pipe than the server for a long query string.
+_MAX_HEAD = 64 * 1024
+#: The SDK keeps connections to the socket open between requests; nothing is gained by
+#: closing them sooner (uvicorn's default is 5 s).
+_KEEP_ALIVE = 60
+
+
+class _AnswerBrokenOff(Exception):
+    """Raised out of the ASGI callable so that uvicorn cuts the client's connection."""
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the whole answer was on its way."""
 
 
 class ApiProxy:
@@ -93,14 +113,13 @@ class ApiProxy:
         self._authorization = f"Bearer {api_key}" if api_key else None
         self._timeout = httpx.Timeout(io_timeout, connect=connect_timeout)
         self._client: httpx.AsyncClient | None = None
-        self._runner: web.AppRunner | None = None
-        self._site: web.UnixSite | None = None
+        self._server: uvicorn.Server | None = None
         self._in_flight = 0
 
     @property
     def listening(self) -> bool:
         """Accepting connections, and the socket file is still there for clients to find."""
-        return self._site is not None and self.path.is_socket()
+        return self._server is not None and self.path.is_socket()
 
     @property
     def in_flight(self) -> int:
@@ -110,32 +129,38 @@ class ApiProxy:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._runner is not None:
+        if self._server is not None:
             raise RuntimeError("ApiProxy already started")
         if self.path.exists() or self.path.is_symlink():
             raise FileExistsError(f"{self.path} exists; the API socket never replaces a file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        # Request lines and headers up to 64 KiB (aiohttp's default is 8 KiB): the proxy should
-        # not be a narrower pipe than the server for a long query string.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               handler_cancellation=True, shutdown_timeout=_CLOSE_GRACE,
-                               max_line_size=_MAX_LINE, max_field_size=_MAX_LINE)
-        await runner.setup()
-        site = web.UnixSite(runner, str(self.path))
+        _route_uvicorn_log()
+        config = uvicorn.Config(
+            self._asgi, http="h11", ws="none", lifespan="off", interface="asgi3",
+            log_config=None, log_level="warning", access_log=False, proxy_headers=False,
+            server_header=False, date_header=False, timeout_keep_alive=_KEEP_ALIVE,
+            timeout_graceful_shutdown=_CLOSE_GRACE, h11_max_incomplete_event_size=_MAX_HEAD)
+        config.load()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await site.start()
+            listener.bind(str(self.path))
+            # Before asyncio calls listen(): no client can connect while the mode is wrong.
+            os.chmod(self.path, 0o660)  # the pod's containers share a group; nobody else
+            server = uvicorn.Server(config)
+            # What Server.serve() sets up before startup(), less its signal handlers.
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[listener])
         except BaseException:
-            await runner.cleanup()
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
             raise
-        os.chmod(self.path, 0o660)  # the pod's containers share a group; nobody else
-        # No base_url and no default headers: each request is built whole in _forward. Like
+        # No base_url and no default headers: each request is built whole in _exchange. Like
         # Upstream's, the client honours HTTPS_PROXY / SSL_CERT_FILE from the environment, so
         # both reach the server the same way.
         self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
         self.telemetry.api_in_flight.set_function(lambda: self._in_flight)
-        self._runner, self._site = runner, site
+        self._server = server
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting; wait for requests in flight until ``deadline`` (monotonic); close.
@@ -143,11 +168,12 @@ class ApiProxy:
         Requests still running then are cut (their clients see the connection close).
         Idempotent.
         """
-        runner, site = self._runner, self._site
-        if runner is None or site is None:
+        server = self._server
+        if server is None:
             return
-        self._site = None
-        await site.stop()  # no new connections; open ones keep being served
+        self._server = None
+        for listening in server.servers:
+            listening.close()  # no new connections; open ones keep being served
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         while self._in_flight and deadline is not None and time.monotonic() < deadline:
@@ -155,97 +181,177 @@ class ApiProxy:
         if self._in_flight:
             log_event(log, "API requests cut at the drain deadline", requests=self._in_flight,
                       level=logging.WARNING)
-        self._runner = None
-        await runner.cleanup()  # closes idle connections, cancels what still runs
+        await server.shutdown()  # closes idle connections, cancels what still runs
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
     # -- requests -------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _asgi(self, scope: dict[str, Any], receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":  # no lifespan, no websockets: nothing else arrives
+            return
+        request = _Request.from_scope(scope)
         self._in_flight += 1
         started = time.monotonic()
+        exchange = asyncio.ensure_future(self._exchange(request, receive, send))
+        watch = asyncio.ensure_future(_client_leaves(request, receive))
         try:
-            response = await self._forward(request)
-        except asyncio.CancelledError:
-            # The client went away mid-request (aiohttp cancels the handler): the request to
-            # the server was closed with it, so the server saw an incomplete body.
+            await asyncio.wait({exchange, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not exchange.done() and not request.answered:
+                raise _ClientGone
+            status = await exchange
+        except _ClientGone:
+            # Mid-upload (the body ended early) or while the answer was awaited: closing the
+            # request to the server, by cancelling it, makes the server see an incomplete
+            # body, never a whole one.
+            exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError, _ClientGone):
+                await exchange
             self.telemetry.api_requests.labels(status="broken").inc()
             log_event(log, "API client went away mid-request", method=request.method,
                       path=request.path, level=logging.DEBUG)
+            return
+        except _AnswerBrokenOff:
+            self.telemetry.api_requests.labels(status="broken").inc()
             raise
         finally:
             self._in_flight -= 1
-        status = response.status
+            exchange.cancel()
+            watch.cancel()
         self.telemetry.api_requests.labels(status=f"{status // 100}xx").inc()
         log_event(log, "API request", level=logging.DEBUG, method=request.method,
                   path=request.path, status=status,
                   seconds=round(time.monotonic() - started, 3))
-        return response
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
-        if not _proxied(request.rel_url.raw_path, request.path):
-            return _error(404, f"the pluto sidecar's API socket serves {API_PREFIX}/... only; "
-                          f"{request.path!r} is not under it")
+    async def _exchange(self, request: _Request, receive: _Receive, send: _Send) -> int:
+        """Forward ``request``, send back the answer, return its status."""
+        if not _proxied(request.raw_path, request.path):
+            return await _send_error(
+                request, send, 404, f"the pluto sidecar's API socket serves {API_PREFIX}/... "
+                f"only; {request.path!r} is not under it")
         client = self._client
         if client is None:  # stopping
-            return _error(503, "the pluto sidecar is stopping")
-        headers = _end_to_end(request.headers.items(), _REQUEST_DROP,
-                              request.headers.getall("connection", []))
+            return await _send_error(request, send, 503, "the pluto sidecar is stopping")
+        headers = _end_to_end(request.headers, _REQUEST_DROP, request.header_values("connection"))
         if self._authorization is not None:
             headers.append(("authorization", self._authorization))
-        body = self._request_body(request) if request.body_exists else None
-        outgoing = httpx.Request(request.method, self.url + request.rel_url.raw_path_qs,
-                                 headers=headers, content=body)
+        body = self._request_body(request, receive) if request.has_body else None
+        if body is None:
+            request.body_read.set()
+        outgoing = httpx.Request(request.method, self.url + request.target, headers=headers,
+                                 content=body)
         try:
             upstream = await client.send(outgoing, stream=True)
         except httpx.TransportError as exc:
-            return self._failed(request, exc)
+            status, detail = self._failed(request, exc)
+            return await _send_error(request, send, status, detail)
         try:
-            return await self._relay(request, upstream)
+            return await self._relay(request, upstream, send)
         finally:
             await upstream.aclose()
 
-    def _failed(self, request: web.Request, exc: httpx.TransportError) -> web.Response:
+    def _failed(self, request: _Request, exc: httpx.TransportError) -> tuple[int, str]:
         """502 when the server cannot be reached, 504 when it did not answer in time."""
         server = scrub(self.url)
         log_event(log, "API request failed: the server did not answer", method=request.method,
                   path=request.path, server=server, error=_describe(exc), level=logging.WARNING)
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-            return _error(504, f"the server at {server} did not answer the pluto sidecar in "
-                          f"time: {_describe(exc)}")
-        return _error(502, f"the pluto sidecar cannot reach the server at {server}: "
-                      f"{_describe(exc)}; is it running, and is the sidecar's --server "
-                      "(PLUTO_URL) right?")
+            return 504, (f"the server at {server} did not answer the pluto sidecar in time: "
+                         f"{_describe(exc)}")
+        return 502, (f"the pluto sidecar cannot reach the server at {server}: "
+                     f"{_describe(exc)}; is it running, and is the sidecar's --server "
+                     "(PLUTO_URL) right?")
 
-    async def _request_body(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def _request_body(self, request: _Request, receive: _Receive) -> AsyncIterator[bytes]:
         counter = self.telemetry.api_request_bytes
-        async for piece in request.content.iter_any():
-            counter.inc(len(piece))
-            yield piece
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone  # through httpx, which closes its request to the server
+            piece = message.get("body", b"")
+            if piece:
+                counter.inc(len(piece))
+                yield piece
+            if not message.get("more_body", False):
+                request.body_read.set()
+                return
 
-    async def _relay(self, request: web.Request, upstream: httpx.Response) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status_code, reason=upstream.reason_phrase)
-        response.headers.extend(_end_to_end(upstream.headers.multi_items(), HOP_BY_HOP,
-                                            upstream.headers.get_list("connection")))
-        await response.prepare(request)
+    async def _relay(self, request: _Request, upstream: httpx.Response, send: _Send) -> int:
+        headers = _end_to_end(upstream.headers.multi_items(), HOP_BY_HOP,
+                              upstream.headers.get_list("connection"))
+        await send({"type": "http.response.start", "status": upstream.status_code,
+                    "headers": [(name.encode("latin-1"), value.encode("latin-1"))
+                                for name, value in headers]})
         counter = self.telemetry.api_response_bytes
         try:
             async for piece in upstream.aiter_raw():
                 counter.inc(len(piece))
-                await response.write(piece)
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
         except httpx.TransportError as exc:
             # The status line is gone already: cut the connection so that the client sees a
             # truncated answer rather than a short one that looks whole.
             log_event(log, "the server broke off an answer", method=request.method,
                       path=request.path, error=_describe(exc), level=logging.WARNING)
-            self.telemetry.api_requests.labels(status="broken").inc()
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
-        return response
+            raise _AnswerBrokenOff from exc
+        request.answered = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return upstream.status_code
+
+
+_Receive = Any  # uvicorn's ASGIReceiveCallable; kept loose so that mypy needs no ASGI stubs
+_Send = Any
+
+
+@dataclass
+class _Request:
+    """What the proxy needs of an ASGI ``scope``, decoded once."""
+
+    method: str
+    #: Percent-encoded path as the client sent it, and the whole target with the query.
+    raw_path: str
+    target: str
+    #: Decoded path (for checks and log lines).
+    path: str
+    headers: list[tuple[str, str]]
+    #: Set once the body has been read whole (at once when there is none).
+    body_read: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The last piece of the answer is being sent: the client leaving now changes nothing.
+    answered: bool = False
+
+    @classmethod
+    def from_scope(cls, scope: dict[str, Any]) -> _Request:
+        raw_path = scope["raw_path"].decode("latin-1")
+        query = scope["query_string"].decode("latin-1")
+        return cls(method=scope["method"], raw_path=raw_path,
+                   target=f"{raw_path}?{query}" if query else raw_path, path=scope["path"],
+                   headers=[(name.decode("latin-1"), value.decode("latin-1"))
+                            for name, value in scope["headers"]])
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    @property
+    def has_body(self) -> bool:
+        """HTTP/1.1 framing: a body comes with a length or with transfer-encoding."""
+        return any(key in {"content-length", "transfer-encoding"} for key, _ in self.headers)
+
+
+async def _client_leaves(request: _Request, receive: _Receive) -> None:
+    """Returns when the client closes its connection after sending its whole request."""
+    await request.body_read.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_error(request: _Request, send: _Send, status: int, detail: str) -> int:
+    body = json.dumps({"detail": detail}).encode()
+    request.answered = True
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return status
 
 
 def _proxied(raw_path: str, path: str) -> bool:
@@ -267,5 +373,24 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {scrub(str(exc))}" if str(exc) else type(exc).__name__
 
 
-def _error(status: int, detail: str) -> web.Response:
-    return web.json_response({"detail": detail}, status=status)
+class _UvicornToSidecarLog(logging.Handler):
+    """uvicorn's own lines (a malformed request, say) as the sidecar's JSON lines.
+
+    Two of its errors are the proxy's doing and already logged by it: the exception it raises
+    to cut a connection whose answer the server broke off, and the cancellation of requests
+    still running at the drain deadline. Those are not repeated.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, _AnswerBrokenOff | asyncio.CancelledError):
+            return
+        log_event(log, record.getMessage(), level=record.levelno,
+                  error=_describe(error) if isinstance(error, Exception) else None)
+
+
+def _route_uvicorn_log() -> None:
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(h, _UvicornToSidecarLog) for h in uvicorn_log.handlers):
+        uvicorn_log.addHandler(_UvicornToSidecarLog())
+    uvicorn_log.propagate = False

@@ -123,12 +123,25 @@ async def broken(request):
     request.transport.abort()
     return reply
 
+SLOW = []  # how each /slow request ended: "cut" (its connection closed) or "answered"
+
+async def slow(request):
+    for _ in range(600):  # 30 s
+        await asyncio.sleep(0.05)
+        if request.transport is None or request.transport.is_closing():
+            SLOW.append("cut")
+            return web.Response()
+    SLOW.append("answered")
+    return web.json_response({})
+
 app = web.Application(handler_args={"max_line_size": 65536, "max_field_size": 65536})
 app.router.add_route("*", "/api/v1/echo{tail:.*}", echo)
 app.router.add_route("*", "/api/v1/count", count)
 app.router.add_get("/api/v1/blob", blob)
 app.router.add_get("/api/v1/broken", broken)
 app.router.add_get("/api/v1/uploads", lambda request: web.json_response(UPLOADS))
+app.router.add_get("/api/v1/slow", slow)
+app.router.add_get("/api/v1/slow-ended", lambda request: web.json_response(SLOW))
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 '''
 
@@ -464,6 +477,23 @@ def test_a_client_that_gives_up_mid_upload_cuts_the_upload_to_the_server(
         assert time.monotonic() < deadline, "the server never saw the upload end"
         time.sleep(0.05)
     assert seen[-1]["complete"] is False and seen[-1]["bytes"] <= 5 * MiB
+    assert metric(sidecar, "pluto_sidecar_api_requests_total", status="broken") == before + 1
+    assert metric(sidecar, "pluto_sidecar_api_in_flight") == 0
+
+
+def test_a_client_that_gives_up_waiting_for_the_answer_cuts_the_request_to_the_server(
+        client: ApiClient, sidecar: SidecarProcess) -> None:
+    """The whole request was forwarded and the server is still working on it when the
+    client times out: the proxy closes its request too rather than wait for an answer that
+    nobody will read."""
+    before = metric(sidecar, "pluto_sidecar_api_requests_total", status="broken")
+    with pytest.raises(httpx.ReadTimeout):
+        client.http.get("/slow", timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not (ended := client.http.get("/slow-ended").json()):
+        assert time.monotonic() < deadline, "the server's request was never cut"
+        time.sleep(0.05)
+    assert ended == ["cut"]
     assert metric(sidecar, "pluto_sidecar_api_requests_total", status="broken") == before + 1
     assert metric(sidecar, "pluto_sidecar_api_in_flight") == 0
 
