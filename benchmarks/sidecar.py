@@ -39,6 +39,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -146,6 +147,10 @@ def metric(health: str, name: str) -> float:
     raise RuntimeError(f"the sidecar does not report {name}")
 
 
+#: More ``pluto sidecar`` flags for every sidecar started (``--sidecar-args``).
+SIDECAR_FLAGS: list[str] = []
+
+
 def start_sidecar(url: str, directory: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
     sock = directory / "pluto.sock"
     port = free_port()
@@ -154,7 +159,7 @@ def start_sidecar(url: str, directory: Path) -> tuple[subprocess.Popen[bytes], P
     proc = subprocess.Popen(
         [sys.executable, "-m", "pluto", "sidecar", "--socket", str(sock), "--spool-dir",
          str(directory / "spool"), "--server", url, "--health-port", str(port),
-         "--sys-interval", "0", "--log-level", "WARNING"],
+         "--sys-interval", "0", "--log-level", "WARNING", *SIDECAR_FLAGS],
         stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
     log.close()
     deadline = time.monotonic() + 30
@@ -377,8 +382,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--writers", default="1,4,8", help="writer counts, comma-separated")
     parser.add_argument("--postgres-url", help="also measure into this PostgreSQL database")
+    parser.add_argument("--sidecar-args", default="", metavar="FLAGS",
+                        help="more flags for each `pluto sidecar`, e.g. '--batch-max-kb 1024'")
     args = parser.parse_args()
     counts = [int(n) for n in args.writers.split(",")]
+    SIDECAR_FLAGS[:] = shlex.split(args.sidecar_args)
     console = Console(width=140)
 
     points = args.points // len(KEYS) * len(KEYS)

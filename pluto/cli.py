@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--spool-max-mb", type=float, default=1024,
                          help="unsent data the spool may hold before clients are slowed "
                               "down (default 1024)")
-    sidecar.add_argument("--batch-max-kb", type=float, default=4096,
-                         help="send a batch once it holds this much (default 4096)")
+    sidecar.add_argument("--batch-max-kb", type=float, default=1024,
+                         help="send a batch once it holds this much (default 1024)")
     sidecar.add_argument("--batch-max-age", type=float, default=0.2,
                          help="... or once its oldest record is this old, seconds (default 0.2)")
     sidecar.add_argument("--drain-seconds", type=float, default=25.0,

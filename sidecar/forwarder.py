@@ -10,7 +10,10 @@ One request is in flight at a time, so batches reach the server in spool order.
 While it is, the next batch is read and compressed (in a worker thread): the
 server's time and the sidecar's are spent side by side instead of one after the
 other. A prepared batch is only a read ahead: nothing is acknowledged for it until
-it is sent, and it is dropped whenever the forwarder rewinds.
+it is sent, and it is dropped whenever the forwarder rewinds. Once compressed, its
+records keep only their positions, not their bytes (for big chunks those were the
+largest thing in the sidecar's memory); in the rare case that the server refuses
+the batch for good, they are read again from the spool to find the bad one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ FILL_POLL_SECONDS = 0.01
 
 
 class Prepared(NamedTuple):
-    """A batch read ahead: its records and, when they are all chunks, the request body."""
+    """A batch read ahead: its records and, when they are all chunks, the request body
+    (the records' payloads are then dropped: see the module docstring)."""
 
     records: list[Record]
     body: bytes | None
@@ -138,7 +142,10 @@ class Forwarder:
         if not records or any(RecordKind(r.payload[:1]) is not RecordKind.CHUNK
                               for r in records):
             return Prepared(records, None)
-        return Prepared(records, await self.upstream.prepare(_chunk_views(records)))
+        body = await self.upstream.prepare(_chunk_views(records))
+        # The bytes are in the body now: keep only where each record ends (what is
+        # acknowledged); they are read again only if the server refuses the batch.
+        return Prepared([Record(b"", record.end) for record in records], body)
 
     def _drop_ahead(self) -> None:
         """Forget the batch read ahead (the read position is rewound after this)."""
@@ -173,6 +180,8 @@ class Forwarder:
         except RequestRejected as exc:
             if not exc.permanent:
                 return self._transient(exc)
+            if not group[0].payload:  # a prepared batch: its bytes are only in the spool
+                group = await self.queue.reread(len(group))
             if len(group) > 1:  # find the bad one(s): the rest must still go
                 for record in group:
                     if not await self._send_chunks([record]):

@@ -292,6 +292,12 @@ class DurableQueue:
             self._read_pos = records[-1].end
         return records
 
+    async def reread(self, count: int) -> list[Record]:
+        """The first ``count`` records the server has not acknowledged, read again (the
+        read position stays where it is)."""
+        return await asyncio.to_thread(self.spool.read_from, self.spool.acked, count,
+                                       self.max_bytes)
+
     def rewind(self) -> None:
         """Read again from the first record the server has not acknowledged."""
         self._read_pos = self.spool.acked

@@ -24,8 +24,10 @@ class SidecarSettings:
     api_key: str | None = None
     #: The spool may hold this much unsent data; past it the sidecar stops reading clients.
     spool_max_bytes: int = 1024 * 1024 * 1024
-    #: A batch is sent once it holds this many bytes ...
-    batch_max_bytes: int = 4 * 1024 * 1024
+    #: A batch is sent once it holds this many bytes ... (two batches are in memory at once,
+    #: one being sent and the next compressed; 1 MiB keeps the sidecar's RSS under 60 MB at
+    #: no cost in points/s on loopback: docs/benchmarks.md)
+    batch_max_bytes: int = 1024 * 1024
     #: ... or its oldest record is this old.
     batch_max_age: float = 0.2
     #: SIGTERM: forward what is spooled for at most this long (Kubernetes grants 30 s).
@@ -41,7 +43,7 @@ class SidecarSettings:
     max_frame_bytes: int = 16 * 1024 * 1024
     #: Frames being received at once, from all clients together, hold about this much memory
     #: (a bigger frame is read alone); see ``connection.ReceiveBudget``.
-    receive_budget_bytes: int = 8 * 1024 * 1024
+    receive_budget_bytes: int = 4 * 1024 * 1024
     #: A client that connects and says nothing is dropped after this long.
     hello_timeout: float = 10.0
     log_level: str = "INFO"
