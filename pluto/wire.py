@@ -180,14 +180,11 @@ class LogLine(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     line: str
 
 
-class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Points and console lines from one writer, applied exactly once.
+class ChunkHeader(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A ``Chunk`` but its points: what the server reads of a chunk as Python objects.
 
-    ``(run, session, seq)`` is the idempotency key: ``session`` identifies one
-    writer process for its lifetime and ``seq`` counts its chunks. Points are
-    columnar: point ``i`` is ``(keys[key_index[i]], steps[i], values[i], times[i])``.
-    A writer's last chunk carries ``finish``: the run's status is set with the
-    last data, in the same transaction, however late that chunk is delivered.
+    Its subclasses add the point columns: :class:`Chunk` as lists, and the server's
+    ``PackedChunk`` (``pluto_server.columns``) as the MessagePack bytes it reads into arrays.
     """
 
     run: int
@@ -199,16 +196,44 @@ class Chunk(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     project: str | None = None
     run_ref: str | None = None
     keys: list[str] = []
+    logs: list[LogLine] = []
+    finish: RunStatus | None = None
+
+
+class Chunk(ChunkHeader, kw_only=True, forbid_unknown_fields=True):
+    """Points and console lines from one writer, applied exactly once.
+
+    ``(run, session, seq)`` is the idempotency key: ``session`` identifies one
+    writer process for its lifetime and ``seq`` counts its chunks. Points are
+    columnar: point ``i`` is ``(keys[key_index[i]], steps[i], values[i], times[i])``.
+    A writer's last chunk carries ``finish``: the run's status is set with the
+    last data, in the same transaction, however late that chunk is delivered.
+    """
+
     key_index: list[int] = []
     steps: list[int] = []
     values: list[float] = []
     times: list[float] = []
-    logs: list[LogLine] = []
-    finish: RunStatus | None = None
 
     @property
     def point_count(self) -> int:
         return len(self.steps)
+
+
+def msgpack_array_header(packed: bytes | memoryview | msgspec.Raw) -> tuple[int, int] | None:
+    """``(header bytes, element count)`` of the MessagePack array that ``packed`` starts
+    with, read without decoding its elements; None when it does not start with one."""
+    head = memoryview(packed)[:5]  # the header only, not a copy of the elements
+    if not head:
+        return None
+    first = head[0]
+    if 0x90 <= first <= 0x9F:
+        return 1, first & 0x0F
+    if first == 0xDC and len(head) >= 3:
+        return 3, int.from_bytes(head[1:3], "big")
+    if first == 0xDD and len(head) >= 5:
+        return 5, int.from_bytes(head[1:5], "big")
+    return None
 
 
 class ChunkEnvelope(msgspec.Struct, kw_only=True):
@@ -230,17 +255,8 @@ class ChunkEnvelope(msgspec.Struct, kw_only=True):
     @property
     def point_count(self) -> int:
         """From the MessagePack array header of ``steps``, without decoding it."""
-        raw = memoryview(self.steps)[:5]  # the array header only, not a copy of the steps
-        if not raw:
-            return 0
-        first = raw[0]
-        if 0x90 <= first <= 0x9F:
-            return first & 0x0F
-        if first == 0xDC:
-            return int.from_bytes(raw[1:3], "big")
-        if first == 0xDD:
-            return int.from_bytes(raw[1:5], "big")
-        return 0
+        header = msgpack_array_header(self.steps)
+        return 0 if header is None else header[1]
 
 
 class IngestBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, TypeAlias
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import MAX_KEY_LENGTH, Chunk, IngestBatch, IngestResult, RunStatus
+from pluto.wire import MAX_KEY_LENGTH, ChunkHeader, IngestResult, RunStatus
+from pluto_server.columns import Array, Points, points
 from pluto_server.errors import NotFound, Unprocessable
 from pluto_server.runs import finish as finish_run
 from pluto_server.schema import (
@@ -52,24 +54,27 @@ class KeyCache:
             self._ids.update(entries)
 
 
-def chunk_name(position: int, chunk: Chunk) -> str:
+def chunk_name(position: int, chunk: ChunkHeader) -> str:
     """How an error names a chunk: its place in the batch and its idempotency key."""
     return f"chunk {position} (run {chunk.run}, session {chunk.session!r}, seq {chunk.seq})"
 
 
-def validate(batch: IngestBatch) -> None:
-    """Reject a malformed batch whole, before anything is written.
+def validate(chunks: Sequence[ChunkHeader]) -> list[Points]:
+    """Reject a malformed batch whole, before anything is written; its chunks' points.
 
     The per-point checks (every step in range, every key index naming a key) are made
-    by ``columns`` as it converts a chunk's points to arrays in ``apply``: looking at
-    each of a million points once more here cost as much as storing them. A bad point
-    there rolls the whole batch back, so nothing of it is applied either way.
+    by ``columns`` as it groups a chunk's points by key in ``apply``: looking at each of
+    a million points once more here cost as much as storing them. A bad point there
+    rolls the whole batch back, so nothing of it is applied either way.
     """
-    for position, chunk in enumerate(batch.chunks):
+    columns_of: list[Points] = []
+    for position, chunk in enumerate(chunks):
         where = chunk_name(position, chunk)
-        n = len(chunk.steps)
+        chunk_points = points(chunk, f"$.chunks[{position}]")
+        columns_of.append(chunk_points)
+        n = len(chunk_points.steps)
         for name in ("key_index", "values", "times"):
-            length = len(getattr(chunk, name))
+            length = len(getattr(chunk_points, name))
             if length != n:
                 raise Unprocessable(
                     f"{where}: {name} has {length} entries but steps has {n}; "
@@ -108,11 +113,12 @@ def validate(batch: IngestBatch) -> None:
                 # A program may print a NUL: console text is kept, the NUL shown as U+FFFD
                 # (refusing the chunk would lose the points that travel with it).
                 line.line = line.line.replace("\x00", "\ufffd")
+    return columns_of
 
 
-def resolve_run_refs(conn: Connection, batch: IngestBatch) -> None:
+def resolve_run_refs(conn: Connection, chunks: Sequence[ChunkHeader]) -> None:
     """Give chunks addressed by (project, external id) their numeric run id."""
-    refs = sorted({(c.project or "", c.run_ref or "") for c in batch.chunks if c.run == 0})
+    refs = sorted({(c.project or "", c.run_ref or "") for c in chunks if c.run == 0})
     found: dict[tuple[str, str], int] = {}
     for project, ref in refs:
         run_id = conn.execute(
@@ -124,15 +130,15 @@ def resolve_run_refs(conn: Connection, batch: IngestBatch) -> None:
             raise NotFound(f"run {ref!r} does not exist in project {project!r}; open it with "
                            "POST /api/v1/runs before logging to it")
         found[(project, ref)] = int(run_id)
-    for chunk in batch.chunks:
+    for chunk in chunks:
         if chunk.run == 0:
             chunk.run = found[(chunk.project or "", chunk.run_ref or "")]
 
 
-def run_projects(conn: Connection, batch: IngestBatch) -> dict[int, int]:
+def run_projects(conn: Connection, chunks: Sequence[ChunkHeader]) -> dict[int, int]:
     """The project of every run the batch writes to; 404 for a run that does not exist."""
-    resolve_run_refs(conn, batch)
-    run_ids = sorted({chunk.run for chunk in batch.chunks})
+    resolve_run_refs(conn, chunks)
+    run_ids = sorted({chunk.run for chunk in chunks})
     projects_of = {
         int(run): int(project)
         for run, project in conn.execute(
@@ -147,10 +153,11 @@ def run_projects(conn: Connection, batch: IngestBatch) -> dict[int, int]:
     return projects_of
 
 
-def unknown_keys(batch: IngestBatch, projects_of: dict[int, int],
-                 cache: KeyCache) -> list[tuple[int, str]]:
-    wanted = {(projects_of[chunk.run], key) for chunk in batch.chunks if chunk.steps
-              for key in chunk.keys}
+def unknown_keys(chunks: Sequence[ChunkHeader], columns_of: Sequence[Points],
+                 projects_of: dict[int, int], cache: KeyCache) -> list[tuple[int, str]]:
+    wanted = {(projects_of[chunk.run], key)
+              for chunk, chunk_points in zip(chunks, columns_of, strict=True)
+              if len(chunk_points) for key in chunk.keys}
     return sorted(pair for pair in wanted if cache.get(*pair) is None)
 
 
@@ -177,13 +184,14 @@ def ensure_keys(conn: Connection, pairs: list[tuple[int, str]]) -> dict[tuple[in
     return ids
 
 
-def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
-          keys: KeyCache) -> IngestResult:
-    """Apply a validated batch in the caller's transaction; its keys already exist."""
-    applied = duplicates = points = 0
+def apply(conn: Connection, chunks: Sequence[ChunkHeader], columns_of: Sequence[Points],
+          projects_of: dict[int, int], keys: KeyCache) -> IngestResult:
+    """Apply a validated batch (``columns_of``: its chunks' points, from ``validate``) in
+    the caller's transaction; its keys already exist."""
+    applied = duplicates = total = 0
     now = time.time()
     # A fixed order keeps concurrent PostgreSQL transactions from deadlocking.
-    for position, chunk in sorted(enumerate(batch.chunks),
+    for position, chunk in sorted(enumerate(chunks),
                                   key=lambda item: (item[1].run, item[1].session, item[1].seq)):
         fresh = conn.execute(
             insert_ignore(conn, ingest_log, ["run_id", "session", "seq"])
@@ -194,15 +202,16 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
             duplicates += 1
             continue
         applied += 1
-        points += chunk.point_count
-        if chunk.point_count:
+        chunk_points = columns_of[position]
+        total += len(chunk_points)
+        if len(chunk_points):
             project_id = projects_of[chunk.run]
             key_ids = []
             for name in chunk.keys:
                 key_id = keys.get(project_id, name)
                 assert key_id is not None, "ensure_keys() runs before apply()"
                 key_ids.append(key_id)
-            _insert_blocks(conn, chunk, key_ids, chunk_name(position, chunk))
+            _insert_blocks(conn, chunk, chunk_points, key_ids, chunk_name(position, chunk))
         if chunk.logs:
             conn.execute(
                 sa.insert(log_lines),
@@ -214,36 +223,23 @@ def apply(conn: Connection, batch: IngestBatch, projects_of: dict[int, int],
             )
         if chunk.finish is not None:
             finish_run(conn, chunk.run, chunk.finish)
-    return IngestResult(applied=applied, duplicates=duplicates, points=points)
+    return IngestResult(applied=applied, duplicates=duplicates, points=total)
 
 
-Array: TypeAlias = npt.NDArray[Any]
-
-
-def columns(chunk: Chunk, where: str) -> list[tuple[int, Array, Array, Array]]:
+def columns(chunk: ChunkHeader, chunk_points: Points,
+            where: str) -> list[tuple[int, Array, Array, Array]]:
     """A chunk's points as ``(key index, steps, values, times)`` per key, each column a
     contiguous little-endian array, in the order the points came; ``Unprocessable`` for a
     step out of range or a key index that names no key.
-
-    Each list is converted to an array once (on a 2-core machine, list -> array is most of
-    what ingest costs per point), and checked on the array.
     """
     n_keys = len(chunk.keys)
-    try:
-        steps = np.array(chunk.steps, dtype="<i8")
-    except OverflowError:  # a step past 2**63-1 (MessagePack carries up to 2**64-1)
-        steps = np.array([-1])
-    if steps.min() < 0:
+    steps, key_index = chunk_points.steps, chunk_points.key_index
+    values, times = chunk_points.values, chunk_points.times
+    if len(steps) and steps.min() < 0:
         raise Unprocessable(f"{where}: steps must be between 0 and 2**63-1")
-    try:
-        key_index = np.array(chunk.key_index, dtype=np.int64)
-    except OverflowError:
-        key_index = np.array([-1])
-    if key_index.min() < 0 or key_index.max() >= n_keys:
+    if len(key_index) and (key_index.min() < 0 or key_index.max() >= n_keys):
         raise Unprocessable(f"{where}: key_index refers to a key that is not in keys "
                             f"({n_keys} keys)")
-    values = np.array(chunk.values, dtype="<f8")
-    times = np.array(chunk.times, dtype="<f8")
     n = len(steps)
     if n % n_keys == 0:
         # The SDK's layout: every logged row carries the same keys in the same order, so
@@ -265,11 +261,12 @@ def columns(chunk: Chunk, where: str) -> list[tuple[int, Array, Array, Array]]:
             for group in np.split(order, bounds)]
 
 
-def _insert_blocks(conn: Connection, chunk: Chunk, key_ids: list[int], where: str) -> None:
+def _insert_blocks(conn: Connection, chunk: ChunkHeader, chunk_points: Points,
+                   key_ids: list[int], where: str) -> None:
     """One ``metric_blocks`` row per key of the chunk (see ``schema.metric_blocks``)."""
     rows: list[dict[str, Any]] = []
     low = high = -1
-    for index, steps, values, times in columns(chunk, where):
+    for index, steps, values, times in columns(chunk, chunk_points, where):
         step_min, step_max = int(steps.min()), int(steps.max())
         low = step_min if low < 0 else min(low, step_min)
         high = max(high, step_max)

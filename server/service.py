@@ -25,6 +25,7 @@ from pluto.wire import (
     RunUpdate,
 )
 from pluto_server import auth, ingest, lineage, logstore, queries, runs
+from pluto_server.columns import PackedIngestBatch
 from pluto_server.database import Database
 from pluto_server.errors import Forbidden, NotFound
 from pluto_server.schema import projects
@@ -151,27 +152,29 @@ class Service:
 
     # -- data -------------------------------------------------------------
 
-    def ingest(self, batch: IngestBatch, who: auth.KeyIdentity | None) -> IngestResult:
-        ingest.validate(batch)
+    def ingest(self, batch: IngestBatch | PackedIngestBatch,
+               who: auth.KeyIdentity | None) -> IngestResult:
+        chunks = batch.chunks
+        columns_of = ingest.validate(chunks)
         if who is not None and who.project is not None:
-            for chunk in batch.chunks:
+            for chunk in chunks:
                 if chunk.run == 0:
                     self.guard(who, chunk.project or "")
         with self.db.read() as conn:
-            projects_of = ingest.run_projects(conn, batch)
-            if who is not None and who.project is not None and batch.chunks:
+            projects_of = ingest.run_projects(conn, chunks)
+            if who is not None and who.project is not None and chunks:
                 names = conn.execute(
                     sa.select(projects.c.name).where(projects.c.id.in_(set(projects_of.values())))
                 ).scalars().all()
                 for name in names:
                     self.guard(who, name)
-        missing = ingest.unknown_keys(batch, projects_of, self.keys)
+        missing = ingest.unknown_keys(chunks, columns_of, projects_of, self.keys)
         if missing:
             with self.db.write() as conn:
                 created = ingest.ensure_keys(conn, missing)
             self.keys.remember(created)  # committed: safe to remember
         with self.db.write() as conn:
-            return ingest.apply(conn, batch, projects_of, self.keys)
+            return ingest.apply(conn, chunks, columns_of, projects_of, self.keys)
 
     def metrics(self, ref: str, project: str | None, query: queries.MetricQuery,
                 who: auth.KeyIdentity | None) -> MetricQueryResult:
