@@ -203,7 +203,7 @@ def find_run(conn: Connection, ref: str, project: str | None = None, *,
     that exists only elsewhere is reported as such, unless ``reveal_projects`` is
     off (a project-scoped key must not learn other projects' names).
     """
-    ref = ref.strip()
+    ref = check_storable_text(ref.strip(), "run reference")
     by_number: RunRow | None = None
     if ref.isdigit() and int(ref) <= MAX_RUN_ID:
         row = conn.execute(_run_query().where(runs.c.id == int(ref))).mappings().first()

@@ -45,6 +45,7 @@ from pluto_server.blobs import (
     open_store,
 )
 from pluto_server.errors import ApiError, BadRequest, NotFound, Unprocessable
+from pluto_server.naming import check_storable_text
 from pluto_server.runs import RunRow
 from pluto_server.service import Service
 
@@ -207,6 +208,8 @@ class Transfers:
     async def fork(self, ref: str, project: str | None, who: KeyIdentity | None,
                    req: CheckpointFork) -> tuple[CheckpointInfo, bool]:
         target = await self._run(ref, project, who)
+        check_storable_text(req.from_run, "from_run")
+        check_storable_text(req.from_project or "", "from_project")
         if req.not_after_step is not None:
             checkpoints.check_step(req.not_after_step, "not_after_step")
         if req.from_s3_bucket:

@@ -587,6 +587,12 @@ def test_text_that_a_database_cannot_store_is_refused_before_it_reaches_it(api: 
                  "fork_run_id", "NUL")
     assert_error(api.create(project, run_id="parent\n"), 422, "run_id")
     assert_error(api.create(project + "\n"), 422, "project name")
+    # Found by Schemathesis: a checkpoint fork's source run is looked up by name.
+    fork = f"/runs/{parent['id']}/checkpoints/fork"
+    assert_error(api.request("POST", fork, json={"from_run": "par\x00ent"}), 422,
+                 "from_run", "NUL")
+    assert_error(api.request("POST", fork, json={"from_run": "parent", "from_project": "p\x00"}),
+                 422, "from_project", "NUL")
     # Inside config's and tags' JSON a NUL is escaped: stored and given back as it was.
     updated = api.patch(parent["id"], {"config": {"k\x00": "v\x00"}, "add_tags": ["a\x00"]})
     assert updated.status_code == 200, updated.text
