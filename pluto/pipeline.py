@@ -131,6 +131,11 @@ class Pipeline:
     def pending_bytes(self) -> int:
         return self.spool.pending_bytes + len(self._unspooled or b"")
 
+    @property
+    def unwritten_bytes(self) -> int:
+        """The part of ``pending_bytes`` only in memory: its spool's volume had no room."""
+        return self.spool.held_bytes + len(self._unspooled or b"")
+
     # -- the sender thread ---------------------------------------------------
 
     def _run(self) -> None:

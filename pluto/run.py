@@ -374,11 +374,18 @@ class Run:
             if not delivered:
                 self.undelivered_bytes = self._pipeline.pending_bytes
                 reason = self._pipeline.state.last_error or "timed out"
+                directory = self._pipeline.spool.directory
+                in_memory = self._pipeline.unwritten_bytes
+                # What waited in memory for room on a full volume is not in the spool: say
+                # so, rather than promise that the next init() sends it.
+                lost = (f"; {in_memory} of them were still waiting in memory for room on the "
+                        f"full volume of {directory} and are lost when this process exits"
+                        if in_memory else "")
                 warnings.warn(
                     f"pluto: finish() could not deliver {self.undelivered_bytes} bytes of data "
-                    f"for run {self.display_id} ({reason}); they are kept in "
-                    f"{self._pipeline.spool.directory} and will be sent, and the run marked "
-                    f"{final.value}, by the next pluto.init() with the same dir",
+                    f"for run {self.display_id} ({reason}); what is in {directory} will be "
+                    f"sent, and the run marked {final.value}, by the next pluto.init() with the "
+                    f"same dir{lost}",
                     RuntimeWarning, stacklevel=2,
                 )
         except Exception as exc:

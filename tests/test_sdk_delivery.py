@@ -174,6 +174,31 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
     assert spool_sessions(tmp_path / "pluto") == []  # delivered spools are cleaned up
 
 
+def test_finish_says_what_only_waited_in_memory_for_room_on_a_full_volume(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Server away and spool volume full when ``finish()`` gives up: what waited in memory
+    is not in the spool, and the warning says so instead of promising the next init()
+    sends it."""
+    with small_tmpfs(tmp_path / "volume", 512 * 1024) as volume:
+        run = start(server, volume / "pluto", finish_timeout=1.0)
+        server.stop()
+        filler = fill(volume / "filler")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(300):
+                run.log({f"k{j}": step + j / 16 for j in range(10)}, step=step)
+            run.finish()
+        filler.unlink()
+    in_memory = run._pipeline.unwritten_bytes
+    assert in_memory > 0
+    (leftover,) = [str(w.message) for w in caught if "could not deliver" in str(w.message)]
+    assert f"{run.undelivered_bytes} bytes" in leftover
+    assert (f"{in_memory} of them were still waiting in memory for room on the full volume"
+            in leftover), leftover
+    assert "lost when this process exits" in leftover
+
+
 def test_finish_with_the_server_down_is_bounded_and_the_leftover_is_adopted(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -198,6 +223,7 @@ def test_finish_with_the_server_down_is_bounded_and_the_leftover_is_adopted(
     assert len(leftover) == 1, [str(w.message) for w in caught]
     assert f"{run.undelivered_bytes} bytes" in leftover[0]
     assert str(spool_dir) in leftover[0]  # says where the data is kept
+    assert "in memory" not in leftover[0]  # all of it is on disk
     assert spool_sessions(spool_dir), "the undelivered data must stay on disk"
 
     server.start()
