@@ -10,10 +10,11 @@ One request is in flight at a time, so batches reach the server in spool order.
 While it is, the next batch is read and compressed (in a worker thread): the
 server's time and the sidecar's are spent side by side instead of one after the
 other. A prepared batch is only a read ahead: nothing is acknowledged for it until
-it is sent, and it is dropped whenever the forwarder rewinds. Once compressed, its
-records keep only their positions, not their bytes (for big chunks those were the
-largest thing in the sidecar's memory); in the rare case that the server refuses
-the batch for good, they are read again from the spool to find the bad one.
+it is sent, and it is dropped whenever the forwarder rewinds. It is compressed
+straight from the spool file, a piece at a time, and its records keep only their
+positions, not their bytes (for big chunks those were the largest thing in the
+sidecar's memory); in the rare case that the server refuses the batch for good,
+they are read again from the spool to find the bad one.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pluto.errors import PlutoError, RequestRejected
 from pluto.spool import Record
 from pluto.wire import RunCreate, RunUpdateRequest, encode_msgpack
 from pluto_sidecar.logs import log_event
-from pluto_sidecar.queue import DurableQueue, RecordKind
+from pluto_sidecar.queue import DurableQueue, RecordKind, Span
 from pluto_sidecar.registry import RunRegistry
 from pluto_sidecar.telemetry import Telemetry
-from pluto_sidecar.upstream import Upstream
+from pluto_sidecar.upstream import GzipStream, Upstream, ingest_body_head
 
 log = logging.getLogger("pluto.sidecar.forwarder")
 
@@ -137,15 +138,25 @@ class Forwarder:
 
     async def _prepare(self) -> Prepared:
         """The next batch, read ahead of the one being sent; its body compressed when it
-        holds only chunks (mixed batches are sent piece by piece by ``_forward``)."""
-        records = await self.queue.read(MAX_RECORDS, self.batch_max_bytes)
-        if not records or any(RecordKind(r.payload[:1]) is not RecordKind.CHUNK
-                              for r in records):
-            return Prepared(records, None)
-        body = await self.upstream.prepare(_chunk_views(records))
-        # The bytes are in the body now: keep only where each record ends (what is
-        # acknowledged); they are read again only if the server refuses the batch.
-        return Prepared([Record(b"", record.end) for record in records], body)
+        holds only chunks (mixed batches are sent piece by piece by ``_forward``).
+
+        A batch of chunks goes from the spool file into the compressor a piece at a time,
+        never whole: its records keep only their positions (see the module docstring).
+        """
+        spans = await self.queue.read_spans(MAX_RECORDS, self.batch_max_bytes)
+        if not spans:
+            return Prepared([], None)
+        if any(span.kind != RecordKind.CHUNK.value for span in spans):
+            return Prepared(await self.queue.records(spans), None)
+        body = await asyncio.to_thread(self._compress, spans)
+        return Prepared([Record(b"", span.end) for span in spans], body)
+
+    def _compress(self, spans: list[Span]) -> bytes:
+        """The compressed ``IngestBatch`` of the chunks at ``spans`` (in a worker thread)."""
+        stream = GzipStream()
+        stream.write(ingest_body_head(len(spans)))
+        self.queue.spool.stream_payloads(spans, stream.write)
+        return stream.finish()
 
     def _drop_ahead(self) -> None:
         """Forget the batch read ahead (the read position is rewound after this)."""

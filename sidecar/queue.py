@@ -18,12 +18,14 @@ import asyncio
 import collections
 import contextlib
 import enum
+import io
 import logging
 import os
 import shutil
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pluto.spool import HEADER, Buffer, Position, Record, Spool, SpoolFull
@@ -36,6 +38,8 @@ log = logging.getLogger("pluto.sidecar.spool")
 HELD_RETRY_SECONDS = 1.0
 #: The exit code after a failed fsync (EX_IOERR): see ``DurableQueue._fsync_failed``.
 EXIT_FSYNC_FAILED = 74
+#: ``SidecarSpool.stream_payloads`` reads this much at a time.
+STREAM_PIECE = 256 * 1024
 
 
 class RecordKind(bytes, enum.Enum):
@@ -83,6 +87,82 @@ class SidecarSpool(Spool):
             if len(records) >= limit:
                 break
         return records
+
+
+    def spans_from(self, start: Position, limit: int, max_bytes: int) -> list[Span]:
+        """Where the records ``read_from`` would return are, read from their headers and
+        kind bytes only (a torn tail ends a segment, as for ``read_from``)."""
+        spans: list[Span] = []
+        size = 0
+        for segment in self._segments():
+            if segment < start.segment:
+                continue
+            offset = start.offset if segment == start.segment else 0
+            with open(self._path(segment), "rb") as handle:
+                file_size = os.fstat(handle.fileno()).st_size
+                while offset + HEADER.size < file_size:
+                    handle.seek(offset)
+                    length, crc = HEADER.unpack(handle.read(HEADER.size))
+                    payload = offset + HEADER.size
+                    if length == 0 or payload + length > file_size:
+                        break
+                    if spans and size + length > max_bytes:
+                        return spans
+                    spans.append(Span(handle.read(1), Position(segment, offset), payload,
+                                      length, crc, Position(segment, payload + length)))
+                    size += length
+                    if len(spans) >= limit:
+                        return spans
+                    offset = payload + length
+        return spans
+
+    def stream_payloads(self, spans: list[Span], write: Callable[[memoryview], object]) -> None:
+        """Each span's payload but its kind byte, in order, to ``write`` a piece at a time
+        (a view of a reused buffer: ``write`` consumes it at once); every payload checked
+        against its CRC, :class:`SpoolCorrupt` when one does not match."""
+        buffer = memoryview(bytearray(STREAM_PIECE))
+        handle: io.BufferedReader | None = None
+        segment = -1
+        try:
+            for span in spans:
+                if span.start.segment != segment:
+                    if handle is not None:
+                        handle.close()
+                    segment = span.start.segment
+                    handle = open(self._path(segment), "rb")  # noqa: SIM115
+                assert handle is not None
+                handle.seek(span.payload)
+                crc, left, skip = 0, span.length, 1
+                while left:
+                    got = handle.readinto(buffer[:min(STREAM_PIECE, left)])
+                    if not got:
+                        raise SpoolCorrupt(f"{self._path(segment)}: a record ends early")
+                    piece = buffer[:got]
+                    crc = zlib.crc32(piece, crc)
+                    write(piece[skip:])
+                    skip, left = 0, left - got
+                if crc != span.crc:
+                    raise SpoolCorrupt(f"{self._path(segment)}: the record at offset "
+                                       f"{span.start.offset} does not match its checksum")
+        finally:
+            if handle is not None:
+                handle.close()
+
+
+class SpoolCorrupt(Exception):
+    """A record read back does not match its checksum (or ends early)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A spool record located, its payload not read: see ``SidecarSpool.spans_from``."""
+
+    kind: bytes  # the payload's first byte: a RecordKind value
+    start: Position  # of its header
+    payload: int  # offset of the payload in the segment
+    length: int  # of the payload
+    crc: int
+    end: Position  # acknowledging this record moves the cursor here
 
 
 def _exit_now(code: int) -> None:
@@ -291,6 +371,20 @@ class DurableQueue:
         if records and self._read_pos == start:
             self._read_pos = records[-1].end
         return records
+
+    async def read_spans(self, limit: int, max_bytes: int) -> list[Span]:
+        """Like ``read``, where the next records are rather than their bytes (see
+        ``SidecarSpool.spans_from``); the read position moves past them the same way."""
+        start = self._read_pos
+        spans = await asyncio.to_thread(self.spool.spans_from, start, limit, max_bytes)
+        if spans and self._read_pos == start:
+            self._read_pos = spans[-1].end
+        return spans
+
+    async def records(self, spans: list[Span]) -> list[Record]:
+        """The records at ``spans``, bytes and all."""
+        return await asyncio.to_thread(self.spool.read_from, spans[0].start, len(spans),
+                                       self.max_bytes)
 
     async def reread(self, count: int) -> list[Record]:
         """The first ``count`` records the server has not acknowledged, read again (the

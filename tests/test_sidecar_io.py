@@ -9,6 +9,9 @@
 - ``ReceiveBudget`` holds a frame back while others fill the budget, and never for
   longer than ``max_wait``.
 - The gzip body streamed from record views is the batch ``ingest_body`` builds.
+- ``SidecarSpool.spans_from`` locates the records ``read_from`` returns, and
+  ``stream_payloads`` gives their bytes back a piece at a time, refusing a record whose
+  bytes no longer match its checksum.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pluto.spool import Spool
 from pluto.transport.http import ingest_body
 from pluto_sidecar.connection import SCRATCH_BYTES, FrameStream, ReceiveBudget
 from pluto_sidecar.main import tune_malloc
-from pluto_sidecar.queue import SidecarSpool
+from pluto_sidecar.queue import STREAM_PIECE, SidecarSpool, SpoolCorrupt
 from pluto_sidecar.upstream import gzip_body, ingest_body_parts
 
 
@@ -120,6 +123,46 @@ def test_the_sidecar_spool_writes_records_a_plain_spool_reads(tmp_path: Path) ->
     assert plain.recovery.cut_bytes == 0
     assert [r.payload for r in plain.read(100)] == [*records, b"Uold-style append"]
     plain.close()
+
+
+def test_spans_locate_what_read_from_returns_and_stream_the_same_bytes(tmp_path: Path) -> None:
+    spool = SidecarSpool(tmp_path / "queue")
+    spool.segment_bytes = 1_000_000  # rotate a few times
+    records = [b"C" + os.urandom(random.randint(1, 700_000)) for _ in range(12)]
+    records.insert(5, b"Ua small update")
+    for record in records:
+        spool.append_record(bytearray(record))
+    spool.sync()
+    assert len(list((tmp_path / "queue").glob("*.seg"))) > 2
+    for start_at, limit, max_bytes in [(0, 100, 10**9), (0, 3, 10**9), (2, 100, 900_000)]:
+        start = spool.read_from(spool.acked, start_at, 10**9)[-1].end if start_at else spool.acked
+        read = spool.read_from(start, limit, max_bytes)
+        spans = spool.spans_from(start, limit, max_bytes)
+        assert [span.end for span in spans] == [record.end for record in read]
+        assert [span.kind for span in spans] == [record.payload[:1] for record in read]
+        pieces: list[bytes] = []
+        spool.stream_payloads(spans, lambda piece, out=pieces: out.append(bytes(piece)))
+        assert b"".join(pieces) == b"".join(record.payload[1:] for record in read)
+        assert max(len(piece) for piece in pieces) <= STREAM_PIECE
+    spool.close()
+
+
+def test_streaming_a_record_whose_bytes_changed_on_disk_is_refused(tmp_path: Path) -> None:
+    spool = SidecarSpool(tmp_path / "queue")
+    for _ in range(3):
+        spool.append_record(bytearray(b"C" + os.urandom(50_000)))
+    spool.sync()
+    spans = spool.spans_from(spool.acked, 10, 10**9)
+    (segment,) = (tmp_path / "queue").glob("*.seg")
+    with open(segment, "r+b") as handle:  # one bit of the second record's payload flips
+        handle.seek(spans[1].payload + 20_000)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 1]))
+    spool.stream_payloads(spans[:1], lambda piece: None)  # the first is intact
+    with pytest.raises(SpoolCorrupt, match="does not match its checksum"):
+        spool.stream_payloads(spans, lambda piece: None)
+    spool.close()
 
 
 def test_the_receive_budget_holds_frames_back_until_there_is_room() -> None:
