@@ -88,7 +88,6 @@ class SidecarSpool(Spool):
                 break
         return records
 
-
     def spans_from(self, start: Position, limit: int, max_bytes: int) -> list[Span]:
         """Where the records ``read_from`` would return are, read from their headers and
         kind bytes only (a torn tail ends a segment, as for ``read_from``)."""
@@ -382,9 +381,14 @@ class DurableQueue:
         return spans
 
     async def records(self, spans: list[Span]) -> list[Record]:
-        """The records at ``spans``, bytes and all."""
-        return await asyncio.to_thread(self.spool.read_from, spans[0].start, len(spans),
-                                       self.max_bytes)
+        """The records at ``spans``, bytes and all; :class:`SpoolCorrupt` when one of them
+        no longer reads back whole (``read`` then stops before it, as it always did)."""
+        records = await asyncio.to_thread(self.spool.read_from, spans[0].start, len(spans),
+                                          self.max_bytes)
+        if len(records) != len(spans):
+            raise SpoolCorrupt(f"a record at {spans[len(records)].start} does not read back "
+                               "whole")
+        return records
 
     async def reread(self, count: int) -> list[Record]:
         """The first ``count`` records the server has not acknowledged, read again (the
