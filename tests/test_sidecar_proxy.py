@@ -498,6 +498,25 @@ def test_a_client_that_gives_up_waiting_for_the_answer_cuts_the_request_to_the_s
     assert metric(sidecar, "pluto_sidecar_api_in_flight") == 0
 
 
+def test_a_request_that_is_not_http_gets_a_400_and_a_line_in_the_sidecars_own_log(
+        client: ApiClient, sidecar: SidecarProcess) -> None:
+    """uvicorn's own complaints come out as the sidecar's JSON lines (one format for whoever
+    reads its log), and the socket serves on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(10)
+        raw.connect(str(api_socket(sidecar)))
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = raw.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    deadline = time.monotonic() + 10
+    while not [e for e in sidecar.events() if "Invalid HTTP request" in str(e.get("event"))]:
+        assert time.monotonic() < deadline, sidecar.logs()[-2000:]
+        time.sleep(0.05)
+    assert not [line for line in sidecar.logs().splitlines()
+                if "Invalid HTTP request" in line and not line.startswith("{")]
+    assert client.http.get("/echo").status_code == 200
+
+
 def test_requests_are_counted_in_the_sidecar_metrics(
         client: ApiClient, sidecar: SidecarProcess) -> None:
     ok = metric(sidecar, "pluto_sidecar_api_requests_total", status="2xx")
