@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sidecar.py [--points 2000000] [--repeat 3]
                                            [--writers 1,4,8] [--postgres-url URL]
+                                           [--sidecar-args '--batch-max-kb 2048']
 
 For 1, 4 and 8 writer processes (each ``pluto.init()`` with
 ``PLUTO_SIDECAR_SOCKET``, then ``--points / writers / 10`` calls of 10 scalars
