@@ -37,7 +37,6 @@ _EMPTY = msgspec.Raw(b"\x90")
 #: MessagePack's unsigned integer types: type byte -> big-endian dtype of what follows.
 _UNSIGNED = {0xCC: ">u1", 0xCD: ">u2", 0xCE: ">u4", 0xCF: ">u8"}
 _FLOAT64 = 0xCB
-_INT64_MAX = 2**63 - 1
 #: What ingest stores (``metric_blocks``): little-endian, whatever this machine's order.
 _INT64 = np.dtype("<i8")
 _FLOAT64_LE = np.dtype("<f8")
@@ -91,38 +90,41 @@ def points(chunk: ChunkHeader, where: str) -> Points:
     raise TypeError(f"no point columns in a {type(chunk).__name__}")
 
 
-def _table(packed: msgspec.Raw, stride: int) -> npt.NDArray[np.uint8] | None:
-    """The elements of the array as an ``(n, stride)`` byte table, if the sizes fit."""
+def _elements(packed: msgspec.Raw) -> tuple[npt.NDArray[np.uint8], int] | None:
+    """The bytes after the array's header, and how many elements they hold."""
     header = msgpack_array_header(packed)
     if header is None:
         return None
     size, count = header
-    body = np.frombuffer(packed, dtype=np.uint8)[size:]
-    if len(body) != count * stride:
-        return None
-    return body.reshape(count, stride)
+    return np.frombuffer(packed, dtype=np.uint8)[size:], count
+
+
+def _table(body: npt.NDArray[np.uint8], count: int,
+           stride: int) -> npt.NDArray[np.uint8] | None:
+    """The elements as an ``(count, stride)`` byte table, if the sizes fit."""
+    return body.reshape(count, stride) if len(body) == count * stride else None
 
 
 def _floats(packed: msgspec.Raw, where: str) -> Array:
-    table = _table(packed, 9)
+    elements = _elements(packed)
+    table = None if elements is None else _table(*elements, 9)
     if table is not None and (table[:, 0] == _FLOAT64).all():
         return np.ascontiguousarray(table[:, 1:]).view(">f8").reshape(-1).astype(_FLOAT64_LE)
     return np.array(_decode(packed, list[float], where), dtype=_FLOAT64_LE)
 
 
 def _integers(packed: msgspec.Raw, where: str) -> Array:
-    header = msgpack_array_header(packed)
-    if header is not None:
-        size, count = header
-        body = np.frombuffer(packed, dtype=np.uint8)[size:]
+    elements = _elements(packed)
+    if elements is not None:
+        body, count = elements
         if len(body) == count and (body < 0x80).all():  # positive fixints, a byte each
             return body.astype(_INT64)
         dtype = _UNSIGNED.get(int(body[0])) if count else None
         if dtype is not None:
-            table = _table(packed, 1 + np.dtype(dtype).itemsize)
+            table = _table(body, count, 1 + np.dtype(dtype).itemsize)
             if table is not None and (table[:, 0] == body[0]).all():
                 unsigned = np.ascontiguousarray(table[:, 1:]).view(dtype).reshape(-1)
-                if dtype == ">u8" and unsigned.max() > _INT64_MAX:
+                if dtype == ">u8" and unsigned.max() > np.iinfo(_INT64).max:
                     return np.full(count, -1, dtype=_INT64)
                 return unsigned.astype(_INT64)
     return _int64(_decode(packed, list[int], where))
