@@ -510,9 +510,14 @@ class FrameFormatError(ValueError):
     """A frame header that cannot be right: what the peer must change."""
 
 
+def frame_header(kind: FrameKind, request_id: int, length: int) -> bytes:
+    """The header of a frame whose payload is ``length`` bytes (sent before the payload,
+    without copying a big payload behind it)."""
+    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, kind, request_id, length)
+
+
 def encode_frame(kind: FrameKind, request_id: int, payload: bytes) -> bytes:
-    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, kind, request_id,
-                             len(payload)) + payload
+    return frame_header(kind, request_id, len(payload)) + payload
 
 
 def parse_frame_header(header: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[

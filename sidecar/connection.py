@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -264,6 +265,18 @@ class ReceiveBudget:
         self._freed.set()
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: FrameKind
+    request_id: int
+    #: What the frame was read into: from the pool (``Sidecar.frame_pool``), maybe longer.
+    buffer: bytearray
+    #: One spare byte (for the spool record's kind), then the frame's payload as received.
+    record: memoryview
+    #: The frame's share of the receive budget, to give back.
+    taken: int
+
+
 class Connection:
     def __init__(self, sidecar: Sidecar, stream: FrameStream) -> None:
         self.sidecar = sidecar
@@ -295,19 +308,19 @@ class Connection:
             if not await self._room():
                 return
             try:
-                kind, request_id, payload, taken = await self._read_frame()
+                frame = await self._read_frame()
             except ClientError as exc:
                 await self._send_error(0, exc)
                 return
-            if kind is None:
+            if frame is None:
                 return
-            self.sidecar.telemetry.frames_in.labels(kind=kind.name.lower()).inc()
+            self.sidecar.telemetry.frames_in.labels(kind=frame.kind.name.lower()).inc()
+            request_id = frame.request_id
             try:
                 try:
-                    await self._dispatch(kind, request_id, payload)
+                    await self._dispatch(frame.kind, request_id, frame.record)
                 finally:
-                    del payload  # the frame's memory goes back, then its share of the budget
-                    self.sidecar.receive_budget.give(taken)
+                    self._release(frame)
             except ClientError as exc:
                 await self._send_error(request_id, exc)
                 if exc.fatal:
@@ -332,9 +345,16 @@ class Connection:
             gone.cancel()
         return not gone.done() or gone.cancelled()
 
-    async def _read_frame(self) -> tuple[FrameKind | None, int, bytearray, int]:
-        """(kind, request id, record, budget taken): ``record`` is one spare byte (for the
-        spool record's kind) followed by the frame's payload, read straight into it.
+    def _release(self, frame: Frame) -> None:
+        """The frame is dealt with: its buffer goes back to the pool, unless the spool holds
+        on to it (a record waiting in memory for room on the volume), then its share of the
+        receive budget goes back."""
+        if not self.sidecar.queue.holds(frame.record):
+            self.sidecar.frame_pool.give(frame.buffer)
+        self.sidecar.receive_budget.give(frame.taken)
+
+    async def _read_frame(self) -> Frame | None:
+        """The next frame (None at the end of the stream).
 
         Until its HELLO is accepted a client has ``hello_timeout`` seconds in all (from the
         first read) for whole frames, not only their headers, and frames of at most
@@ -354,15 +374,14 @@ class Connection:
                 f"no HELLO within {timeout:g}s: a client starts with a HELLO frame",
                 fatal=True) from None
 
-    async def _read_one_frame(self, max_bytes: int) -> tuple[FrameKind | None, int,
-                                                              bytearray, int]:
+    async def _read_one_frame(self, max_bytes: int) -> Frame | None:
         try:
             header = await self.stream.read_exactly(FRAME_HEADER.size)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise ClientError("connection closed in the middle of a frame header",
                                   fatal=True) from None
-            return None, 0, bytearray(), 0
+            return None
         try:
             kind, request_id, length = parse_frame_header(
                 header, self.sidecar.settings.max_frame_bytes)
@@ -378,15 +397,16 @@ class Connection:
         budget = self.sidecar.receive_budget
         taken = await budget.take(length)
         try:
-            record = bytearray(1 + length)
-            await self.stream.read_into(memoryview(record)[1:])
+            buffer = self.sidecar.frame_pool.take(1 + length)
+            record = memoryview(buffer)[:1 + length]
+            await self.stream.read_into(record[1:])
         except BaseException:
             budget.give(taken)
             raise
-        return kind, request_id, record, taken
+        return Frame(kind, request_id, buffer, record, taken)
 
-    async def _dispatch(self, kind: FrameKind, request_id: int, record: bytearray) -> None:
-        payload = memoryview(record)[1:]
+    async def _dispatch(self, kind: FrameKind, request_id: int, record: memoryview) -> None:
+        payload = record[1:]
         if self.hello is None:
             if kind is not FrameKind.HELLO:
                 raise ClientError("the first frame must be HELLO", fatal=True)
@@ -413,8 +433,8 @@ class Connection:
         else:
             raise ClientError(f"a client does not send {kind.name} frames")
 
-    async def _chunk(self, request_id: int, record: bytearray) -> None:
-        chunk = _decode(memoryview(record)[1:], ChunkEnvelope, "Chunk")
+    async def _chunk(self, request_id: int, record: memoryview) -> None:
+        chunk = _decode(record[1:], ChunkEnvelope, "Chunk")
         if chunk.run == 0 and not (chunk.project and chunk.run_ref):
             raise ClientError("a chunk names its run: run id, or project and run_ref")
         # The record is the frame as received, behind its kind byte: spooled without a copy.

@@ -227,6 +227,11 @@ class DurableQueue:
         """The spool volume had no room for the last record, which waits in memory."""
         return bool(self._held)
 
+    def holds(self, record: Buffer) -> bool:
+        """Whether ``record`` (the very object given to ``append_record``) waits in memory
+        for room on the volume: its buffer must not be used for anything else meanwhile."""
+        return any(held is record for _, held, _ in self._held)
+
     async def room(self) -> None:
         """Back-pressure: wait while the spool holds ``max_bytes`` of unsent data."""
         if not self.full:

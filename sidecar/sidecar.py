@@ -14,6 +14,7 @@ from pathlib import Path
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
+from pluto_sidecar.buffers import FramePool
 from pluto_sidecar.connection import ClientError, Connection, FrameStream, ReceiveBudget
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
@@ -43,6 +44,8 @@ class Sidecar:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         self.queue = DurableQueue(settings.spool_dir / "queue", settings.spool_max_bytes)
         self.receive_budget = ReceiveBudget(settings.receive_budget_bytes)
+        # As many bytes of buffers kept for big frames as may be received at once.
+        self.frame_pool = FramePool(settings.receive_budget_bytes)
         self.upstream = Upstream(settings.server, settings.api_key)
         self.forwarder = Forwarder(
             self.queue, self.upstream, self.registry, self.telemetry,

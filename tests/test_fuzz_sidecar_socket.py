@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support.server_process import ServerProcess
 from support.sidecar_process import SidecarProcess
@@ -215,6 +215,9 @@ def test_random_bytes_never_hurt_the_sidecar_or_a_good_writer(
     @settings(max_examples=120, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(payloads=st.lists(inputs, min_size=1, max_size=4))
+    # A whole valid stream beside garbage, always: in about 1 run in 15 the strategies
+    # alone never left a CHUNK intact, and the ACK path went untested.
+    @example(payloads=[valid_stream(1), FRAME_HEADER.pack(FRAME_MAGIC, 0, 0, 0, 0)])
     def check(payloads: list[bytes]) -> None:
         for reply in exchange(sidecar.socket, payloads):
             seen_kinds.update(kind for kind, _ in parse_replies(reply))

@@ -837,6 +837,46 @@ def points_in(records: list[tuple[int, bytes]]) -> dict[Point, float]:
     return points
 
 
+def test_big_frames_from_two_clients_are_spooled_byte_for_byte(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """Frames of MBs are read into buffers the sidecar uses again (``FramePool``), by two
+    clients at once, growing and shrinking: each spool record is exactly the frame sent."""
+    server = server_factory(start=False)  # down: everything stays in the spool
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--drain-seconds", "0"])
+    sent: dict[int, list[bytes]] = {}
+
+    def client(writer: int) -> None:
+        raw = RawClient(sidecar.socket)
+        raw.handshake(writer)
+        frames = sent.setdefault(writer, [])
+        for points in (60_000, 15_000, 90_000, 30_000, 90_001, 12_000, 70_000):
+            steps = list(range(writer * 10**6, writer * 10**6 + points))
+            frames.append(raw.chunk_frame(writer=writer, steps=steps, project=PROJECT,
+                                          run_ref="big-frames"))
+            request_id = raw.send(FrameKind.CHUNK, frames[-1])
+            kind, got_id, payload = raw.receive()
+            assert (kind, got_id) == (FrameKind.ACK, request_id), payload
+        raw.close()
+
+    threads = [threading.Thread(target=client, args=(writer,)) for writer in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sidecar.stop() == 0
+    assert all(len(frames) == 7 for frames in sent.values()), sent.keys()
+    assert min(len(frame) for frames in sent.values() for frame in frames) > 256 * 1024
+
+    spooled: dict[int, list[bytes]] = {1: [], 2: []}
+    for segment in sorted((sidecar.spool_dir / "queue").glob("*.seg")):
+        for _, payload in spool_records(segment):
+            if payload[:1] == b"C":
+                writer = msgspec.msgpack.decode(payload[1:], type=Chunk).writer
+                spooled[writer].append(payload[1:])
+    assert spooled == sent
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbled"])
 def test_a_torn_spool_tail_is_cut_and_the_rest_delivered(
     damage: str, server_factory: ServerFactory, sidecar_factory: SidecarFactory,

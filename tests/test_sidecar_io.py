@@ -12,6 +12,9 @@
 - ``SidecarSpool.spans_from`` locates the records ``read_from`` returns, and
   ``stream_payloads`` gives their bytes back a piece at a time, refusing a record whose
   bytes no longer match its checksum.
+- ``FramePool`` reads the next big frame into a buffer given back, keeps the biggest within
+  its limit and lets them all go once idle; ``DurableQueue.holds`` tells which record still
+  waits in memory for room (its buffer must not be read into again).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 
 import pytest
 
-from pluto.spool import Spool
+from pluto.spool import Spool, SpoolFull
 from pluto.transport.http import ingest_body
+from pluto_sidecar.buffers import MIN_POOLED_BYTES, FramePool
 from pluto_sidecar.connection import SCRATCH_BYTES, FrameStream, ReceiveBudget
 from pluto_sidecar.main import tune_malloc
-from pluto_sidecar.queue import STREAM_PIECE, SidecarSpool, SpoolCorrupt
+from pluto_sidecar.queue import STREAM_PIECE, DurableQueue, SidecarSpool, SpoolCorrupt
 from pluto_sidecar.upstream import gzip_body, ingest_body_parts
 
 
@@ -204,3 +208,66 @@ def test_the_streamed_gzip_body_is_the_ingest_body() -> None:
 def test_malloc_tuning_leaves_an_explicit_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert tune_malloc() is False
+
+
+def test_the_frame_pool_reads_the_next_big_frame_into_a_buffer_given_back() -> None:
+    pool = FramePool(max_bytes=4 * MIN_POOLED_BYTES)
+    big = pool.take(MIN_POOLED_BYTES + 1)
+    assert len(big) >= MIN_POOLED_BYTES + 1
+    pool.give(big)
+    assert pool.take(MIN_POOLED_BYTES + 10) is big  # about the same size: the same buffer
+    pool.give(big)
+    assert pool.take(len(big) + 1) is not big  # too small for this frame: a new one
+    small = pool.take(100)
+    assert len(small) == 100
+    pool.give(small)
+    assert pool.pooled_bytes == len(big)  # small buffers come from the heap, not the pool
+
+
+def test_the_frame_pool_keeps_the_biggest_buffers_within_its_limit() -> None:
+    pool = FramePool(max_bytes=3 * MIN_POOLED_BYTES)
+    sizes = [MIN_POOLED_BYTES, 2 * MIN_POOLED_BYTES, MIN_POOLED_BYTES, 3 * MIN_POOLED_BYTES]
+    buffers = [pool.take(size) for size in sizes]
+    for buffer in buffers:
+        pool.give(buffer)
+    assert pool.pooled_bytes <= pool.max_bytes
+    assert pool.take(3 * MIN_POOLED_BYTES) is buffers[3]  # the biggest was kept
+    alone = FramePool(max_bytes=MIN_POOLED_BYTES)
+    huge = alone.take(5 * MIN_POOLED_BYTES)
+    alone.give(huge)  # bigger than the limit, but the only one: kept
+    assert alone.take(5 * MIN_POOLED_BYTES) is huge
+
+
+def test_the_frame_pool_lets_its_buffers_go_when_idle() -> None:
+    async def scenario() -> tuple[int, int]:
+        pool = FramePool(max_bytes=8 * MIN_POOLED_BYTES, idle_seconds=0.2)
+        pool.give(pool.take(MIN_POOLED_BYTES))
+        kept = pool.pooled_bytes
+        await asyncio.sleep(0.6)
+        return kept, pool.pooled_bytes
+
+    kept, after_idle = asyncio.run(scenario())
+    assert kept >= MIN_POOLED_BYTES
+    assert after_idle == 0
+
+
+def test_the_queue_says_which_record_waits_in_memory_for_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        queue = DurableQueue(tmp_path / "queue", 1 << 30)
+        written = memoryview(bytearray(b"Cwritten"))
+        queue.append_record(written)
+        assert not queue.holds(written)
+
+        def no_room(record: object) -> object:
+            raise SpoolFull(28, "no space left on the spool volume")
+
+        monkeypatch.setattr(queue.spool, "append_record", no_room)
+        waiting = memoryview(bytearray(b"Cwaiting"))
+        queue.append_record(waiting)
+        assert queue.holds(waiting)
+        assert not queue.holds(memoryview(bytearray(b"Cwaiting")))  # the very object only
+        assert not queue.holds(written)
+        queue.spool.close()
+
+    asyncio.run(scenario())

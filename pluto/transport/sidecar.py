@@ -40,6 +40,7 @@ from pluto.wire import (
     Welcome,
     encode_frame,
     encode_msgpack,
+    frame_header,
     parse_frame_header,
 )
 
@@ -214,7 +215,9 @@ class SidecarTransport(Transport):
                 pending: dict[int, int] = {}
                 for payload in chunks:
                     request_id = self._new_request_id()
-                    sock.sendall(encode_frame(FrameKind.CHUNK, request_id, payload))
+                    # Header and payload apart: a chunk of MBs is not copied to join them.
+                    sock.sendall(frame_header(FrameKind.CHUNK, request_id, len(payload)))
+                    sock.sendall(payload)
                     pending[request_id] = 1
                 rejected: RequestRejected | None = None
                 while pending:
