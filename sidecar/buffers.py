@@ -9,8 +9,10 @@ next frame of about its size is read into it.
 
 Only buffers of at least ``MIN_POOLED_BYTES`` are kept (smaller ones come cheaply from the
 heap), their sizes rounded up so that frames of slightly different sizes share them, and at
-most ``max_bytes`` in all (the biggest), or one buffer when that one is bigger. After
-``idle_seconds`` without a frame they are let go, so an idle sidecar does not keep them.
+most ``max_bytes`` in all (the biggest), or one buffer when that one is bigger. They
+serve frames that follow each other closely (a rank catching up, ranks sending at once):
+after ``idle_seconds`` without a frame they are let go, so that they do not add to the
+memory the forwarder uses while it sends what a burst spooled (the sidecar's peak RSS).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ SIZE_STEP = 256 * 1024
 
 
 class FramePool:
-    def __init__(self, max_bytes: int, idle_seconds: float = 5.0) -> None:
+    def __init__(self, max_bytes: int, idle_seconds: float = 0.05) -> None:
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
         self._free: list[bytearray] = []
@@ -46,7 +48,13 @@ class FramePool:
             buffer = min(fitting, key=len)
             self._free.remove(buffer)
             return buffer
-        return bytearray(-(-size // SIZE_STEP) * SIZE_STEP)
+        size = -(-size // SIZE_STEP) * SIZE_STEP
+        # Kept buffers too small for this frame that ``give`` would drop for it go now,
+        # before the new one is allocated: both at once would add up in the peak RSS.
+        self._free.sort(key=len)
+        while self._free and self.pooled_bytes + size > self.max_bytes:
+            del self._free[0]
+        return bytearray(size)
 
     def give(self, buffer: bytearray) -> None:
         """Keep ``buffer`` for a later frame. The caller must hold no view of it that is

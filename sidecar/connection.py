@@ -321,6 +321,9 @@ class Connection:
                     await self._dispatch(frame.kind, request_id, frame.record)
                 finally:
                     self._release(frame)
+                    # No reference left here: the next frame's buffer is allocated before
+                    # ``frame`` is assigned again, and both at once would add to the peak.
+                    del frame
             except ClientError as exc:
                 await self._send_error(request_id, exc)
                 if exc.fatal:

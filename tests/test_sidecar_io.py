@@ -211,7 +211,7 @@ def test_malloc_tuning_leaves_an_explicit_setting_alone(monkeypatch: pytest.Monk
 
 
 def test_the_frame_pool_reads_the_next_big_frame_into_a_buffer_given_back() -> None:
-    pool = FramePool(max_bytes=4 * MIN_POOLED_BYTES)
+    pool = FramePool(max_bytes=8 * MIN_POOLED_BYTES)
     big = pool.take(MIN_POOLED_BYTES + 1)
     assert len(big) >= MIN_POOLED_BYTES + 1
     pool.give(big)
@@ -236,6 +236,9 @@ def test_the_frame_pool_keeps_the_biggest_buffers_within_its_limit() -> None:
     huge = alone.take(5 * MIN_POOLED_BYTES)
     alone.give(huge)  # bigger than the limit, but the only one: kept
     assert alone.take(5 * MIN_POOLED_BYTES) is huge
+    alone.give(huge)
+    bigger = alone.take(6 * MIN_POOLED_BYTES)  # the kept one is too small: let go first
+    assert bigger is not huge and alone.pooled_bytes == 0
 
 
 def test_the_frame_pool_lets_its_buffers_go_when_idle() -> None:
