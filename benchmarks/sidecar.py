@@ -20,7 +20,10 @@ with explicit steps, then ``finish()``) into one fresh sidecar per measurement:
 A "frame client" row isolates the sidecar from the SDK: one process sends the
 pre-encoded CHUNK frames (the same ones as the raw-socket figure) through the
 sidecar protocol (``SidecarTransport.deliver``, 8 frames in flight) and waits for
-the ACKs, then for the server.
+the ACKs, then for the server. A "server away" row sends the same frames to a
+sidecar whose server does not answer: nothing is forwarded and no server runs, so
+it is the sidecar's intake alone, without the forwarder and the server sharing the
+machine's cores with it.
 
 And the physical limit: the same bytes (CHUNK frames encoded as the SDK does,
 ``max_chunk_points`` points per frame) pushed through a raw Unix socket pair from
@@ -152,7 +155,8 @@ def metric(health: str, name: str) -> float:
 SIDECAR_FLAGS: list[str] = []
 
 
-def start_sidecar(url: str, directory: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
+def start_sidecar(url: str, directory: Path, *extra: str,
+                  ) -> tuple[subprocess.Popen[bytes], Path, str]:
     sock = directory / "pluto.sock"
     port = free_port()
     health = f"http://127.0.0.1:{port}"
@@ -160,7 +164,7 @@ def start_sidecar(url: str, directory: Path) -> tuple[subprocess.Popen[bytes], P
     proc = subprocess.Popen(
         [sys.executable, "-m", "pluto", "sidecar", "--socket", str(sock), "--spool-dir",
          str(directory / "spool"), "--server", url, "--health-port", str(port),
-         "--sys-interval", "0", "--log-level", "WARNING", *SIDECAR_FLAGS],
+         "--sys-interval", "0", "--log-level", "WARNING", *SIDECAR_FLAGS, *extra],
         stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
     log.close()
     deadline = time.monotonic() + 30
@@ -329,6 +333,29 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
                        server_rss_peak=server_rss)
 
 
+def frames_with_the_server_away(points: int) -> float:
+    """Seconds for the frame client's frames to be acknowledged by a sidecar whose server
+    is away: its forwarder sends nothing and no server takes CPU, so this is the sidecar's
+    intake alone (otherwise, on a small machine, the forwarder and the server share the
+    cores with it)."""
+    run_ref = uuid.uuid4().hex
+    payloads = chunk_payloads(points, run_ref)
+    with tempfile.TemporaryDirectory(prefix="pluto-bench-sidecar-") as tmp:
+        away = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        sidecar, sock, _ = start_sidecar(away, Path(tmp), "--drain-seconds", "0")
+        try:
+            transport = SidecarTransport(str(sock), session=uuid.uuid4().hex, writer=0)
+            transport.open_run(RunCreate(project=PROJECT, run_id=run_ref), 2)
+            start = time.perf_counter()
+            for first in range(0, len(payloads), 8):
+                transport.deliver(payloads[first:first + 8])
+            seconds = time.perf_counter() - start
+            transport.close()
+        finally:
+            stop(sidecar)
+    return seconds
+
+
 def _raw_writer(sock: socket.socket, frames: list[bytes]) -> None:
     sock.recv(1)  # go
     for frame in frames:
@@ -402,6 +429,9 @@ def main() -> None:
                                         for _ in range(max(3, args.repeat)))
     durable_pps = points / durable_seconds
 
+    alone_pps = points / statistics.median(frames_with_the_server_away(points)
+                                           for _ in range(args.repeat))
+
     backends = [("SQLite", None)] + ([("PostgreSQL", args.postgres_url)]
                                      if args.postgres_url else [])
     results: dict[tuple[str, str], list[Measurement]] = {}
@@ -433,6 +463,8 @@ def main() -> None:
             "/".join(f"{statistics.median(getattr(m, f) / m.points * 1e6 for m in runs):.2f}"
                      for f in ("writers_cpu", "cpu_seconds", "server_cpu")),
         )
+    table.add_row("server away", "1 frame client (no SDK)", f"{alone_pps:,.0f}", "",
+                  f"{alone_pps / raw_pps:.1%}", "", "", "", "")
     table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
                   "", "", "")
     table.add_row("raw socket + write + fsync", "1 writer process", f"{durable_pps:,.0f}", "",
