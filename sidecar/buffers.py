@@ -70,12 +70,6 @@ class FramePool:
         self._last_used = time.monotonic()
         self._schedule_release()
 
-    def clear(self) -> None:
-        self._free.clear()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
     def _schedule_release(self) -> None:
         if self._idle_timer is not None:
             return
