@@ -445,11 +445,14 @@ class Spool:
             segments = self._segments()
             return Position(segments[0] if segments else 1, 0)
 
-    def _iter_from(self, start: Position) -> Iterator[Record]:
+    def _segments_from(self, start: Position) -> Iterator[tuple[int, int]]:
+        """(segment, offset to read it from) for every segment from ``start`` on."""
         for segment in self._segments():
-            if segment < start.segment:
-                continue
-            offset = start.offset if segment == start.segment else 0
+            if segment >= start.segment:
+                yield segment, start.offset if segment == start.segment else 0
+
+    def _iter_from(self, start: Position) -> Iterator[Record]:
+        for segment, offset in self._segments_from(start):
             with open(self._path(segment), "rb") as handle:
                 handle.seek(offset)
                 for payload, end in _intact_records(handle, offset):

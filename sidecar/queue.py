@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pluto.spool import HEADER, Buffer, Position, Record, Spool, SpoolFull
 from pluto_sidecar.logs import log_event
@@ -93,10 +94,7 @@ class SidecarSpool(Spool):
         kind bytes only (a torn tail ends a segment, as for ``read_from``)."""
         spans: list[Span] = []
         size = 0
-        for segment in self._segments():
-            if segment < start.segment:
-                continue
-            offset = start.offset if segment == start.segment else 0
+        for segment, offset in self._segments_from(start):
             with open(self._path(segment), "rb") as handle:
                 file_size = os.fstat(handle.fileno()).st_size
                 while offset + HEADER.size < file_size:
@@ -162,6 +160,10 @@ class Span:
     length: int  # of the payload
     crc: int
     end: Position  # acknowledging this record moves the cursor here
+
+
+#: What ``DurableQueue._read_ahead`` reads: records, or where they are.
+_Read = TypeVar("_Read", Record, Span)
 
 
 def _exit_now(code: int) -> None:
@@ -370,20 +372,23 @@ class DurableQueue:
         on the loop, once the read is done: a read abandoned by a cancelled forwarder
         cannot move it past a later ``rewind()``.
         """
-        start = self._read_pos
-        records = await asyncio.to_thread(self.spool.read_from, start, limit, max_bytes)
-        if records and self._read_pos == start:
-            self._read_pos = records[-1].end
-        return records
+        return await self._read_ahead(self.spool.read_from, limit, max_bytes)
 
     async def read_spans(self, limit: int, max_bytes: int) -> list[Span]:
         """Like ``read``, where the next records are rather than their bytes (see
         ``SidecarSpool.spans_from``); the read position moves past them the same way."""
+        return await self._read_ahead(self.spool.spans_from, limit, max_bytes)
+
+    async def _read_ahead(self, read: Callable[[Position, int, int], list[_Read]],
+                          limit: int, max_bytes: int) -> list[_Read]:
+        """``read(start, limit, max_bytes)`` from the read position, in a worker thread;
+        then, on the loop, the read position moves past what it found, unless a
+        ``rewind()`` came meanwhile (see ``read``)."""
         start = self._read_pos
-        spans = await asyncio.to_thread(self.spool.spans_from, start, limit, max_bytes)
-        if spans and self._read_pos == start:
-            self._read_pos = spans[-1].end
-        return spans
+        found = await asyncio.to_thread(read, start, limit, max_bytes)
+        if found and self._read_pos == start:
+            self._read_pos = found[-1].end
+        return found
 
     async def records(self, spans: list[Span]) -> list[Record]:
         """The records at ``spans``, bytes and all; :class:`SpoolCorrupt` when one of them
