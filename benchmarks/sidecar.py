@@ -294,6 +294,15 @@ def chunk_payloads(points: int, run_ref: str) -> list[bytes]:
     return frames
 
 
+def send_frames(transport: SidecarTransport, payloads: list[bytes]) -> float:
+    """Seconds to send ``payloads`` as CHUNK frames, 8 in flight, until all are acknowledged
+    (the sidecar holds them in its fsynced spool)."""
+    start = time.perf_counter()
+    for first in range(0, len(payloads), 8):
+        transport.deliver(payloads[first:first + 8])
+    return time.perf_counter() - start
+
+
 def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measurement:
     """The same CHUNK frames sent by a bare protocol client (no SDK, no packing) to a
     fresh sidecar: seconds until the sidecar acknowledged them all (all spooled) and
@@ -312,9 +321,7 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
             sampler.start()
             server_sampler.start()
             start = time.perf_counter()
-            for first in range(0, len(payloads), 8):
-                transport.deliver(payloads[first:first + 8])
-            spooled = time.perf_counter()
+            hop_seconds = send_frames(transport, payloads)
             while metric(health, "points_sent_total") < points:
                 time.sleep(0.05)
             stored = time.perf_counter()
@@ -325,7 +332,7 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
             transport.close()
         finally:
             stop(sidecar)
-    return Measurement(writers=1, points=points, hop_seconds=spooled - start,
+    return Measurement(writers=1, points=points, hop_seconds=hop_seconds,
                        e2e_seconds=stored - start, log_seconds=0.0, rss_peak=rss,
                        cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
                        server_cpu=(server_after.user + server_after.system)
@@ -346,10 +353,7 @@ def frames_with_the_server_away(points: int) -> float:
         try:
             transport = SidecarTransport(str(sock), session=uuid.uuid4().hex, writer=0)
             transport.open_run(RunCreate(project=PROJECT, run_id=run_ref), 2)
-            start = time.perf_counter()
-            for first in range(0, len(payloads), 8):
-                transport.deliver(payloads[first:first + 8])
-            seconds = time.perf_counter() - start
+            seconds = send_frames(transport, payloads)
             transport.close()
         finally:
             stop(sidecar)
