@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pluto.digits import parse_digits
+
 DEFAULT_URL = "http://127.0.0.1:7300"
 
 
@@ -22,9 +24,9 @@ def _sidecar_socket() -> str | None:
 
 def _env_rank() -> int:
     for name in ("RANK", "PLUTO_RANK"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
+        rank = parse_digits(os.environ.get(name))
+        if rank is not None:
+            return rank
     return 0
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pluto.digits import parse_digits
+
 HEADER = struct.Struct("<II")
 CURSOR = struct.Struct("<QQ")
 SEGMENT_BYTES = 16 * 1024 * 1024
@@ -434,7 +436,8 @@ class Spool:
         return self.directory / f"{segment:012d}.seg"
 
     def _segments(self) -> list[int]:
-        return sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
+        numbers = (parse_digits(path.stem) for path in self.directory.glob("*.seg"))
+        return sorted(number for number in numbers if number is not None)
 
     def _read_cursor(self) -> Position:
         try:

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from pluto.digits import parse_digits
 from pluto.wire import FileEntry
 from pluto_server.blobs import BlobStore, ObjectEntry, blob_key
 from pluto_server.errors import NotFound
@@ -36,8 +37,9 @@ async def find(source: BlobStore, project: str, model: str,
     by_step: dict[int, tuple[str, list[ObjectEntry]]] = {}
     for entry in await source.list(base):
         directory, slash, rest = entry.key[len(base):].partition("/")
-        if slash and rest and directory.isdigit():
-            _, found = by_step.setdefault(int(directory), (base + directory + "/", []))
+        step = parse_digits(directory)
+        if slash and rest and step is not None:
+            _, found = by_step.setdefault(step, (base + directory + "/", []))
             found.append(entry)
     where = f"{source.url}/{base}"
     if not by_step:

@@ -8,6 +8,7 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
+from pluto.digits import parse_digits
 from pluto.wire import MSGPACK
 from pluto_server.errors import PayloadTooLarge, Unprocessable
 
@@ -16,9 +17,9 @@ T = TypeVar("T")
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``limit`` (compressed or not)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(_too_large(int(declared), limit))
+    declared = parse_digits(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(_too_large(declared, limit))
     received = bytearray()
     async for piece in request.stream():
         received += piece

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from pluto.digits import parse_digits
 from pluto.wire import (
     API_PREFIX,
     SHA256_HEADER,
@@ -65,8 +66,7 @@ def install(app: FastAPI, transfers: Transfers, max_body_bytes: int) -> None:
     async def upload_blob(request: Request, ref: str, sha256: str, who: Who,
                           project: ProjectParam = None) -> Response:
         """Stream a file's bytes; kept only if they hash to ``sha256``."""
-        declared = request.headers.get("content-length")
-        size = int(declared) if declared is not None and declared.isdigit() else None
+        size = parse_digits(request.headers.get("content-length"))
         if request.headers.get("content-encoding", "identity") != "identity":
             raise BadRequest("send blob bytes without content-encoding: they are hashed as sent")
         try:

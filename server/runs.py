@@ -13,6 +13,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from pluto.digits import parse_digits
 from pluto.merge import deep_merge, union_tags
 from pluto.wire import (
     MAX_NAME_LENGTH,
@@ -205,8 +206,9 @@ def find_run(conn: Connection, ref: str, project: str | None = None, *,
     """
     ref = check_storable_text(ref.strip(), "run reference")
     by_number: RunRow | None = None
-    if ref.isdigit() and int(ref) <= MAX_RUN_ID:
-        row = conn.execute(_run_query().where(runs.c.id == int(ref))).mappings().first()
+    number = parse_digits(ref)
+    if number is not None and number <= MAX_RUN_ID:
+        row = conn.execute(_run_query().where(runs.c.id == number)).mappings().first()
         by_number = None if row is None else RunRow.from_mapping(row)
         if by_number is not None and (project is None or by_number.project == project):
             return by_number

@@ -8,6 +8,7 @@ from dataclasses import replace
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pluto.digits import parse_digits
 from pluto.wire import (
     IngestBatch,
     IngestResult,
@@ -78,7 +79,8 @@ class Service:
             try:
                 run = runs.find_run(conn, ref, who.project, reveal_projects=False)
             except NotFound:
-                if ref.isdigit() and runs.exists(conn, int(ref)):
+                number = parse_digits(ref)
+                if number is not None and runs.exists(conn, number):
                     raise Forbidden(f"this API key is limited to project {who.project!r} and "
                                     f"cannot reach run {ref}") from None
                 raise

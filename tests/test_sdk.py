@@ -282,6 +282,9 @@ def test_writer_is_the_rank(
     monkeypatch.delenv("RANK")
     plain = start()
     assert plain.writer == 0
+    monkeypatch.setenv("RANK", "\u00b9")  # isdigit() but not int(): ignored, not a crash
+    assert start().writer == 0
+    monkeypatch.delenv("RANK")
     chosen = start(settings={"writer": 7})
     assert chosen.writer == 7
     for run in (ranked, chosen):

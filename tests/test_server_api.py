@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -332,6 +333,20 @@ def test_every_run_route_answers_404_for_an_unknown_run(api: Api, method: str, p
     for ref in ("999999999", "no-such-run"):
         resp = api.request(method, path.format(ref=ref), json=body)
         assert_error(resp, 404, "does not exist")
+
+
+@pytest.mark.parametrize("ref", ["\u00b9", "\u2460", "\u0663", "1\u00b2"])
+def test_a_ref_of_digits_int_refuses_is_404_not_a_crash(
+    api: Api, some_run: Json, ref: str
+) -> None:
+    """str.isdigit() is true for "¹" and "①", which int() refuses: such a ref once reached
+    int() and answered 500 (found by the schemathesis run, from a fork's from_run)."""
+    assert_error(api.request("GET", f"/runs/{quote(ref)}"), 404, "does not exist")
+    fork = {"project": unique_project(), "fork_run_id": ref, "fork_step": 1}
+    assert_error(api.request("POST", "/runs", json=fork), 404, "does not exist")
+    checkpoint_fork = {"from_run": ref}
+    resp = api.request("POST", f"/runs/{some_run['id']}/checkpoints/fork", json=checkpoint_fork)
+    assert_error(resp, 404, "does not exist")
 
 
 def test_an_unknown_project_is_404(api: Api) -> None:

@@ -338,3 +338,13 @@ def test_spool_full_is_raised_past_what_may_be_held(small_volume: Path) -> None:
     spool.append(b"last")
     assert payloads(spool.read(10)) == [record] * 3 + [b"last"]
     spool.close()
+
+
+def test_a_stray_file_with_other_digits_in_its_name_is_not_a_segment(spool_dir: Path) -> None:
+    """"¹.seg" passes str.isdigit() but not int(): the spool must open past it."""
+    Spool(spool_dir, fsync=False).close()
+    (spool_dir / "\u00b9.seg").write_bytes(b"not a segment")
+    spool = Spool(spool_dir, fsync=False)
+    spool.append(b"kept")
+    assert payloads(spool.read(10)) == [b"kept"]
+    spool.close()

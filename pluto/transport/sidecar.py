@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from pluto.digits import parse_digits
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.base import Transport
 from pluto.wire import (
@@ -260,8 +261,9 @@ def _rejected(payload: bytes) -> RequestRejected:
         # The sidecar relays the server's answer as "<detail> (HTTP <code>)"; RequestRejected
         # adds the code itself, so it is taken off here (it was shown twice).
         rest, code = detail.rsplit(" (HTTP ", 1) if " (HTTP " in detail else (detail, "")
-        if code.rstrip(")").isdigit():
-            status, detail = int(code.rstrip(")")), rest
+        code_number = parse_digits(code.rstrip(")"))
+        if code_number is not None:
+            status, detail = code_number, rest
     return RequestRejected(status, detail)
 
 
