@@ -67,8 +67,10 @@ MAX_RUN_NUMBER = 2**31 - 1
 
 def parse_display_id(ref: str) -> tuple[str, int] | None:
     """(prefix, number) of a display id such as ``MNIST-12``; None for anything else,
-    including a number no run can have (it reached the database and overflowed there)."""
-    match = DISPLAY_ID.match(ref.upper())
+    including a number no run can have (it reached the database and overflowed there).
+
+    Only ASCII is upper-cased: ``"\ufb03-1".upper()`` is ``"FFI-1"``, a different run's id."""
+    match = DISPLAY_ID.match(ref.upper()) if ref.isascii() else None
     if match is None or int(match.group(2)) > MAX_RUN_NUMBER:
         return None
     return match.group(1), int(match.group(2))
