@@ -33,14 +33,15 @@ KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
 
-.PHONY: help venv postgres chromium test lint demo bench bench-anchors chaos e2e-kind clean distclean FORCE
+.PHONY: help venv postgres chromium fault-tools test lint demo bench bench-anchors chaos e2e-kind clean distclean FORCE
 
 help:
 	@echo "make venv      create/refresh .venv (pip install -e '.[dev]', strict editable)"
 	@echo "make postgres  install PostgreSQL (Debian) unless initdb/postgres already exist"
 	@echo "make chromium  install Chromium (Debian) for the browser tests unless it exists"
+	@echo "make fault-tools  install libfiu's fiu-run/fiu-ctrl (Debian) for the I/O-error tests"
 	@echo "make lint      ruff + mypy"
-	@echo "make test      lint, then pytest (needs venv, postgres and chromium)"
+	@echo "make test      lint, then pytest (needs venv, postgres, chromium and fault-tools)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make bench-anchors  log() and end to end against wandb, trackio, neptune-scale, mlflow"
@@ -122,6 +123,25 @@ chromium:
 		echo "==> chromium: installed $$(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"; \
 	fi
 
+# Install libfiu's tools (fiu-run, fiu-ctrl) only when they are missing: the chaos tests
+# make a real sidecar's fsync fail with EIO through libfiu's POSIX preload library.
+fault-tools:
+	@if [ -z "$${FIU_FORCE_INSTALL:-}" ] && command -v fiu-run >/dev/null && command -v fiu-ctrl >/dev/null; then \
+		echo "==> fault-tools: found $$(command -v fiu-run)"; \
+	else \
+		echo "==> fault-tools: no fiu-run/fiu-ctrl (or FIU_FORCE_INSTALL); apt-get install fiu-utils"; \
+		SUDO=""; \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			if command -v sudo >/dev/null; then SUDO="sudo"; \
+			else echo "fault-tools: need root or sudo to apt-get install fiu-utils" >&2; exit 1; fi; \
+		fi; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fiu-utils >/dev/null; \
+		command -v fiu-run >/dev/null && command -v fiu-ctrl >/dev/null \
+			|| { echo "fault-tools: install finished but fiu-run/fiu-ctrl are still missing" >&2; exit 1; }; \
+		echo "==> fault-tools: installed $$(command -v fiu-run)"; \
+	fi
+
 lint: venv
 	@echo "==> ruff"
 	@$(BIN)/ruff check .
@@ -130,7 +150,7 @@ lint: venv
 	@echo "==> mypy (test support, examples)"
 	@$(BIN)/mypy $(MYPY_EXTRA)
 
-test: venv postgres chromium
+test: venv postgres chromium fault-tools
 	@$(MAKE) lint
 	@echo "==> pytest"
 	@$(BIN)/pytest -q
@@ -150,7 +170,7 @@ bench: venv
 bench-anchors: venv
 	@$(PY) benchmarks/anchors/compare.py
 
-chaos: venv postgres
+chaos: venv postgres fault-tools
 	@PLUTO_CHAOS=1 $(BIN)/pytest -q -m chaos tests/chaos
 
 e2e-kind: venv

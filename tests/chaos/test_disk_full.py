@@ -1,6 +1,7 @@
 """The sidecar's spool volume fills up (issue 7): a real 4 MiB tmpfs under the spool, with
-the server away, while 4 writers log about 2.5 times what it holds. And a spool write that
-fails otherwise (a real ``EFBIG``): the sidecar exits 74 and a restart loses nothing.
+the server away, while 4 writers log about 2.5 times what it holds. And a spool write or
+fsync that fails otherwise (a real ``EFBIG``; an ``EIO`` from fsync(2) through libfiu): the
+sidecar exits 74 and a restart loses nothing.
 
 What must hold: back-pressure, not loss (the writers are slowed, none crashes, the SDK's
 reconnects while the sidecar does not read it lose and duplicate nothing); the gauge
@@ -16,6 +17,7 @@ why, without one.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -189,33 +191,50 @@ def test_spool_volume_full_holds_writers_back_and_recovers(
 # -- a spool write that fails (not for want of space) -----------------------------------
 
 
-class FileSizeLimitedSidecar(SidecarProcess):
-    """A sidecar whose files may not grow past ``fsize`` bytes (``RLIMIT_FSIZE``, set with
-    ``prlimit``; Python ignores ``SIGXFSZ``): a spool write past it fails with ``EFBIG``, a
-    real write error that is not a full volume."""
+class FaultySidecar(SidecarProcess):
+    """A sidecar started through ``wrapper``, a command that sets up a real fault and then
+    runs it (an empty ``wrapper``: a plain sidecar, for the restart)."""
 
-    fsize: int | None = None
+    wrapper: tuple[str, ...] = ()
 
     @property
     def argv(self) -> list[str]:
-        argv = super().argv
-        return argv if self.fsize is None else ["prlimit", f"--fsize={self.fsize}", "--",
-                                                *argv]
+        return [*self.wrapper, *super().argv]
 
 
+#: The segment size limit of the EFBIG case: the spool's files may not grow past it.
+FSIZE = 1024 * 1024
+#: libfiu's failure point for fsync(2); ``failinfo`` is the errno it sets (5: EIO).
+FSYNC_FAILS = "enable name=posix/io/sync/fsync,failinfo=5"
+
+
+@pytest.mark.parametrize("fault", ["write EFBIG", "fsync EIO"])
 def test_a_failed_spool_write_exits_74_and_a_restart_loses_nothing(
-        server_factory: ServerFactory, tmp_path: Path) -> None:
-    """The spool's segment cannot grow past 1 MiB (``EFBIG``) while 4 writers log: the
-    sidecar logs one CRITICAL line and exits 74 at once (what was written since the last good
-    fsync is in doubt, and nothing of it was acknowledged); the segment holds whole records;
-    restarted without the limit, the sidecar recovers the spool, the writers resend what was
-    not acknowledged, and the server holds every point exactly once."""
-    if shutil.which("prlimit") is None:
-        pytest.skip("no prlimit command (util-linux) to limit the sidecar's file size")
-    run_ref = "write-fails"
+        server_factory: ServerFactory, tmp_path: Path, fault: str) -> None:
+    """A spool write or fsync fails while 4 writers log, for a reason that is not a full
+    volume: the sidecar logs one CRITICAL line and exits 74 at once (what was written since
+    the last good fsync is in doubt, and nothing of it was acknowledged); the segments hold
+    whole records; restarted without the fault, the sidecar recovers the spool, the writers
+    resend what was not acknowledged, and the server holds every point exactly once.
+
+    ``write EFBIG``: the sidecar runs under a 1 MiB ``RLIMIT_FSIZE`` (``prlimit``; Python
+    ignores ``SIGXFSZ``), so a segment cannot grow past it. ``fsync EIO``: the sidecar runs
+    under libfiu's POSIX preload library (``fiu-run -x``), and once the writers are logging
+    ``fiu-ctrl`` makes every fsync(2) of the process fail with EIO, as a failing disk does.
+    """
+    ctrl = tmp_path / "fiu-ctrl"
+    if fault == "write EFBIG":
+        tools, wrapper, error = ["prlimit"], ("prlimit", f"--fsize={FSIZE}", "--"), "File too large"
+    else:
+        tools, wrapper, error = (["fiu-run", "fiu-ctrl"], ("fiu-run", "-x", "-f", str(ctrl)),
+                                 "Input/output error")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {', '.join(missing)} command to cause the fault (make fault-tools)")
+    run_ref = f"fails-{fault.replace(' ', '-').lower()}"
     server = server_factory()
-    sidecar = FileSizeLimitedSidecar(tmp_path / "sidecar", server.url, extra_args=SIDECAR_ARGS)
-    sidecar.fsize = 1024 * 1024
+    sidecar = FaultySidecar(tmp_path / "sidecar", server.url, extra_args=SIDECAR_ARGS)
+    sidecar.wrapper = wrapper
     steps, keys = 6000, 10  # about 5 MB of chunks in all
     expected = expected_points(range(4), steps, keys)
     writers: Writers | None = None
@@ -225,18 +244,23 @@ def test_a_failed_spool_write_exits_74_and_a_restart_loses_nothing(
                                 every=100, pause=0.03)
         writers.wait_ready()
         assert sidecar.proc is not None
+        if fault == "fsync EIO":
+            subprocess.run(["fiu-ctrl", "-f", str(ctrl), "-c", FSYNC_FAILS, str(sidecar.pid)],
+                           check=True, timeout=30)
         deadline = time.monotonic() + 60
         while sidecar.proc.poll() is None:
-            assert time.monotonic() < deadline, "the sidecar did not hit its file size limit"
+            assert time.monotonic() < deadline, f"the sidecar did not meet the fault ({fault})"
             time.sleep(0.05)
         assert sidecar.proc.returncode == 74, sidecar.logs()[-3000:]
         (failed,) = events(sidecar, "spool fsync or write failed")
         assert failed["level"] == "critical" and failed["exit_code"] == 74, failed
-        assert "File too large" in str(failed["error"]), failed
+        assert error in str(failed["error"]), failed
         records, size = scan_segments(sidecar.spool_dir / "queue")
-        assert records > 0 and size <= sidecar.fsize, (records, size)
+        assert records > 0, (records, size)
+        if fault == "write EFBIG":
+            assert size <= FSIZE, (records, size)
 
-        sidecar.fsize = None
+        sidecar.wrapper = ()
         sidecar.start()
         opened = events(sidecar, "spool opened")[-1]
         assert opened["torn_bytes_cut"] == 0, opened
