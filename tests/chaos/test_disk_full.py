@@ -188,7 +188,7 @@ def test_spool_volume_full_holds_writers_back_and_recovers(
         sidecar.stop()
 
 
-# -- a spool write that fails (not for want of space) -----------------------------------
+# -- a spool write or fsync that fails (not for want of space) --------------------------
 
 
 class FaultySidecar(SidecarProcess):
