@@ -81,6 +81,16 @@ $(LINK_STAMP): $(MANIFEST) $(DEPS_STAMP)
 	fi
 	@touch $@
 
+# $(call apt_install,TARGET,PACKAGE): apt-get install a Debian package, as root or through
+# sudo; the caller checks afterwards that what it needs is there.
+apt_install = SUDO=""; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+		if command -v sudo >/dev/null; then SUDO="sudo"; \
+		else echo "$(1): need root or sudo to apt-get install $(2)" >&2; exit 1; fi; \
+	fi; \
+	$$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null
+
 # Install PostgreSQL only when no server binaries are present
 # (PG_FORCE_INSTALL=1 runs the install branch anyway: apt-get makes it a no-op).
 postgres:
@@ -92,13 +102,7 @@ postgres:
 		echo "==> postgres: found $$(dirname $$(command -v initdb))"; \
 	else \
 		echo "==> postgres: no initdb/postgres found (or PG_FORCE_INSTALL); apt-get install postgresql"; \
-		SUDO=""; \
-		if [ "$$(id -u)" -ne 0 ]; then \
-			if command -v sudo >/dev/null; then SUDO="sudo"; \
-			else echo "postgres: need root or sudo to apt-get install postgresql" >&2; exit 1; fi; \
-		fi; \
-		$$SUDO apt-get update -qq && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		$(call apt_install,postgres,postgresql); \
 		compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
 			|| { echo "postgres: install finished but initdb is still missing" >&2; exit 1; }; \
 		echo "==> postgres: installed $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"; \
@@ -111,13 +115,7 @@ chromium:
 		echo "==> chromium: found /usr/bin/chromium"; \
 	else \
 		echo "==> chromium: no /usr/bin/chromium (or CHROMIUM_FORCE_INSTALL); apt-get install chromium"; \
-		SUDO=""; \
-		if [ "$$(id -u)" -ne 0 ]; then \
-			if command -v sudo >/dev/null; then SUDO="sudo"; \
-			else echo "chromium: need root or sudo to apt-get install chromium" >&2; exit 1; fi; \
-		fi; \
-		$$SUDO apt-get update -qq && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		$(call apt_install,chromium,chromium); \
 		[ -x /usr/bin/chromium ] \
 			|| { echo "chromium: install finished but /usr/bin/chromium is still missing" >&2; exit 1; }; \
 		echo "==> chromium: installed $$(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"; \
@@ -130,13 +128,7 @@ fault-tools:
 		echo "==> fault-tools: found $$(command -v fiu-run)"; \
 	else \
 		echo "==> fault-tools: no fiu-run/fiu-ctrl (or FIU_FORCE_INSTALL); apt-get install fiu-utils"; \
-		SUDO=""; \
-		if [ "$$(id -u)" -ne 0 ]; then \
-			if command -v sudo >/dev/null; then SUDO="sudo"; \
-			else echo "fault-tools: need root or sudo to apt-get install fiu-utils" >&2; exit 1; fi; \
-		fi; \
-		$$SUDO apt-get update -qq && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fiu-utils >/dev/null; \
+		$(call apt_install,fault-tools,fiu-utils); \
 		command -v fiu-run >/dev/null && command -v fiu-ctrl >/dev/null \
 			|| { echo "fault-tools: install finished but fiu-run/fiu-ctrl are still missing" >&2; exit 1; }; \
 		echo "==> fault-tools: installed $$(command -v fiu-run)"; \
