@@ -10,6 +10,10 @@ the queue reports itself full, so connections stop reading their clients (one
 frame each at most is held). The committer writes held records, in order, as soon
 as there is room (after each acknowledgement by the server, and every second),
 and the sidecar logs one line when the volume fills and one when it has room again.
+While a backlog drains on a volume it filled, the records that are let in fill the
+space each acknowledgement frees, again and again: that is one episode, so "room
+again" is logged once the volume has kept room for ``ROOM_QUIET_SECONDS``, with how
+often it filled again meanwhile, not a pair of lines per acknowledgement.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ log = logging.getLogger("pluto.sidecar.spool")
 #: While records are held for want of space, the committer tries to write them this often
 #: (and after every acknowledgement, which may have freed space).
 HELD_RETRY_SECONDS = 1.0
+#: A full volume's episode ends (and "room again" is logged) once nothing has been held for
+#: want of space for this long.
+ROOM_QUIET_SECONDS = 5.0
 #: The exit code after a failed fsync (EX_IOERR): see ``DurableQueue._fsync_failed``.
 EXIT_FSYNC_FAILED = 74
 #: ``SidecarSpool.stream_payloads`` reads this much at a time.
@@ -182,6 +189,11 @@ class DurableQueue:
         self._held_bytes = 0
         #: Since when (monotonic) the spool volume has been full; None while it has room.
         self.volume_full_since: float | None = None
+        #: Since when (monotonic) a full volume's held records have all been written: the
+        #: episode ends ROOM_QUIET_SECONDS later unless the volume fills again.
+        self._room_since: float | None = None
+        #: How often the volume filled again within the current episode.
+        self._refills = 0
         self._read_pos = self.spool.acked
         self.max_bytes = max_bytes
         self._appended = 0
@@ -215,6 +227,8 @@ class DurableQueue:
                       "acknowledged, so their clients still have them",
                       held_records=len(self._held), held_bytes=self._held_bytes,
                       level=logging.WARNING)
+        elif self._room_since is not None:
+            self._end_full_episode()
         self.spool.close()
 
     # -- producers (client connections) ----------------------------------------
@@ -267,6 +281,9 @@ class DurableQueue:
             if self.volume_full_since is None:
                 self.volume_full_since = time.monotonic()
                 self._log_volume_full(exc)
+            elif self._room_since is not None:  # full again within the episode: quietly
+                self._room_since = None
+                self._refills += 1
             return False
         except OSError as exc:  # not a full volume: an I/O error the spool cannot survive
             self._fsync_failed(exc)
@@ -296,14 +313,24 @@ class DurableQueue:
                 return
             held.popleft()
             self._held_bytes -= len(record)
-        if self.volume_full_since is not None:
-            log_event(log, "spool volume has room again: clients are read again",
-                      spool=str(self.spool.directory),
-                      full_seconds=round(time.monotonic() - self.volume_full_since, 1),
-                      spool_bytes=self.spool.pending_bytes)
-            self.volume_full_since = None
+        if self.volume_full_since is not None and self._room_since is None:
+            self._room_since = time.monotonic()
         async with self._room_cond:
             self._room_cond.notify_all()
+
+    def _end_full_episode_after_quiet(self) -> None:
+        if (self._room_since is not None and not self._held
+                and time.monotonic() - self._room_since >= ROOM_QUIET_SECONDS):
+            self._end_full_episode()
+
+    def _end_full_episode(self) -> None:
+        assert self.volume_full_since is not None and self._room_since is not None
+        log_event(log, "spool volume has room again: clients are read again",
+                  spool=str(self.spool.directory),
+                  full_seconds=round(self._room_since - self.volume_full_since, 1),
+                  filled_again=self._refills, spool_bytes=self.spool.pending_bytes)
+        self.volume_full_since = self._room_since = None
+        self._refills = 0
 
     async def durable(self, ticket: int) -> None:
         """Wait until the record with this ticket is fsynced."""
@@ -315,10 +342,16 @@ class DurableQueue:
     async def _commit_loop(self) -> None:
         while True:
             if self._held:  # retry now and then: space may come back from elsewhere too
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._to_sync.wait(), HELD_RETRY_SECONDS)
+                timeout: float | None = HELD_RETRY_SECONDS
+            elif self._room_since is not None:  # wake to end the full volume's episode
+                timeout = max(0.0, self._room_since + ROOM_QUIET_SECONDS - time.monotonic())
             else:
-                await self._to_sync.wait()
+                timeout = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._to_sync.wait(), timeout)
+            self._end_full_episode_after_quiet()
+            if not self._to_sync.is_set() and not self._held:
+                continue  # woken only to end the episode
             self._to_sync.clear()
             if self._held:
                 await self._write_held()

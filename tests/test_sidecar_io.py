@@ -15,6 +15,9 @@
 - ``FramePool`` reads the next big frame into a buffer given back, keeps the biggest within
   its limit and lets them all go once idle; ``DurableQueue.holds`` tells which record still
   waits in memory for room (its buffer must not be read into again).
+- A volume that fills again and again while a backlog drains is one episode in the log: one
+  "spool volume full", and one "room again" (with how often it filled again) once the volume
+  has kept room for ``ROOM_QUIET_SECONDS``; every record is still written and fsynced.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import os
 import random
 import socket
@@ -32,6 +36,7 @@ import pytest
 
 from pluto.spool import Spool, SpoolFull
 from pluto.transport.http import ingest_body
+from pluto_sidecar import queue as queue_module
 from pluto_sidecar.buffers import MIN_POOLED_BYTES, FramePool
 from pluto_sidecar.connection import SCRATCH_BYTES, FrameStream, ReceiveBudget
 from pluto_sidecar.main import tune_malloc
@@ -272,5 +277,63 @@ def test_the_queue_says_which_record_waits_in_memory_for_room(
         assert not queue.holds(memoryview(bytearray(b"Cwaiting")))  # the very object only
         assert not queue.holds(written)
         queue.spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_volume_that_fills_again_while_draining_is_one_episode_in_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(queue_module, "HELD_RETRY_SECONDS", 0.02)
+    monkeypatch.setattr(queue_module, "ROOM_QUIET_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="pluto.sidecar.spool")
+
+    def lines(event: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith(event)]
+
+    async def until(condition: object, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.005)
+
+    async def scenario() -> None:
+        queue = DurableQueue(tmp_path / "queue", 1 << 30)
+        room = True
+        write = queue.spool.append_record
+
+        def append_if_room(record: memoryview) -> object:
+            if not room:
+                raise SpoolFull(28, "no space left on the spool volume")
+            return write(record)
+
+        monkeypatch.setattr(queue.spool, "append_record", append_if_room)
+        queue.start()
+        tickets = []
+        for cycle in range(4):  # full, then room: as each acknowledgement frees some space
+            room = False
+            tickets.append(queue.append_record(memoryview(bytearray(b"C%d" % cycle))))
+            assert queue.volume_full
+            room = True
+            await until(lambda: not queue.volume_full)
+        for ticket in tickets:
+            await asyncio.wait_for(queue.durable(ticket), 5)
+        assert len(lines("spool volume full")) == 1
+        assert not lines("spool volume has room again"), "logged before the quiet period"
+        await until(lambda: lines("spool volume has room again"))
+        (roomy,) = lines("spool volume has room again")
+        assert roomy.fields["filled_again"] == 3  # type: ignore[attr-defined]
+
+        room = False  # a new episode after the quiet period is logged again
+        held = queue.append_record(memoryview(bytearray(b"Clater")))
+        room = True
+        await asyncio.wait_for(queue.durable(held), 5)
+        assert len(lines("spool volume full")) == 2
+        await queue.stop()  # the open episode ends with the queue
+        assert len(lines("spool volume has room again")) == 2
+        reopened = Spool(tmp_path / "queue", fsync=False)
+        assert [r.payload for r in reopened.read(100)] == [
+            b"C0", b"C1", b"C2", b"C3", b"Clater"]
+        reopened.close()
 
     asyncio.run(scenario())
