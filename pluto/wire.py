@@ -25,6 +25,10 @@ MAX_KEY_LENGTH: Final = 256  # characters in a metric key
 MAX_STEP: Final = 2**63 - 1  # steps are 64-bit
 MAX_TAGS: Final = 256  # tags on a run
 MAX_TAG_LENGTH: Final = 128
+#: Keys the sidecar logs about its pod (CPU, memory, GPUs), with the Unix time as the step:
+#: they are not the run's training steps (a run's step range leaves them out) and a fork
+#: does not inherit them.
+SYSTEM_PREFIX: Final = "sys/"
 MAX_NAME_LENGTH: Final = 256  # characters in a run's name
 
 #: The JSON encoding of non-finite floats in metric query answers (JSON has no NaN).

@@ -17,7 +17,7 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import MAX_KEY_LENGTH, ChunkHeader, IngestResult, RunStatus
+from pluto.wire import MAX_KEY_LENGTH, SYSTEM_PREFIX, ChunkHeader, IngestResult, RunStatus
 from pluto_server.columns import Array, Points, points
 from pluto_server.errors import NotFound, Unprocessable
 from pluto_server.runs import finish as finish_run
@@ -268,8 +268,11 @@ def _insert_blocks(conn: Connection, chunk: ChunkHeader, chunk_points: Points,
     low = high = -1
     for index, steps, values, times in columns(chunk, chunk_points, where):
         step_min, step_max = int(steps.min()), int(steps.max())
-        low = step_min if low < 0 else min(low, step_min)
-        high = max(high, step_max)
+        # The run's step range (where it resumes, where it may be forked) is its training
+        # steps: system metrics' steps are Unix times.
+        if not chunk.keys[index].startswith(SYSTEM_PREFIX):
+            low = step_min if low < 0 else min(low, step_min)
+            high = max(high, step_max)
         rows.append({
             "run_id": chunk.run,
             "key_id": key_ids[index],
@@ -287,6 +290,8 @@ def _insert_blocks(conn: Connection, chunk: ChunkHeader, chunk_points: Points,
         insert_ignore(conn, run_keys, ["run_id", "key_id"]),
         [{"run_id": chunk.run, "key_id": key_id} for key_id in used],
     )
+    if high < 0:  # system metrics only
+        return
     conn.execute(
         sa.update(runs)
         .where(runs.c.id == chunk.run)

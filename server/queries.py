@@ -21,7 +21,7 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import MetricQueryResult, MetricSeries
+from pluto.wire import SYSTEM_PREFIX, MetricQueryResult, MetricSeries
 from pluto_server.errors import Unprocessable
 from pluto_server.lineage import chain_cte
 from pluto_server.schema import metric_keys, run_keys, runs
@@ -50,8 +50,6 @@ WHERE b.run_id = :run_id AND b.key_id IN :key_ids
 """
 
 STEP_LIMIT = 2**63 - 1
-#: Keys the sidecar logs about the pod (CPU, memory, GPUs): a fork does not inherit them.
-SYSTEM_PREFIX = "sys/"
 
 
 @dataclass(frozen=True)

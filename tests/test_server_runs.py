@@ -218,6 +218,26 @@ def test_fork_records_the_ancestor_that_owns_the_fork_step(api: Api) -> None:
         assert fork["fork_step"] == step
 
 
+def test_system_metrics_do_not_move_the_runs_step_range(api: Api) -> None:
+    """The sidecar logs ``sys/`` keys with the Unix time as the step: the run's step range
+    (where it resumes, where it may be forked) stays its training steps."""
+    project = unique_project()
+    run = api.create_ok(project, run_id="trained")
+    api.log(run["id"], {"loss": ramp(0, 100)})
+    now = 1_796_624_587
+    api.log(run["id"], {"sys/cpu_percent": [(now, 12.5)], "sys/mem_percent": [(now, 40.0)]},
+            writer=3)
+    api.log(run["id"], {"sys/cpu_percent": [(now + 5, 13.0)]})  # a chunk of sys/ keys only
+    stored = api.get_ok(run["id"])
+    assert (stored["first_step"], stored["last_step"]) == (0, 100)
+    assert_error(api.create(project, fork_run_id="trained", fork_step=1_000_000), 422, "0-100")
+    resumed = api.create_ok(project, run_id="trained", resume=True)
+    assert resumed["last_step"] == 100
+    # The system metrics are stored all the same.
+    series = api.series(run["id"], "sys/cpu_percent")
+    assert sorted(step for one in series for step in one.steps) == [now, now + 5]
+
+
 def test_fork_inherits_config_deep_merged_and_tags_from_the_resolved_parent(api: Api) -> None:
     project = unique_project()
     a, b, c = seed_lineage(
