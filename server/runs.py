@@ -300,15 +300,21 @@ def check_tags(tags: list[str]) -> None:
             raise Unprocessable(f"tag {tag!r} must be 1-{MAX_TAG_LENGTH} characters")
 
 
-def create_or_attach(conn: Connection, req: RunCreate) -> tuple[RunRow, bool]:
-    """Returns the run and whether it already existed (``resumed``)."""
+def create_or_attach(conn: Connection, req: RunCreate, *,
+                     reveal_projects: bool = True) -> tuple[RunRow, bool]:
+    """Returns the run and whether it already existed (``resumed``).
+
+    ``reveal_projects`` off: errors about the run to resume or fork never name a project
+    the caller did not name (a project-scoped key, see ``find_run``).
+    """
     check_create(req)
     project_id = ensure_project(conn, req.project)
     if req.run_id is not None:
         existing = _by_external_id(conn, project_id, req.run_id)
         if existing is None and req.resume:
-            existing = _resume_target(conn, req)
+            existing = _resume_target(conn, req, reveal_projects)
         if existing is not None:
+            _check_same_fork(conn, existing, req, reveal_projects)
             return _reopen(conn, existing), True
     name = req.name
     config = dict(req.config or {})
@@ -317,7 +323,8 @@ def create_or_attach(conn: Connection, req: RunCreate) -> tuple[RunRow, bool]:
     fork_step: int | None = None
     if req.fork_run_id is not None:
         assert req.fork_step is not None
-        owner = resolve_fork_parent(conn, req.fork_run_id, req.fork_step, req.project)
+        owner = resolve_fork_parent(conn, req.fork_run_id, req.fork_step, req.project,
+                                    reveal_projects=reveal_projects)
         forked_from, fork_step = owner.id, req.fork_step
         if name is None:
             name = owner.name
@@ -348,6 +355,7 @@ def create_or_attach(conn: Connection, req: RunCreate) -> tuple[RunRow, bool]:
         assert req.run_id is not None
         winner = _by_external_id(conn, project_id, req.run_id)
         assert winner is not None
+        _check_same_fork(conn, winner, req, reveal_projects)
         return winner, True
     number = conn.execute(
         sa.update(projects)
@@ -370,10 +378,35 @@ def _by_external_id(conn: Connection, project_id: int, external_id: str) -> RunR
     return None if row is None else RunRow.from_mapping(row)
 
 
-def _resume_target(conn: Connection, req: RunCreate) -> RunRow:
+def _check_same_fork(conn: Connection, existing: RunRow, req: RunCreate,
+                     reveal_projects: bool) -> None:
+    """Attaching with fork arguments: the run must be that very fork. Otherwise the caller's
+    data, meant for a fork, would land in a run that is something else (an unforked run,
+    or a fork of another run or step) without a word."""
+    if req.fork_run_id is None:
+        return
+    assert req.fork_step is not None
+    if existing.forked_from is not None and existing.fork_step == req.fork_step:
+        owner = resolve_fork_parent(conn, req.fork_run_id, req.fork_step, req.project,
+                                    reveal_projects=reveal_projects)
+        if owner.id == existing.forked_from:
+            return
+    if existing.forked_from is None:
+        what = "is not a fork"
+    else:
+        parent = get_run(conn, existing.forked_from)
+        what = f"is a fork of {parent.display_id} at step {existing.fork_step}"
+    raise Conflict(
+        f"run {req.run_id!r} ({existing.display_id}) exists already and {what}, but this "
+        f"request forks {req.fork_run_id!r} at step {req.fork_step}: give the new fork a "
+        "run_id of its own, or drop fork_run_id and fork_step to attach to the existing run"
+    )
+
+
+def _resume_target(conn: Connection, req: RunCreate, reveal_projects: bool) -> RunRow:
     assert req.run_id is not None
     try:
-        return find_run(conn, req.run_id, req.project)
+        return find_run(conn, req.run_id, req.project, reveal_projects=reveal_projects)
     except NotFound:
         raise NotFound(
             f"cannot resume run {req.run_id!r}: it does not exist in project {req.project!r}; "
@@ -396,9 +429,10 @@ def _reopen(conn: Connection, run: RunRow) -> RunRow:
     return get_run(conn, run.id)
 
 
-def resolve_fork_parent(conn: Connection, ref: str, step: int, project: str) -> RunRow:
+def resolve_fork_parent(conn: Connection, ref: str, step: int, project: str, *,
+                        reveal_projects: bool = True) -> RunRow:
     """The ancestor of ``ref`` that owns ``step``: the parent a fork records."""
-    requested = find_run(conn, ref, project)
+    requested = find_run(conn, ref, project, reveal_projects=reveal_projects)
     last = lineage.stitched_last_step(conn, requested.id)
     first = lineage.stitched_first_step(conn, requested.id)
     if last is None or first is None:

@@ -68,7 +68,8 @@ class Service:
         runs.check_create(req)
         self.guard(who, req.project)
         with self.db.write() as conn:
-            run, resumed = runs.create_or_attach(conn, req)
+            run, resumed = runs.create_or_attach(
+                conn, req, reveal_projects=who is None or who.project is None)
             return run.to_attached(conn, self.base_url, resumed)
 
     def _find(self, conn: Connection, ref: str, project: str | None,

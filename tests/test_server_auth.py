@@ -276,6 +276,14 @@ def test_a_project_scoped_key_reaches_only_its_project(secured: Secured, target:
         assert_error(mixed, 403, f"limited to project {mine!r}")
         names = [p["name"] for p in team.request("GET", "/projects").json()["projects"]]
         assert names == [mine]
+        # Resuming or forking another project's run by a ref that exists there: refused
+        # without naming that project.
+        refs = [str(target["id"]), target["display_id"]]
+        for ref in refs:
+            for body in [{"run_id": ref, "resume": True}, {"fork_run_id": ref, "fork_step": 1}]:
+                answer = team.request("POST", "/runs", json={"project": mine, **body})
+                assert answer.status_code in (400, 404), answer.text
+                assert target["project"] not in answer.text, (body, answer.text)
         assert team.one_series("ours", "loss", project=mine).steps == list(range(5))
     assert_unchanged(secured, target)
 

@@ -329,6 +329,29 @@ def test_ranks_forking_with_one_run_id_get_one_fork(api: Api) -> None:
     assert {(b["forked_from"], b["fork_step"]) for b in bodies} == {(a["id"], 40)}
 
 
+def test_attaching_with_fork_arguments_to_a_run_that_is_not_that_fork_is_409(api: Api) -> None:
+    """The caller's data is meant for a fork: landing it in a run that is something else
+    (not a fork, or a fork of another step or run) without a word would mix two runs."""
+    project = unique_project()
+    a, b, _ = seed_lineage(api, project)
+    plain = api.create_ok(project, run_id="plain")
+    assert_error(api.create(project, run_id="plain", fork_run_id=str(a["id"]), fork_step=40),
+                 409, f"({plain['display_id']}) exists already and is not a fork",
+                 "run_id of its own", "drop fork_run_id and fork_step")
+    fork = api.create_ok(project, run_id="fork", fork_run_id=str(a["id"]), fork_step=40)
+    for other_parent, step in [(str(a["id"]), 41), (str(b["id"]), 120)]:
+        assert_error(api.create(project, run_id="fork", fork_run_id=other_parent,
+                                fork_step=step), 409,
+                     f"is a fork of {a['display_id']} at step 40")
+    # The same fork, its parent named any way (numeric, display or a descendant that
+    # inherits the step), attaches; so does a plain attach.
+    for parent in [str(a["id"]), a["display_id"], str(b["id"])]:
+        again = api.create(project, run_id="fork", fork_run_id=parent, fork_step=40)
+        assert again.status_code == 200 and again.json()["id"] == fork["id"], again.text
+    assert api.create(project, run_id="fork").json()["id"] == fork["id"]
+    assert api.create(project, run_id="plain").json()["id"] == plain["id"]
+
+
 @pytest.fixture(scope="module")
 def seeded(api: Api) -> tuple[str, Json, Json, Json]:
     """One seed lineage (A, B, C) for the refused forks to aim at."""
