@@ -33,6 +33,15 @@ Row = tuple[int, float, dict[str, float]]
 SEND_BATCH = 64  # chunks per request at most
 SEND_BYTES = 8 * 1024 * 1024  # and about this many bytes: well under the server's body limit
 MAX_BACKOFF = 10.0
+#: Requests' worth of a spool left by an earlier process delivered per pass of the sender,
+#: after this run's own data: a large leftover never holds this run's data back.
+ADOPT_BATCHES = 4
+#: An encoded chunk is at most this big, well under the sidecar's frame limit
+#: (``wire.MAX_FRAME_BYTES``) and the server's body limit: a bigger one (10,000 console
+#: lines of 16 KiB, or ``max_chunk_points`` set high) is cut in two until it fits.
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+#: Console lines in one chunk at most.
+MAX_CHUNK_LINES = 10_000
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Pipeline:
         self._room = threading.Condition()
         self._stopping = False
         self._idle = threading.Event()
+        #: Spools left by processes that died before delivering everything, oldest first,
+        #: and the one being delivered (see ``_adopt_some``).
+        self._orphans: collections.deque[Path] = collections.deque()
+        self._orphan: Spool | None = None
         self._thread = threading.Thread(target=self._run, name="pluto-sender", daemon=True)
         self._thread.start()
 
@@ -106,13 +119,15 @@ class Pipeline:
         self._wake.set()
 
     def drain(self, timeout: float) -> bool:
-        """Wait until everything logged so far is delivered; False on timeout."""
+        """Wait until everything logged so far is delivered; False on timeout. Spools left
+        by earlier processes are delivered meanwhile too, as far as the time allows (what
+        is left of them stays on disk for the next ``init()``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._idle.clear()
             self._wake.set()
             if self._idle.wait(min(0.5, max(0.0, deadline - time.monotonic()))) and (
-                self._quiet()
+                self._quiet() and not self._orphans
             ):
                 return True
             if not self._thread.is_alive():
@@ -139,10 +154,7 @@ class Pipeline:
     # -- the sender thread ---------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self._adopt_orphans()
-        except Exception:  # adoption is a courtesy; this run's own data comes first
-            log.exception("pluto: delivering spools left by earlier processes failed")
+        self._find_orphans()
         backoff = 0.0
         while not self._stopping:
             self._wake.wait(max(self.flush_interval, backoff))
@@ -154,15 +166,26 @@ class Pipeline:
                     # Nothing is dropped (see _unspooled); delivering what is spooled is
                     # what frees the space, so the pass goes on to send.
                     self.state.last_error = repr(exc)
-                backoff = 0.0 if self._send() else min(MAX_BACKOFF, max(0.2, backoff * 2))
+                # This run's own data first; then some of what earlier processes left.
+                sent = self._send() and self._adopt_some()
+                backoff = 0.0 if sent else min(MAX_BACKOFF, max(0.2, backoff * 2))
             except Exception as exc:  # the sender must outlive any one bad chunk
                 log.exception("pluto sender error")
                 self.state.last_error = repr(exc)
                 backoff = min(MAX_BACKOFF, max(0.2, backoff * 2))
             if backoff:
                 backoff *= 0.5 + random.random()  # jitter: ranks don't retry in lockstep
-            if self._quiet():
+            if self._quiet() and not self._orphans:
                 self._idle.set()
+        # Stopping (finish() gave up): what is still in memory goes to the spool, which
+        # the next init() in this dir delivers.
+        try:
+            self._pack()
+        except Exception as exc:  # SpoolFull: reported by finish() as held in memory
+            self.state.last_error = repr(exc)
+        if self._orphan is not None:
+            self._orphan.close(remove_if_empty=True)
+            self._orphan = None
 
     def _quiet(self) -> bool:
         return (not self.rows and not self.logs and self._unspooled is None and self.spool.empty
@@ -174,45 +197,72 @@ class Pipeline:
             self.spool.append(self._unspooled)  # SpoolFull again while there is no room
             self._unspooled = None
         while self.rows or self.logs:
-            keys: dict[str, int] = {}
-            key_index: list[int] = []
-            steps: list[int] = []
-            values: list[float] = []
-            times: list[float] = []
-            rows = self.rows
-            # A training loop logs the same keys call after call: the key indices of a row
-            # are looked up once per layout (its keys, in order) and every column grows by a
-            # whole row at a time. Per point that is a fifth of what appending one point at a
-            # time cost, in each rank, on the cores the sidecar and server share.
-            layout: tuple[str, ...] = ()
-            indices: list[int] = []
-            while rows and len(steps) < self.max_chunk_points:
-                step, at, data = rows.popleft()
-                names = tuple(data)
-                if names != layout:
-                    layout = names
-                    indices = [keys.setdefault(key, len(keys)) for key in names]
-                n = len(indices)
-                key_index += indices
-                values += data.values()
-                steps += [step] * n
-                times += [at] * n
+            batch: list[Row] = []
+            points = 0
+            while self.rows and points < self.max_chunk_points:
+                row = self.rows.popleft()
+                batch.append(row)
+                points += len(row[2])
             lines: list[LogLine] = []
-            while self.logs and len(lines) < 10_000:
+            while self.logs and len(lines) < MAX_CHUNK_LINES:
                 lines.append(self.logs.popleft())
             with self._room:
                 self._room.notify_all()
-            if not steps and not lines:
-                continue
-            chunk = self._chunk(keys=list(keys), key_index=key_index, steps=steps,
-                                values=values, times=times, logs=lines)
-            self._seq += 1
-            self._spool_chunk(encode_msgpack(chunk))
+            if batch or lines:
+                self._spool_rows(batch, lines)
         if final is not None and not self._final_spooled:
             chunk = self._chunk(finish=final)
             self._seq += 1
             self._final_spooled = True  # in the spool, or in _unspooled until it has room
             self._spool_chunk(encode_msgpack(chunk))
+
+    def _spool_rows(self, batch: list[Row], lines: list[LogLine]) -> None:
+        """Spool ``batch`` and ``lines`` as one chunk, or as several when one would be over
+        ``MAX_CHUNK_BYTES`` (halves, in order, until each fits)."""
+        keys: dict[str, int] = {}
+        key_index: list[int] = []
+        steps: list[int] = []
+        values: list[float] = []
+        times: list[float] = []
+        # A training loop logs the same keys call after call: the key indices of a row are
+        # looked up once per layout (its keys, in order) and every column grows by a whole
+        # row at a time. Per point that is a fifth of what appending one point at a time
+        # cost, in each rank, on the cores the sidecar and server share.
+        layout: tuple[str, ...] = ()
+        indices: list[int] = []
+        for step, at, data in batch:
+            names = tuple(data)
+            if names != layout:
+                layout = names
+                indices = [keys.setdefault(key, len(keys)) for key in names]
+            n = len(indices)
+            key_index += indices
+            values += data.values()
+            steps += [step] * n
+            times += [at] * n
+        payload = encode_msgpack(self._chunk(keys=list(keys), key_index=key_index, steps=steps,
+                                             values=values, times=times, logs=lines))
+        if len(payload) > MAX_CHUNK_BYTES:
+            del keys, key_index, steps, values, times
+            if len(batch) > 1:
+                half = len(batch) // 2
+                parts = [(batch[:half], []), (batch[half:], lines)]
+            elif batch and lines:
+                parts = [(batch, []), ([], lines)]
+            elif len(lines) > 1:
+                half = len(lines) // 2
+                parts = [([], lines[:half]), ([], lines[half:])]
+            else:  # one log() call of hundreds of thousands of keys: no server takes it
+                _dead_letter(self.spool_root, payload, RequestRejected(
+                    413, f"one log() call made a chunk of {len(payload)} bytes, more than "
+                    f"{MAX_CHUNK_BYTES} can be sent; log fewer keys per call"), self.state)
+                return
+            del payload
+            for part_rows, part_lines in parts:
+                self._spool_rows(part_rows, part_lines)
+            return
+        self._seq += 1
+        self._spool_chunk(payload)
 
     def _spool_chunk(self, payload: bytes) -> None:
         try:
@@ -233,29 +283,50 @@ class Pipeline:
         """Deliver spooled chunks in order; False when the server could not take them."""
         return _deliver_spool(self.spool, self.transport, self.state, self.spool_root)
 
-    def _adopt_orphans(self) -> None:
-        """Deliver spools left by processes that died before delivering everything."""
-        for directory in sorted(self.spool_root.iterdir()):
-            if (directory.name == self.session or not is_spool_name(directory.name)
-                    or not directory.is_dir()):
-                continue
+    def _find_orphans(self) -> None:
+        """The spools in this dir that other sessions left (live ones are skipped when
+        opened: their owner holds the lock)."""
+        try:
+            found = sorted(self.spool_root.iterdir())
+        except OSError:
+            return
+        self._orphans.extend(
+            directory for directory in found
+            if directory.name != self.session and is_spool_name(directory.name)
+        )
+
+    def _adopt_some(self) -> bool:
+        """Deliver up to ``ADOPT_BATCHES`` requests' worth of the spools that processes
+        which died before delivering everything left; False when the server could not
+        take them. A spool that cannot be read is left where it is, with a warning."""
+        while self._orphans:
+            if self._orphan is None:
+                try:
+                    self._orphan = Spool(self._orphans[0], fsync=False)
+                except (SpoolLocked, OSError):  # a live process owns it, or it vanished
+                    self._orphans.popleft()
+                    continue
+            orphan = self._orphan
             try:
-                orphan = Spool(directory, fsync=False)
-            except SpoolLocked:
-                continue  # a live process owns it
-            except OSError:
-                continue  # vanished or half-removed: not an orphan
-            try:
-                while not orphan.empty and not self._stopping:
-                    if not _deliver_spool(orphan, self.transport, self.state, self.spool_root):
-                        time.sleep(1.0)
-            finally:
-                orphan.close(remove_if_empty=True)
+                if not orphan.empty:
+                    return _deliver_spool(orphan, self.transport, self.state, self.spool_root,
+                                          max_batches=ADOPT_BATCHES)
+            except Exception:  # adoption is a courtesy: this run's own data comes first
+                log.exception("pluto: delivering the spool %s left by an earlier process "
+                              "failed; it stays there", orphan.directory)
+            orphan.close(remove_if_empty=True)
+            self._orphan = None
+            self._orphans.popleft()
+        return True
 
 
 def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,
-                   root: Path) -> bool:
-    while True:
+                   root: Path, *, max_batches: int | None = None) -> bool:
+    """Deliver ``spool``'s records in order, all of them or ``max_batches`` requests'
+    worth; False when the server could not take them."""
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        batches += 1
         records = spool.read(SEND_BATCH, SEND_BYTES)
         if not records:
             return True
@@ -283,6 +354,7 @@ def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,
         else:
             state.delivered_points += result.points
         spool.ack(records[-1].end)
+    return True
 
 
 def _deliver_one(payload: bytes, transport: Transport, state: DeliveryState,

@@ -242,6 +242,44 @@ def test_finish_with_the_server_down_is_bounded_and_the_leftover_is_adopted(
     assert_exactly_once(server, run.id, expected)
 
 
+def test_a_large_leftover_spool_never_holds_the_new_runs_own_data_back(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The next ``init()`` in a dir delivers what an earlier process left, but after its
+    own data: when the server goes away again before the leftover is through, the new
+    run's points are in its spool (and said to be undelivered), not lost in memory."""
+    spool_dir = tmp_path / "pluto"
+    left = start(server, spool_dir, finish_timeout=0.5, flush_interval=0.2)
+    server.stop()
+    keys = [f"k{i}" for i in range(10)]
+    for step in range(100_000):  # a million points for the next init() to deliver
+        left.log(dict.fromkeys(keys, float(step)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left.finish()
+    assert left.undelivered_bytes > 0
+    server.start()
+
+    run = start(server, spool_dir, finish_timeout=1.0)
+    server.kill()  # away again, long before the leftover's million points are through
+    for step in range(5):
+        run.log({"own": float(step)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.finish()
+    leftover = [str(w.message) for w in caught if "could not deliver" in str(w.message)]
+    assert len(leftover) == 1 and run.undelivered_bytes > 0, [str(w.message) for w in caught]
+
+    server.start()
+    later = start(server, spool_dir, finish_timeout=120)
+    later.finish()
+    assert_exactly_once(server, run.id, {("own", step, 0): float(step) for step in range(5)})
+    assert query.get_run(run.id, url=server.url).status == pluto.RunStatus.COMPLETED
+    stored = metrics(server, left.id)
+    assert sorted(stored) == keys and all(len(rows) == 100_000 for rows in stored.values())
+    assert spool_sessions(spool_dir) == []
+
+
 def test_init_waits_for_a_server_that_comes_up_within_init_timeout(
     server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -1,0 +1,89 @@
+"""A chunk the SDK packs fits what carries it: a burst of console output (up to 10,000
+lines of 16 KiB in one chunk, 160 MB) or a high ``max_chunk_points`` is cut into chunks
+of at most ``pipeline.MAX_CHUNK_BYTES``, under the sidecar's 16 MiB frame limit. Before,
+such a chunk made the sidecar close the connection, the SDK resent it for ever and every
+point logged after it was stuck. Real server, real sidecar, a real training process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.server_process import ServerProcess
+from support.sidecar_process import SidecarProcess
+
+import pluto
+from pluto import query
+from pluto.pipeline import MAX_CHUNK_BYTES
+from pluto.wire import MAX_FRAME_BYTES, RunStatus
+
+BURST_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    import pluto
+    run = pluto.init(project="chunks", run_id=sys.argv[1], dir=sys.argv[2],
+                     settings={"finish_timeout": 60, "flush_interval": 0.5})
+    run.log({"before": 1.0})
+    time.sleep(1.0)  # the first chunk is through
+    line = b"x" * 16000 + b"\\n"
+    os.write(1, line * 1100)  # 17.6 MB of output in one burst: one pass of the sender
+    for step in range(100):
+        run.log({"after": float(step)})
+    run.finish()
+    print(json.dumps({"undelivered": run.undelivered_bytes}), file=sys.stderr)
+""")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the SDK's doing, not the store's
+def test_a_console_burst_bigger_than_a_frame_reaches_the_server_in_chunks_that_fit(
+    shared_server: ServerProcess, sidecar_factory: Callable[..., SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    assert MAX_CHUNK_BYTES < MAX_FRAME_BYTES
+    sidecar = sidecar_factory(shared_server.url, extra_args=["--sys-interval", "0"])
+    run_id = f"burst-{tmp_path.name}"
+    done = subprocess.run(
+        [sys.executable, "-c", BURST_SCRIPT, run_id, str(tmp_path / "pluto")],
+        env=sidecar.client_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["undelivered"] == 0, done.stderr[-3000:]
+
+    url = shared_server.url
+    metrics = query.get_metrics(run_id, project="chunks", url=url)
+    assert [row.step for row in metrics["after"]] == list(range(1, 101))  # type: ignore[union-attr]
+    assert query.get_run(run_id, project="chunks", url=url).status is RunStatus.COMPLETED
+    burst = [line for line in query.get_logs(run_id, project="chunks", url=url)
+             if set(line.line) == {"x"}]
+    assert len(burst) == 1100 and {len(line.line) for line in burst} == {16000}
+    assert "client error" not in sidecar.logs()
+
+
+@pytest.mark.usefixtures("sdk_env")
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_one_log_call_too_big_for_any_chunk_is_set_aside_saying_so(
+    shared_server: ServerProcess, tmp_path: Path,
+) -> None:
+    run = pluto.init(project="chunks", dir=tmp_path / "pluto",
+                     settings={"url": shared_server.url, "console": False,
+                               "flush_interval": 0.05})
+    run.log({"small": 1.0})
+    huge = {f"layer{i:06d}/weights/grad_norm_x": float(i) for i in range(300_000)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.log(huge)
+        run.log({"small": 2.0})
+        run.finish()
+    said = [str(w.message) for w in caught if "refused a chunk" in str(w.message)]
+    assert len(said) == 1 and "log fewer keys per call" in said[0], [
+        str(w.message) for w in caught]
+    assert (tmp_path / "pluto" / "dead-letter.msgpack").stat().st_size > MAX_CHUNK_BYTES
+    small = query.get_metrics(run.id, url=shared_server.url)["small"]
+    assert [row.value for row in small] == [1.0, 2.0]  # type: ignore[union-attr]
+    assert run.undelivered_bytes == 0
