@@ -138,6 +138,8 @@ class Pipeline:
         delivered = self.drain(timeout)
         self._stopping = True
         self._wake.set()
+        if not delivered:  # a send may be waiting on a server or sidecar that hangs
+            self.transport.interrupt()
         self._thread.join(timeout=5)
         self.spool.close(remove_if_empty=delivered)
         return delivered

@@ -93,6 +93,11 @@ class Run:
         return self._info.display_id
 
     @property
+    def _label(self) -> str:
+        """The run in messages: its display id, or its run id while it is pending."""
+        return self._info.display_id or repr(self._info.run_id)
+
+    @property
     def resumed(self) -> bool:
         """False for the one process that created the run, True for every other."""
         return self._info.resumed
@@ -259,7 +264,11 @@ class Run:
 
     @property
     def _api_ref(self) -> str:
-        """How the server API names this run (with ``project``), even while pending."""
+        """How the server API names this run (with ``project``), even while pending: its
+        numeric id once known (an all-digit external id would name the run with that
+        numeric id first), else its external id."""
+        if self._info.id:
+            return str(self._info.id)
         return self._info.run_id or self.display_id
 
     def _checkpoint_step(self, step: int | None) -> int:
@@ -383,13 +392,13 @@ class Run:
                         if in_memory else "")
                 warnings.warn(
                     f"pluto: finish() could not deliver {self.undelivered_bytes} bytes of data "
-                    f"for run {self.display_id} ({reason}); what is in {directory} will be "
+                    f"for run {self._label} ({reason}); what is in {directory} will be "
                     f"sent, and the run marked {final.value}, by the next pluto.init() with the "
                     f"same dir{lost}",
                     RuntimeWarning, stacklevel=2,
                 )
         except Exception as exc:
-            warnings.warn(f"pluto: could not mark run {self.display_id} {final.value}: {exc}",
+            warnings.warn(f"pluto: could not mark run {self._label} {final.value}: {exc}",
                           RuntimeWarning, stacklevel=2)
         finally:
             self._transport.close()

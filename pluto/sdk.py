@@ -10,11 +10,13 @@ import threading
 import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pluto import checkpoints
+from pluto.digits import parse_digits
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings, default_dir
 from pluto.transport.base import Transport
@@ -32,6 +34,47 @@ _runs: list[Run] = []
 _lock = threading.Lock()
 _hooks_installed = False
 _uncaught: list[type[BaseException]] = []
+
+
+@dataclass(frozen=True)
+class _EnvironmentFork:
+    run_id: str
+    step: int
+    inherit_config: bool | None
+    inherit_tags: bool | None
+
+
+def _fork_from_environment() -> _EnvironmentFork | None:
+    """``PLUTO_FORK_RUN_ID`` and ``PLUTO_FORK_STEP`` (and optionally
+    ``PLUTO_FORK_INHERIT_CONFIG`` / ``PLUTO_FORK_INHERIT_TAGS``, ``true`` or ``false``), set
+    by the operator next to ``PLUTO_RUN_ID`` in the pods of a PlutoRun with a fork: the run
+    those pods share is that fork, whichever of them (or the operator) opens it first.
+    Used only when the run id itself comes from ``PLUTO_RUN_ID``; ``ValueError`` naming the
+    variable when they cannot work."""
+    parent = os.environ.get("PLUTO_FORK_RUN_ID") or None
+    step_text = os.environ.get("PLUTO_FORK_STEP") or None
+    if parent is None and step_text is None:
+        return None
+    if parent is None or step_text is None:
+        missing = "PLUTO_FORK_STEP" if step_text is None else "PLUTO_FORK_RUN_ID"
+        raise ValueError(f"PLUTO_FORK_RUN_ID and PLUTO_FORK_STEP go together: {missing} is "
+                         "not set; set both to fork, or neither")
+    step = parse_digits(step_text.strip())
+    if step is None:
+        raise ValueError(f"PLUTO_FORK_STEP must be a whole number >= 0, got {step_text!r}")
+
+    def flag(name: str) -> bool | None:
+        text = os.environ.get(name, "").strip().lower()
+        if not text:
+            return None
+        if text in ("1", "true", "yes"):
+            return True
+        if text in ("0", "false", "no"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+
+    return _EnvironmentFork(parent, step, flag("PLUTO_FORK_INHERIT_CONFIG"),
+                            flag("PLUTO_FORK_INHERIT_TAGS"))
 
 
 def init(
@@ -74,6 +117,14 @@ def init(
                       RuntimeWarning, stacklevel=2)
     resolved = Settings.build(settings)
     project = project or os.environ.get("PLUTO_PROJECT") or DEFAULT_PROJECT
+    if run_id is None and fork_run_id is None and not resume and os.environ.get("PLUTO_RUN_ID"):
+        # The operator's pods of a forked PlutoRun: whichever process opens the run first
+        # must open it as that fork (see _fork_from_environment).
+        fork = _fork_from_environment()
+        if fork is not None:
+            fork_run_id, fork_step = fork.run_id, fork.step
+            inherit_config = fork.inherit_config if inherit_config is None else inherit_config
+            inherit_tags = fork.inherit_tags if inherit_tags is None else inherit_tags
     external = run_id or os.environ.get("PLUTO_RUN_ID") or os.environ.get("MLOP_RUN_ID")
     if external is None:
         if resume:
@@ -136,7 +187,9 @@ def init(
         # Through a sidecar, its spool is the durable one; ours only bridges reconnects.
         fsync=resolved.fsync and not resolved.sidecar_socket,
         session=session,
-        run_ref=(project, external) if resolved.sidecar_socket else None,
+        # The run's own external id once known: the caller may have resumed it by its
+        # display or numeric id.
+        run_ref=(project, info.run_id or external) if resolved.sidecar_socket else None,
     )
     run = Run(info, settings=resolved, transport=transport, pipeline=pipeline,
               first_step=first_step)

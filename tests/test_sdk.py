@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -164,6 +165,79 @@ def test_resume_of_a_missing_run_is_rejected(start: Callable[..., pluto.Run]) ->
         start(run_id="never-created", resume=True)
     assert caught.value.status_code == 404
     assert "never-created" in str(caught.value)
+
+
+def test_a_run_whose_external_id_is_another_runs_numeric_id_gets_its_own_files(
+    shared_server: ServerProcess, start: Callable[..., pluto.Run], tmp_path: Path
+) -> None:
+    """Job ids make good run ids: ``run_id="<N>"`` where N is the numeric id of another run
+    of the project. The server reads an all-digit ref as a numeric id first, so the SDK
+    names its run by its numeric id once known."""
+    other = start(run_id="numbered-first")
+    digits = start(run_id=str(other.id))
+    assert digits.id != other.id
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert digits.log_file(notes) is not None
+    listed = {run.id: httpx.get(f"{shared_server.url}/api/v1/runs/{run.id}/files").json()["files"]
+              for run in (other, digits)}
+    assert [f["name"] for f in listed[digits.id]] == ["notes.txt"]
+    assert listed[other.id] == []
+
+
+def test_the_operators_fork_variables_make_the_shared_run_that_fork(
+    shared_server: ServerProcess, start: Callable[..., pluto.Run], project: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forked PlutoRun's pods carry PLUTO_FORK_RUN_ID / PLUTO_FORK_STEP next to
+    PLUTO_RUN_ID: whichever rank opens the run first opens it as that fork."""
+    parent = start(run_id="base", config={"lr": 0.1, "depth": 4}, tags=["base"])
+    for step in range(10):
+        parent.log({"loss": float(step)})
+    parent.finish()
+    monkeypatch.setenv("PLUTO_RUN_ID", "sweep-lr")
+    monkeypatch.setenv("PLUTO_FORK_RUN_ID", "base")
+    monkeypatch.setenv("PLUTO_FORK_STEP", "5")
+    monkeypatch.setenv("PLUTO_FORK_INHERIT_TAGS", "true")
+    first = start(config={"lr": 0.01})
+    second = start()
+    assert (first.resumed, second.resumed, second.id) == (False, True, first.id)
+    stored = query.get_run(first.id, url=shared_server.url)
+    assert (stored.forked_from, stored.fork_step) == (parent.id, 5)
+    assert stored.config == {"lr": 0.01, "depth": 4} and stored.tags == ["base"]
+    first.log({"loss": -1.0})
+    assert first.step == 6  # after the fork step
+    # An explicit run_id is the caller's own run: the pod's fork is not applied to it.
+    own = start(run_id="not-the-pods")
+    assert query.get_run(own.id, url=shared_server.url).forked_from is None
+
+    monkeypatch.setenv("PLUTO_FORK_STEP", "five")
+    with pytest.raises(ValueError, match="PLUTO_FORK_STEP must be a whole number"):
+        start()
+    monkeypatch.delenv("PLUTO_FORK_STEP")
+    with pytest.raises(ValueError, match="PLUTO_FORK_STEP is not set"):
+        start()
+
+
+def test_a_sidecar_socket_nobody_serves_is_said_at_init_and_the_run_named_at_finish(
+    tmp_path: Path,
+) -> None:
+    """A mistyped PLUTO_SIDECAR_SOCKET looks just like a sidecar that is not up yet: init()
+    carries on (the SDK connects when one appears) but says so, and finish()'s warning
+    names the pending run by its run id."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = pluto.init(project="p", run_id="typo-job", dir=tmp_path / "pluto", settings={
+            "console": False, "sidecar_socket": str(tmp_path / "typo.sock"),
+            "init_timeout": 0.3, "finish_timeout": 0.3})
+        at_init = [str(w.message) for w in caught]
+        run.log({"loss": 1.0})
+        run.finish()
+    assert run.pending and run.id == 0
+    assert len(at_init) == 1, at_init
+    assert "typo.sock" in at_init[0] and "unset PLUTO_SIDECAR_SOCKET" in at_init[0]
+    (leftover,) = [str(w.message) for w in caught if "could not deliver" in str(w.message)]
+    assert "for run 'typo-job'" in leftover, leftover
 
 
 def test_resume_continues_after_the_last_step(

@@ -23,5 +23,12 @@ class Transport(abc.ABC):
     def deliver(self, chunks: list[bytes]) -> IngestResult:
         """Send msgpack-encoded ``Chunk``s; they are applied exactly once."""
 
+    def interrupt(self) -> None:
+        """Make a call blocked in another thread fail now (as ``ServerUnavailable``):
+        ``finish()`` gave up waiting and the sender must not hold the process up for a
+        whole request timeout. Safe from any thread; the transport stays usable. Does
+        nothing where there is nothing to wake (HTTP: its requests time out on their own)."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -9,6 +9,7 @@ acknowledged, and the server applies each chunk once, so a resend is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -175,11 +176,17 @@ class SidecarTransport(Transport):
                     opened = self._call(FrameKind.OPEN_RUN, request, FrameKind.RUN, RunOpened)
                     self._opened = True
                 break
-            except ServerUnavailable:
+            except ServerUnavailable as exc:
                 with self._lock:
                     self._drop()
                 if time.monotonic() >= deadline:
                     # The sidecar is not up yet: carry on, the SDK connects when it appears.
+                    # Said once, as a mistyped PLUTO_SIDECAR_SOCKET looks just the same.
+                    warnings.warn(
+                        f"pluto: {exc}; logging goes on and is sent when the sidecar "
+                        f"appears (run {request.run_id!r} has no numeric id until then). "
+                        "If no sidecar runs in this pod, unset PLUTO_SIDECAR_SOCKET.",
+                        RuntimeWarning, stacklevel=3)
                     self._opened = True
                     return _stand_in(request)
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -239,7 +246,16 @@ class SidecarTransport(Transport):
                 self._drop()
             raise
 
+    def interrupt(self) -> None:
+        # Not under the lock: the sender holds it while it waits for the sidecar (a hung
+        # one answers nothing for up to ``timeout``). shutdown() wakes that wait at once.
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
+        self.interrupt()
         with self._lock:
             self._drop()
 

@@ -1,16 +1,24 @@
-"""A chunk the SDK packs fits what carries it: a burst of console output (up to 10,000
-lines of 16 KiB in one chunk, 160 MB) or a high ``max_chunk_points`` is cut into chunks
-of at most ``pipeline.MAX_CHUNK_BYTES``, under the sidecar's 16 MiB frame limit. Before,
-such a chunk made the sidecar close the connection, the SDK resent it for ever and every
-point logged after it was stuck. Real server, real sidecar, a real training process.
+"""The SDK through a real sidecar, where the sidecar is the thing that misbehaves or the
+SDK's data is the thing that does not fit.
+
+- A chunk the SDK packs fits what carries it: a burst of console output (up to 10,000 lines
+  of 16 KiB in one chunk, 160 MB) or a high ``max_chunk_points`` is cut into chunks of at
+  most ``pipeline.MAX_CHUNK_BYTES``, under the sidecar's 16 MiB frame limit. Before, such a
+  chunk made the sidecar close the connection, the SDK resent it for ever and every point
+  logged after it was stuck. One ``log()`` call too big for any chunk is set aside, saying so.
+- ``finish(timeout=...)`` keeps its bound when the sidecar hangs (accepts, answers nothing):
+  the sender's wait is woken instead of running out a whole request timeout.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +95,32 @@ def test_one_log_call_too_big_for_any_chunk_is_set_aside_saying_so(
     small = query.get_metrics(run.id, url=shared_server.url)["small"]
     assert [row.value for row in small] == [1.0, 2.0]  # type: ignore[union-attr]
     assert run.undelivered_bytes == 0
+
+
+@pytest.mark.usefixtures("sdk_env")
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_finish_keeps_its_timeout_when_the_sidecar_hangs(
+    shared_server: ServerProcess, sidecar_factory: Callable[..., SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    sidecar = sidecar_factory(shared_server.url, extra_args=["--sys-interval", "0"])
+    run = pluto.init(project="chunks", run_id=f"hung-{tmp_path.name}", dir=tmp_path / "pluto",
+                     settings={"console": False, "sidecar_socket": str(sidecar.socket),
+                               "http_timeout": 60, "flush_interval": 0.05})
+    assert sidecar.proc is not None
+    os.kill(sidecar.proc.pid, signal.SIGSTOP)  # hung: connections open, nothing answered
+    try:
+        for step in range(10):
+            run.log({"loss": float(step)})
+        time.sleep(0.5)  # the sender is waiting for the sidecar's ACK
+        started = time.monotonic()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.finish(timeout=1.0)
+        took = time.monotonic() - started
+    finally:
+        os.kill(sidecar.proc.pid, signal.SIGCONT)
+    # The drain's second, then the sender thread's join (at most 5 s); not http_timeout.
+    assert took < 1.0 + 5.0, f"finish(timeout=1) took {took:.1f} s with a hung sidecar"
+    assert any("could not deliver" in str(w.message) for w in caught)
+    assert run.undelivered_bytes > 0  # kept in the local spool for the next init()
