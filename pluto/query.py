@@ -87,9 +87,18 @@ def list_projects(*, url: str | None = None, api_key: str | None = None) -> list
 
 def list_runs(project: str, *, url: str | None = None, api_key: str | None = None
               ) -> list[RunInfo]:
+    """Every run of ``project``, newest first (the server answers a page at a time)."""
     client = _client(url, api_key)
+    found: list[RunInfo] = []
+    cursor: str | None = None
     try:
-        return client.call("GET", f"/projects/{project}/runs", RunList).runs
+        while True:
+            page = client.call("GET", f"/projects/{project}/runs", RunList,
+                               params={"cursor": cursor} if cursor is not None else None)
+            found.extend(page.runs)
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
     finally:
         client.close()
 

@@ -130,7 +130,11 @@ class RunAttached(RunInfo, kw_only=True):
 
 
 class RunList(Reply):
+    """One page of a project's runs, newest first. ``next_cursor`` (None on the last page)
+    asks for the next one: ``?cursor=<next_cursor>``."""
+
     runs: list[RunInfo]
+    next_cursor: str | None = None
 
 
 class ProjectInfo(Reply):
@@ -178,9 +182,15 @@ class Lineage(Reply):
 # Data plane
 
 
+#: A console line's ``stream``: the only two there are (the server refuses any other).
+STDOUT: Final = 1
+STDERR: Final = 2
+LOG_STREAMS: Final = {STDOUT: "stdout", STDERR: "stderr"}
+
+
 class LogLine(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     time: float
-    stream: int  # 1 stdout, 2 stderr
+    stream: int  # STDOUT (1) or STDERR (2)
     line: str
 
 

@@ -46,6 +46,7 @@ from pluto_server.errors import ApiError
 from pluto_server.ingest import INT32_MAX, INT64_MAX
 from pluto_server.queries import MetricQuery
 from pluto_server.routing import ProjectParam, Who, reply
+from pluto_server.runs import MAX_RUN_PAGE
 from pluto_server.service import Service
 from pluto_server.settings import ServerSettings
 from pluto_server.transfers import Transfers
@@ -115,8 +116,22 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     def list_runs(request: Request, project: str, who: Who,
                   metrics: Annotated[list[str] | None, Query(
                       description="fill last_values with these metrics' latest values")]
+                  = None,
+                  limit: Annotated[int, Query(
+                      ge=1, le=MAX_RUN_PAGE, description="runs in this page, newest first")]
+                  = MAX_RUN_PAGE,
+                  cursor: Annotated[str | None, Query(
+                      max_length=40, description="the next_cursor of the page before")]
                   = None) -> Response:
-        return reply(request, service.list_runs(project, who, metrics))
+        """A project's runs, newest first, a page at a time: follow ``next_cursor`` (or the
+        ``Link: <...>; rel="next"`` header) until it is null."""
+        page = service.list_runs(project, who, metrics, limit=limit, cursor=cursor)
+        response = reply(request, page)
+        if page.next_cursor is not None:
+            # Relative (RFC 8288 resolves it against the request): right behind a proxy too.
+            following = request.url.include_query_params(cursor=page.next_cursor)
+            response.headers["link"] = f'<{following.path}?{following.query}>; rel="next"'
+        return response
 
     @app.get(f"{API_PREFIX}/runs/{{ref}}", tags=["runs"],
              openapi_extra=openapi.route(reply=RunInfo))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import zlib
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 
 from pluto.digits import parse_digits
-from pluto.wire import MSGPACK
+from pluto.wire import MSGPACK, json_float
 from pluto_server.errors import PayloadTooLarge, Unprocessable
 
 T = TypeVar("T")
@@ -49,6 +50,73 @@ def decode(request: Request, body: bytes, kind: type[T], name: str | None = None
     except msgspec.DecodeError as exc:
         fmt = "MessagePack" if content_type == MSGPACK else "JSON"
         raise Unprocessable(f"the body is not valid {fmt}: {exc}") from None
+    except RecursionError:
+        # msgspec decodes nested arrays and maps recursively, within Python's recursion limit.
+        raise Unprocessable(
+            f"the {name or kind.__name__} body is nested too deeply (arrays and maps within "
+            "arrays and maps, hundreds of levels down): flatten it"
+        ) from None
+
+
+#: A dict key JSON can store (``bytes`` as base64): the keys MessagePack may also carry, an
+#: array (a tuple here), nil or a boolean, have no JSON form.
+_JSON_KEY_TYPES = (str, int, float, bytes)
+
+
+#: A key path as a linked list, innermost first: (parent trail, ".key" or "[index]"); the
+#: root is (None, its name). Joined only for an error message.
+_Trail = tuple[Any, str]
+
+
+def storable_map(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """A free-form map of a body (run config, checkpoint metadata) made storable as JSON, in
+    place; ``Unprocessable`` naming the key path of a value that has no JSON form.
+
+    JSON has no NaN or Infinity: they become the strings ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"`` (as the SDK sends them, and as metric answers spell them), where the JSON
+    encoder would have stored a silent null. A MessagePack extension value, or a map key
+    that is an array, nil or a boolean, cannot be stored at all: the encoder raised and the
+    request got a 500. The walk keeps its own stack: a body nested as deeply as the decoder
+    allows must not exhaust Python's.
+    """
+    stack: list[tuple[dict[Any, Any] | list[Any], _Trail]] = [(value, (None, what))]
+    while stack:
+        container, trail = stack.pop()
+        is_map = isinstance(container, dict)
+        entries = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in entries:
+            if is_map and (type(key) is bool or not isinstance(key, _JSON_KEY_TYPES)):
+                raise Unprocessable(
+                    f"{_render(trail)} has a key {key!r} ({type(key).__name__}) that JSON "
+                    "cannot store: use strings as keys"
+                )
+            kind = type(item)
+            if kind is float:
+                if not math.isfinite(item):
+                    container[key] = json_float(item)
+            elif kind is dict or kind is list:
+                stack.append((item, (trail, _segment(key, is_map))))
+            elif kind is msgspec.msgpack.Ext:
+                where = _render((trail, _segment(key, is_map)))
+                raise Unprocessable(
+                    f"{where} is a MessagePack extension value (type {item.code}) that JSON "
+                    "cannot store: send a number, string, boolean, null, array or map"
+                )
+    return value
+
+
+def _segment(key: Any, of_map: bool) -> str:
+    return f".{str(key)[:60]}" if of_map else f"[{key}]"
+
+
+def _render(trail: _Trail) -> str:
+    """``config.optimizer.betas[1]``."""
+    segments: list[str] = []
+    node: _Trail | None = trail
+    while node is not None:
+        node, segment = node
+        segments.append(segment)
+    return "".join(reversed(segments))
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from pluto.wire import CheckpointCreate, CheckpointInfo, FileCreate, FileEntry, FileInfo
 from pluto_server import lineage
+from pluto_server.bodies import storable_map
 from pluto_server.errors import Conflict, NotFound, Unprocessable
 from pluto_server.ingest import INT64_MAX
 from pluto_server.naming import display_id
@@ -73,6 +74,7 @@ def check_manifest(req: CheckpointCreate) -> None:
         if entry.path in seen:
             raise Unprocessable(f"file {entry.path!r} is listed twice")
         seen.add(entry.path)
+    storable_map(req.metadata, "metadata")
     if len(msgspec.json.encode(req.metadata)) > MAX_METADATA_BYTES:
         raise Unprocessable(f"checkpoint metadata is over {MAX_METADATA_BYTES // 1024} KiB "
                             "encoded: keep it to small facts, log files for the rest")

@@ -98,6 +98,16 @@ class Database:
         self.engine.dispose()
 
 
+#: A SQL function on SQLite connections: Python's ``str.casefold``. SQLite's own ``lower()``
+#: and ``LIKE`` fold ASCII only, so a case-insensitive search ("ошибка" finding "Ошибка")
+#: folds both sides with this instead.
+CASEFOLD_FUNCTION = "pluto_casefold"
+
+
+def _casefold(text: str | None) -> str | None:
+    return text.casefold() if isinstance(text, str) else text
+
+
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -109,6 +119,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        dbapi_conn.create_function(CASEFOLD_FUNCTION, 1, _casefold, deterministic=True)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

@@ -17,9 +17,19 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pluto.wire import MAX_KEY_LENGTH, SYSTEM_PREFIX, ChunkHeader, IngestResult, RunStatus
+from pluto.wire import (
+    LOG_STREAMS,
+    MAX_KEY_LENGTH,
+    STDERR,
+    STDOUT,
+    SYSTEM_PREFIX,
+    ChunkHeader,
+    IngestResult,
+    RunStatus,
+)
 from pluto_server.columns import Array, Points, points
-from pluto_server.errors import NotFound, Unprocessable
+from pluto_server.errors import BadRequest, NotFound, Unprocessable
+from pluto_server.runs import find_run
 from pluto_server.runs import finish as finish_run
 from pluto_server.schema import (
     ingest_log,
@@ -106,7 +116,13 @@ def validate(chunks: Sequence[ChunkHeader]) -> list[Points]:
                                     "a key cannot hold one")
         if chunk.finish is RunStatus.RUNNING:
             raise Unprocessable(f"{where}: finish must be COMPLETED, FAILED or TERMINATED")
-        for line in chunk.logs:
+        for number, line in enumerate(chunk.logs):
+            if line.stream not in LOG_STREAMS:
+                # PostgreSQL's 32-bit column refused a big one with a 500; SQLite kept anything.
+                raise Unprocessable(
+                    f"{where}: log line {number} has stream {line.stream}: use {STDOUT} "
+                    f"(stdout) or {STDERR} (stderr)"
+                )
             if len(line.line) > MAX_LOG_LINE:
                 raise Unprocessable(f"{where}: a log line is longer than {MAX_LOG_LINE} characters")
             if "\x00" in line.line:
@@ -117,7 +133,9 @@ def validate(chunks: Sequence[ChunkHeader]) -> list[Points]:
 
 
 def resolve_run_refs(conn: Connection, chunks: Sequence[ChunkHeader]) -> None:
-    """Give chunks addressed by (project, external id) their numeric run id."""
+    """Give chunks addressed by (project, run_ref) their numeric run id: the run with that
+    external id in that project, else (a run resumed by another of its names) the run that
+    ref names there as ``POST /runs`` with ``resume`` would find it."""
     refs = sorted({(c.project or "", c.run_ref or "") for c in chunks if c.run == 0})
     found: dict[tuple[str, str], int] = {}
     for project, ref in refs:
@@ -127,8 +145,11 @@ def resolve_run_refs(conn: Connection, chunks: Sequence[ChunkHeader]) -> None:
             .where(projects.c.name == project, runs.c.external_id == ref)
         ).scalar()
         if run_id is None:
-            raise NotFound(f"run {ref!r} does not exist in project {project!r}; open it with "
-                           "POST /api/v1/runs before logging to it")
+            try:
+                run_id = find_run(conn, ref, project, reveal_projects=False).id
+            except (NotFound, BadRequest):
+                raise NotFound(f"run {ref!r} does not exist in project {project!r}; open it "
+                               "with POST /api/v1/runs before logging to it") from None
         found[(project, ref)] = int(run_id)
     for chunk in chunks:
         if chunk.run == 0:

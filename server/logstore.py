@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from pluto.wire import LogPage, LogRecord
+from pluto_server.database import CASEFOLD_FUNCTION
 from pluto_server.schema import log_lines
 
 MAX_PAGE = 10_000
@@ -31,8 +34,7 @@ def read_logs(
     if writer is not None:
         query = query.where(log_lines.c.writer == writer)
     if contains:
-        # Case-insensitive on every backend (SQLite's LIKE is, PostgreSQL's is not).
-        query = query.where(log_lines.c.line.icontains(contains, autoescape=True))
+        query = query.where(_contains(conn, contains))
     rows = conn.execute(query.order_by(log_lines.c.id).limit(limit + 1)).mappings().all()
     page = [
         LogRecord(id=r["id"], writer=r["writer"], time=r["time"], stream=r["stream"],
@@ -40,3 +42,26 @@ def read_logs(
         for r in rows[:limit]
     ]
     return LogPage(lines=page, next_after=page[-1].id if len(rows) > limit else None)
+
+
+#: PostgreSQL's ICU root collation, where the server was built with ICU: it lower-cases every
+#: script, whatever the database's own locale (under "C", ILIKE folds ASCII only).
+ICU_COLLATION = "und-x-icu"
+_icu_collation: weakref.WeakKeyDictionary[Engine, str | None] = weakref.WeakKeyDictionary()
+
+
+def _contains(conn: Connection, text: str) -> sa.ColumnElement[bool]:
+    """``line`` holds ``text``, case-insensitively, for any script (not only ASCII)."""
+    if conn.dialect.name == "sqlite":
+        folded: sa.ColumnElement[str] = getattr(sa.func, CASEFOLD_FUNCTION)(log_lines.c.line,
+                                                                           type_=sa.Text)
+        return folded.contains(text.casefold(), autoescape=True)
+    engine = conn.engine
+    if engine not in _icu_collation:
+        _icu_collation[engine] = conn.execute(
+            sa.text("SELECT collname FROM pg_collation WHERE collname = :name"),
+            {"name": ICU_COLLATION},
+        ).scalar()
+    collation = _icu_collation[engine]
+    line = log_lines.c.line if collation is None else log_lines.c.line.collate(collation)
+    return line.icontains(text, autoescape=True)

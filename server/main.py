@@ -54,6 +54,8 @@ def serve(settings: ServerSettings) -> None:
                 )
     log.info("pluto server on %s (database: %s, auth: %s)", settings.base_url,
              database.dialect, "on" if settings.auth_required else "off")
+    if settings.public_url_warning:
+        log.warning("%s", settings.public_url_warning)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=10)
     database.dispose()

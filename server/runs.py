@@ -27,6 +27,7 @@ from pluto.wire import (
     StatusChange,
 )
 from pluto_server import lineage
+from pluto_server.bodies import storable_map
 from pluto_server.errors import BadRequest, Conflict, NotFound, Unprocessable
 from pluto_server.naming import (
     check_external_id,
@@ -235,6 +236,10 @@ def find_run(conn: Connection, ref: str, project: str | None = None, *,
     if not unique:
         raise NotFound(f"run {ref!r} does not exist")
     names = sorted({run.project for run in unique.values()})
+    if len(names) == 1:  # one project: a display id and an external id spelled the same
+        ids = ", ".join(str(run_id) for run_id in sorted(unique))
+        raise Conflict(f"{ref!r} names {len(unique)} runs of project {names[0]!r}: a display "
+                       f"id and an external id spelled the same; use the numeric id ({ids})")
     raise Conflict(f"run {ref!r} exists in several projects ({', '.join(names)}); name the project")
 
 
@@ -254,12 +259,26 @@ def _runs_by_external_id(conn: Connection, ref: str) -> list[RunRow]:
     return [RunRow.from_mapping(row) for row in rows]
 
 
-def list_runs(conn: Connection, project: str, limit: int = 1000) -> list[RunRow]:
+#: The most runs one page of ``GET /projects/{project}/runs`` holds (and its default).
+MAX_RUN_PAGE = 1000
+
+
+def list_runs(conn: Connection, project: str, limit: int = MAX_RUN_PAGE,
+              before: int | None = None) -> tuple[list[RunRow], int | None]:
+    """One page of a project's runs, newest first: those with an id below ``before`` (all
+    with None), and the ``before`` of the next page (None on the last one).
+
+    Pages are cut by id, not by offset, so runs created while a client pages through
+    neither shift a run onto two pages nor off all of them.
+    """
     project_id = find_project_id(conn, project)
-    rows = conn.execute(
-        _run_query().where(runs.c.project_id == project_id).order_by(runs.c.id.desc()).limit(limit)
-    ).mappings()
-    return [RunRow.from_mapping(row) for row in rows]
+    query = _run_query().where(runs.c.project_id == project_id)
+    if before is not None and before <= MAX_RUN_ID:  # every id is below a bigger one
+        query = query.where(runs.c.id < before)
+    rows = [RunRow.from_mapping(row) for row in conn.execute(
+        query.order_by(runs.c.id.desc()).limit(limit + 1)).mappings()]
+    more = len(rows) > limit
+    return rows[:limit], rows[limit - 1].id if more else None
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +309,8 @@ def check_create(req: RunCreate) -> None:
     if req.fork_run_id is not None:
         check_storable_text(req.fork_run_id, "fork_run_id")
     check_tags(req.tags or [])
+    if req.config:
+        storable_map(req.config, "config")
 
 
 def check_tags(tags: list[str]) -> None:
@@ -332,6 +353,12 @@ def create_or_attach(conn: Connection, req: RunCreate, *,
             config = deep_merge(owner.config, config)
         if req.inherit_tags:
             tags = union_tags(owner.tags, tags)
+            if len(tags) > MAX_TAGS:
+                raise Unprocessable(
+                    f"inherit_tags would give the fork {len(tags)} tags ({len(owner.tags)} of "
+                    f"run {owner.display_id} and this request's), over the limit of {MAX_TAGS}: "
+                    "pass fewer tags, or inherit_tags=False"
+                )
     now = time.time()
     inserted = conn.execute(
         insert_ignore(conn, runs, ["project_id", "external_id"])
@@ -477,6 +504,8 @@ def finish(conn: Connection, run_id: int, status: RunStatus) -> RunRow:
 
 
 def update(conn: Connection, run_id: int, req: RunUpdate) -> RunRow:
+    if req.config:
+        storable_map(req.config, "config")
     # Lock the row (PostgreSQL) so concurrent merges from many ranks don't lose keys.
     locked = conn.execute(
         sa.select(runs.c.config, runs.c.tags).where(runs.c.id == run_id).with_for_update()
@@ -485,6 +514,7 @@ def update(conn: Connection, run_id: int, req: RunUpdate) -> RunRow:
         raise NotFound(f"run {run_id} does not exist")
     config: dict[str, Any] = msgspec.json.decode(locked.config)
     tags: list[str] = msgspec.json.decode(locked.tags)
+    stored_tags = len(tags)
     if req.config:
         config = deep_merge(config, req.config)
     if req.add_tags:
@@ -493,7 +523,10 @@ def update(conn: Connection, run_id: int, req: RunUpdate) -> RunRow:
     if req.remove_tags:
         removed = set(req.remove_tags)
         tags = [tag for tag in tags if tag not in removed]
-    check_tags(tags)
+    if len(tags) > stored_tags:
+        # Only an update that adds tags can pass the limit: a run over it (stored before the
+        # limit held on forks) still takes config updates, and removals that shrink it.
+        check_tags(tags)
     conn.execute(
         sa.update(runs)
         .where(runs.c.id == run_id)

@@ -28,7 +28,7 @@ from pluto.wire import (
 from pluto_server import auth, ingest, lineage, logstore, queries, runs
 from pluto_server.columns import PackedIngestBatch
 from pluto_server.database import Database
-from pluto_server.errors import Forbidden, NotFound
+from pluto_server.errors import Forbidden, NotFound, Unprocessable
 from pluto_server.schema import projects
 from pluto_server.schema import runs as runs_table
 from pluto_server.settings import ServerSettings
@@ -116,10 +116,15 @@ class Service:
             return runs.finish(conn, run_id, req.status).to_info(conn, self.base_url)
 
     def list_runs(self, project: str, who: auth.KeyIdentity | None,
-                  metrics: list[str] | None = None) -> RunList:
+                  metrics: list[str] | None = None, *, limit: int = runs.MAX_RUN_PAGE,
+                  cursor: str | None = None) -> RunList:
         self.guard(who, project)
+        before = None if cursor is None else parse_digits(cursor)
+        if cursor is not None and before is None:
+            raise Unprocessable(f"cursor {cursor[:40]!r} is not one this server gave: pass the "
+                                "next_cursor of the page before, or no cursor for the first page")
         with self.db.read() as conn:
-            rows = runs.list_runs(conn, project)
+            rows, next_before = runs.list_runs(conn, project, limit, before)
             infos = [row.to_info(conn, self.base_url, history=False) for row in rows]
             if metrics and rows:
                 last = queries.last_values(conn, rows[0].project_id, [r.id for r in rows],
@@ -127,7 +132,8 @@ class Service:
                 for info in infos:
                     info.last_values = {key: _json_number(value)
                                         for key, value in last.get(info.id, {}).items()}
-            return RunList(runs=infos)
+            return RunList(runs=infos,
+                           next_cursor=None if next_before is None else str(next_before))
 
     def list_projects(self, who: auth.KeyIdentity | None) -> ProjectList:
         with self.db.read() as conn:

@@ -52,8 +52,30 @@ class ServerSettings:
         return self.auth or not self.loopback_only
 
     @property
+    def wildcard_host(self) -> bool:
+        """Listening on every address (``0.0.0.0``, ``::``): no one address to link to."""
+        try:
+            return self.host == "" or ipaddress.ip_address(self.host).is_unspecified
+        except ValueError:
+            return False
+
+    @property
     def base_url(self) -> str:
+        """The start of run links: ``--public-url``, else the address the server listens on
+        (an IPv6 literal in brackets), else, listening on every address, 127.0.0.1."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        host = self.host if self.loopback_only else "127.0.0.1"
+        if self.wildcard_host:
+            return f"http://127.0.0.1:{self.port}"
+        host = self.host
+        if ":" in host:  # an IPv6 literal; a zone ("fe80::1%eth0") is written %25 in a URL
+            host = "[" + host.replace("%", "%25") + "]"
         return f"http://{host}:{self.port}"
+
+    @property
+    def public_url_warning(self) -> str | None:
+        """What to log at start when run links are a guess that works only on this machine."""
+        if self.public_url or not self.wildcard_host:
+            return None
+        return (f"run links will read {self.base_url}, which works only on this machine: "
+                "pass --public-url with the URL users reach this server at")

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,28 @@ def test_experiment_view_lists_the_runs_of_that_name(page: Page, project: Projec
     calls = page.evaluate("window.__chartCalls")  # the run page's calls came first
     assert [(c["fn"], c["options"]) for c in calls if c["fn"] == "renderExperiment"] == [
         ("renderExperiment", {"project": project.name, "name": "baseline"})]
+
+
+def test_a_project_of_more_runs_than_one_api_page_shows_them_all(
+        page: Page, shared_server: ServerProcess) -> None:
+    """The API answers up to 1000 runs a page; the runs table and an experiment follow
+    ``next_cursor`` to the last page (they used to show the newest 1000)."""
+    name = f"many-{uuid.uuid4().hex[:6]}"
+    with httpx.Client(base_url=f"{shared_server.url}/api/v1", timeout=30) as client, \
+            ThreadPoolExecutor(max_workers=8) as pool:
+        def create(i: int) -> None:
+            body = {"project": name, "run_id": f"r{i}", "name": "same"}
+            assert client.post("/runs", json=body).status_code == 201
+        list(pool.map(create, range(1001)))
+        first = client.get(f"/projects/{name}/runs").json()
+    assert len(first["runs"]) == 1000 and first["next_cursor"] is not None
+    stub_charts(page)
+    page.goto(f"{shared_server.url}/projects/{name}")
+    ready(page, "runs")
+    expect(page.locator("#runs-count")).to_have_text("1001 of 1001 runs")
+    page.goto(f"{shared_server.url}/projects/{name}/experiments/same")
+    ready(page, "experiment")
+    expect(page.locator("#compare-runs tbody tr")).to_have_count(1001)
 
 
 # -- air-gapped ----------------------------------------------------------------------

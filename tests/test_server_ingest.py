@@ -454,6 +454,24 @@ def test_a_chunk_can_name_its_run_by_project_and_external_id(api: Api) -> None:
     assert api.one_series(run["id"], "loss").steps == [0, 1, 2, 3, 4]
 
 
+def test_a_chunk_may_name_its_run_as_resume_would_find_it(api: Api) -> None:
+    """A rank that resumed a run by its display or numeric id through a sidecar sends
+    chunks with that ref: they land in that run. An external id wins over a display or
+    numeric id that happens to be spelled the same (the run that ref was opened as)."""
+    project = unique_project("byref")
+    run = api.create_ok(project, run_id="job-10")
+    digits = api.create_ok(project, run_id=str(run["id"]))  # external id "<run's numeric id>"
+    for seq, ref in enumerate([run["display_id"], str(run["id"])]):
+        addressed = chunk(0, {"loss": [(seq, 1.0)]}, seq=seq)
+        addressed.project, addressed.run_ref = project, ref
+        assert api.ingest_ok(addressed)["applied"] == 1
+    assert api.one_series(run["id"], "loss").steps == [0]
+    assert api.one_series(digits["id"], "loss").steps == [1]
+    elsewhere = chunk(0, {"loss": [(0, 1.0)]})
+    elsewhere.project, elsewhere.run_ref = unique_project("byref"), run["display_id"]
+    assert_error(api.ingest(elsewhere), 404, "does not exist in project")
+
+
 def test_a_chunk_naming_an_unknown_or_half_named_run_is_refused(api: Api) -> None:
     project = unique_project("byref")
     api.create_ok(project, run_id="job-8")

@@ -8,7 +8,7 @@ projects of their own.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from api_helpers import (
@@ -641,6 +641,21 @@ def test_text_that_a_database_cannot_store_is_refused_before_it_reaches_it(api: 
     assert updated.status_code == 200, updated.text
     stored = api.get(parent["id"]).json()
     assert stored["config"]["k\x00"] == "v\x00" and stored["tags"] == ["a\x00"]
+
+
+def test_a_display_id_and_an_external_id_spelled_the_same_are_told_apart(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    # A server of its own: in the shared one other projects may have the same prefix.
+    with Api(server_factory().url) as api:
+        project = unique_project()
+        first = api.create_ok(project, run_id="first")
+        prefix = first["display_id"].split("-")[0]
+        lookalike = api.create_ok(project, run_id=f"{prefix}-1")  # == first's display id
+        assert api.get_ok(f"{prefix}-1", project=project)["id"] == first["id"]  # display wins
+        assert api.get_ok(lookalike["id"])["run_id"] == f"{prefix}-1"
+        ids = sorted([first["id"], lookalike["id"]])
+        assert_error(api.get(f"{prefix}-1"), 409, f"names 2 runs of project {project!r}",
+                     f"use the numeric id ({ids[0]}, {ids[1]})")
 
 
 def test_a_display_id_with_a_number_no_run_can_have_is_not_found(api: Api) -> None:

@@ -62,6 +62,20 @@ export async function get(path, params = {}) {
   return response.json();
 }
 
+/** Every run of a project, newest first: the API answers a page at a time (up to 1000
+ * runs), with `next_cursor` naming the next page until the last. Answers `{ runs }`. */
+export async function getAllRuns(project, params = {}) {
+  const runs = [];
+  let cursor;
+  do {
+    const page = await get(`/projects/${encodeURIComponent(project)}/runs`,
+      { ...params, cursor });
+    runs.push(...page.runs);
+    cursor = page.next_cursor;
+  } while (cursor);
+  return { runs };
+}
+
 /** JSON numbers for the strings "NaN", "Infinity", "-Infinity" the API uses in JSON. */
 export function num(value) {
   if (typeof value === "number") return value;
@@ -71,4 +85,6 @@ export function num(value) {
   return Number(value);
 }
 
-window.PlutoApi = { API, get, apiUrl, headers, getKey, setKey, num, AuthRequired, ApiError };
+window.PlutoApi = {
+  API, get, getAllRuns, apiUrl, headers, getKey, setKey, num, AuthRequired, ApiError,
+};

@@ -2,7 +2,7 @@
 // smoothing, and the toolbar state (URL query wins over localStorage).
 // No DOM and no Plotly here, so every piece is easy to reason about on its own.
 
-import { get, num } from "./api.js";
+import { get, getAllRuns, num } from "./api.js";
 
 /** Fixed colours (docs/dashboard.md, "Charts"). A run's inherited points are drawn in
  * the run's own colour, as one line with its own points; the steps it inherits are
@@ -30,7 +30,7 @@ export const api = {
   run: (ref, project) => get(`/runs/${encodeURIComponent(ref)}`, { project }),
   lineage: (id) => get(`/runs/${id}/lineage`),
   keys: (id, lineage) => get(`/runs/${id}/keys`, { lineage: lineage ? "true" : "false" }),
-  runs: (project) => get(`/projects/${encodeURIComponent(project)}/runs`),
+  runs: (project) => getAllRuns(project),
   /** One key of one run: {key, lineage, buckets, step_min, step_max}. */
   metrics: (id, q) => get(`/runs/${id}/metrics`, {
     keys: q.key,

@@ -1,7 +1,7 @@
 // "/compare?project=P&runs=P-1,P-2" and "/projects/{project}/experiments/{name}":
 // thin pages around the charts module.
 
-import { get } from "./api.js";
+import { get, getAllRuns } from "./api.js";
 import {
   enc, experimentPath, fmtTime, h, link, projectPath, runPath, statusBadge,
 } from "./dom.js";
@@ -68,7 +68,7 @@ export async function experimentView(page, [project, name], ctx) {
   ctx.crumbs([{ text: "Projects", href: "/" }, { text: project, href: projectPath(project) },
               { text: `experiment ${name}` }]);
   document.title = `${name} · ${project} · Pluto`;
-  const { runs } = await get(`/projects/${enc(project)}/runs`);
+  const { runs } = await getAllRuns(project);
   const mine = runs.filter((r) => r.name === name);
   const charts = h("div", { id: "experiment-charts", class: "charts",
                             dataset: { project, experiment: name } });

@@ -2,7 +2,7 @@
 // the URL query (?q=&status=&tag=&sort=&dir=&metric=loss&metric=acc), so a view can be
 // shared and survives a reload.
 
-import { get } from "./api.js";
+import { get, getAllRuns } from "./api.js";
 import {
   enc, experimentPath, fmtDuration, fmtTime, fmtValue, h, link, projectPath, runDuration,
   runPath, statusBadge, tagChips,
@@ -83,7 +83,7 @@ export async function runsView(page, [project], ctx) {
   const state = readState(ctx.query);
   ctx.crumbs([{ text: "Projects", href: "/" }, { text: project }]);
   document.title = `${project} · Pluto`;
-  const { runs } = await get(`/projects/${enc(project)}/runs`, { metrics: state.metrics });
+  const { runs } = await getAllRuns(project, { metrics: state.metrics });
   const byId = new Map(runs.map((r) => [r.id, r]));
   const tags = [...new Set(runs.flatMap((r) => r.tags))].sort();
 
