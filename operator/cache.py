@@ -45,11 +45,21 @@ def known_run(body: Mapping[str, Any]) -> KnownRun | None:
         # can still appear. It covers no pod until fixed; the reconciler reports why.
         logger.warning("PlutoRun %s/%s is not usable: %s", namespace, name, exc)
         return None
+    status = body.get("status")
+    status = status if isinstance(status, Mapping) else {}
+    opened = status.get("serverRunId") is not None
+    status_run_id = status.get("runId") if opened else None
+    status_project = status.get("project") if opened else None
     return KnownRun(
         name=str(name),
         namespace=str(namespace),
         created=str(metadata.get("creationTimestamp") or ""),
         run=run,
+        # What the reconciler opened wins over the spec: pods of one job never split across
+        # runs because the spec was edited between two of them.
+        status_run_id=status_run_id if isinstance(status_run_id, str) else None,
+        status_project=status_project if isinstance(status_project, str) else None,
+        status_forked=status.get("forkedFrom") is not None if opened else None,
     )
 
 

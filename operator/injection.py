@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pluto_operator.names import (
     ANNOTATION_INJECTED,
+    ANNOTATION_PLUTORUN,
     COMPLETION_INDEX_ANNOTATION,
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_GRACE_SECONDS,
@@ -29,6 +30,7 @@ from pluto_operator.names import (
     SOCKET_PATH,
     SPOOL_PATH,
     VOLUME,
+    label_value,
 )
 from pluto_operator.targets import Binding
 
@@ -92,6 +94,71 @@ def pod_env_value(pod: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
+def _effective(pod_context: Mapping[str, Any], container: Mapping[str, Any],
+               key: str) -> int | None:
+    """A container's ``securityContext`` ``key``, else the pod's (Kubernetes' own rule)."""
+    own = (container.get("securityContext") or {}).get(key)
+    value = own if own is not None else pod_context.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def app_users(pod: Mapping[str, Any]) -> list[tuple[str, int | None]]:
+    """Each app container's name and effective ``runAsUser`` (None: the image's user)."""
+    spec = pod.get("spec") or {}
+    pod_context = spec.get("securityContext") or {}
+    return [(str(c.get("name", "")), _effective(pod_context, c, "runAsUser"))
+            for c in spec.get("containers") or []]
+
+
+def sidecar_security_context(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar's ``securityContext``: Pod Security "restricted", as the app's user.
+
+    The sidecar creates its socket 0660: a training container running as another uid, with no
+    pod ``fsGroup`` to share a group through, could not connect. So the sidecar runs as the
+    first app container's effective ``runAsUser`` (and ``runAsGroup`` when set), making the
+    socket that user's. Only a non-root uid is copied: a root app keeps the sidecar on its
+    image's user (10001), and ``runAsNonRoot`` is left out only when the pod itself sets
+    ``runAsUser: 0``, which the sidecar would then inherit.
+    """
+    pod_context = spec.get("securityContext") or {}
+    context: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    containers = spec.get("containers") or []
+    first = containers[0] if containers else {}
+    uid = _effective(pod_context, first, "runAsUser")
+    if uid is not None and uid != 0:
+        context["runAsUser"] = uid
+        gid = _effective(pod_context, first, "runAsGroup")
+        if gid is not None:
+            context["runAsGroup"] = gid
+        context["runAsNonRoot"] = True
+    elif pod_context.get("runAsUser") != 0:
+        # The image's numeric USER (10001), or the pod's non-root runAsUser.
+        context["runAsNonRoot"] = True
+    return context
+
+
+def envfrom_containers(pod: Mapping[str, Any]) -> list[str]:
+    """Containers that take variables from ``envFrom`` and do not set ``PLUTO_RUN_ID`` in ``env``.
+
+    The webhook cannot see into the ConfigMaps and Secrets they name; if one holds
+    ``PLUTO_RUN_ID``, the variable the webhook adds to ``env`` takes precedence over it.
+    A source with a prefix that cannot produce ``PLUTO_RUN_ID`` is not counted.
+    """
+    spec = pod.get("spec") or {}
+    found = []
+    for container in spec.get("containers") or []:
+        if "PLUTO_RUN_ID" in _env_names(container):
+            continue
+        sources = container.get("envFrom") or []
+        if any("PLUTO_RUN_ID".startswith(str(src.get("prefix") or "")) for src in sources):
+            found.append(str(container.get("name", "")))
+    return found
+
+
 def _add_map_entry(patch: Patch, obj: Mapping[str, Any], path: str, key: str, value: str) -> None:
     existing = obj.get(path.rsplit("/", 1)[-1])
     if existing is None:
@@ -112,6 +179,7 @@ def _append(patch: Patch, present: bool, path: str, items: list[Any]) -> None:
 def sidecar_container(
     binding: Binding, image: str, placement: Placement, drain_seconds: int,
     default_resources: Mapping[str, Any] | None = None,
+    security_context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``pluto sidecar`` container for a pod covered by ``binding``."""
     sidecar = binding.sidecar
@@ -153,7 +221,7 @@ def sidecar_container(
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": dict(resources),
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": dict(security_context or sidecar_security_context({})),
     }
     if placement == "classic":
         # Nothing stops a classic sidecar when the training ends; without this the Job's pod
@@ -167,12 +235,47 @@ def sidecar_container(
     return container
 
 
+FORK_ENV = ("PLUTO_FORK_RUN_ID", "PLUTO_FORK_STEP", "PLUTO_FORK_INHERIT_CONFIG",
+            "PLUTO_FORK_INHERIT_TAGS")
+
+
 def app_env(binding: Binding) -> list[dict[str, str]]:
-    return [
+    env = [
         {"name": "PLUTO_RUN_ID", "value": binding.run_id},
         {"name": "PLUTO_PROJECT", "value": binding.project},
         {"name": "PLUTO_SIDECAR_SOCKET", "value": SOCKET_PATH},
     ]
+    if binding.fork_run_id is not None and binding.fork_step is not None:
+        # Whichever process opens the run first (a rank may beat the reconciler) opens it as
+        # the fork; the SDK reads these when its run id comes from PLUTO_RUN_ID.
+        env += [{"name": "PLUTO_FORK_RUN_ID", "value": binding.fork_run_id},
+                {"name": "PLUTO_FORK_STEP", "value": str(binding.fork_step)},
+                {"name": "PLUTO_FORK_INHERIT_CONFIG",
+                 "value": "true" if binding.fork_inherit_config else "false"},
+                {"name": "PLUTO_FORK_INHERIT_TAGS",
+                 "value": "true" if binding.fork_inherit_tags else "false"}]
+    return env
+
+
+def _container_env(container: Mapping[str, Any], binding: Binding) -> list[dict[str, str]]:
+    """The run's variables a container lacks. The fork variables go only where the run id is
+    the binding's: a container that sets its own PLUTO_RUN_ID must not fork that other run."""
+    own = {e.get("name"): e for e in container.get("env") or []}
+    run_id = own.get("PLUTO_RUN_ID")
+    keeps_other_run = run_id is not None and run_id.get("value") != binding.run_id
+    return [e for e in app_env(binding)
+            if e["name"] not in own and not (keeps_other_run and e["name"] in FORK_ENV)]
+
+
+def _wire_container(patch: Patch, base: str, container: Mapping[str, Any],
+                    binding: Binding) -> None:
+    """Env and the socket's mount for one container at JSON pointer ``base``."""
+    _append(patch, container.get("env") is not None, f"{base}/env",
+            _container_env(container, binding))
+    mounts = container.get("volumeMounts")
+    if not any(m.get("mountPath", "").rstrip("/") == MOUNT_PATH for m in mounts or []):
+        _append(patch, mounts is not None, f"{base}/volumeMounts",
+                [{"name": VOLUME, "mountPath": MOUNT_PATH}])
 
 
 def injection_patch(
@@ -186,8 +289,17 @@ def injection_patch(
     metadata = pod.get("metadata") or {}
     if "metadata" not in pod:
         patch.append({"op": "add", "path": "/metadata", "value": {}})
+    # A PlutoRun name may be longer than a label value: the label carries label_value(name),
+    # which the reconciler lists pods by, and the annotation the full name.
+    label = label_value(binding.plutorun)
+    labels = metadata.get("labels") or {}
+    if label != binding.plutorun and LABEL_RUN not in labels:
+        _add_map_entry(patch, metadata, "/metadata/annotations", ANNOTATION_PLUTORUN,
+                       binding.plutorun)
+        metadata = {**metadata, "annotations": {**(metadata.get("annotations") or {}),
+                                                ANNOTATION_PLUTORUN: binding.plutorun}}
     _add_map_entry(patch, metadata, "/metadata/annotations", ANNOTATION_INJECTED, binding.run_id)
-    _add_map_entry(patch, metadata, "/metadata/labels", LABEL_RUN, binding.plutorun)
+    _add_map_entry(patch, metadata, "/metadata/labels", LABEL_RUN, label)
 
     spec = pod.get("spec") or {}
     volumes = spec.get("volumes")
@@ -195,19 +307,18 @@ def injection_patch(
         _append(patch, volumes is not None, "/spec/volumes", [{"name": VOLUME, "emptyDir": {}}])
 
     for index, container in enumerate(spec.get("containers") or []):
-        base = f"/spec/containers/{index}"
-        have = _env_names(container)
-        missing = [e for e in app_env(binding) if e["name"] not in have]
-        _append(patch, container.get("env") is not None, f"{base}/env", missing)
-        mounts = container.get("volumeMounts")
-        if not any(m.get("mountPath", "").rstrip("/") == MOUNT_PATH for m in mounts or []):
-            _append(patch, mounts is not None, f"{base}/volumeMounts",
-                    [{"name": VOLUME, "mountPath": MOUNT_PATH}])
+        _wire_container(patch, f"/spec/containers/{index}", container, binding)
+    if placement == "native":
+        # The native sidecar starts before them (it goes first, below), so the init containers
+        # can log through it too; their indices are the ones before it is inserted.
+        for index, container in enumerate(spec.get("initContainers") or []):
+            _wire_container(patch, f"/spec/initContainers/{index}", container, binding)
 
     drain, grace_op = _drain_and_grace(spec, binding)
     if grace_op is not None:
         patch.append(grace_op)
-    sidecar = sidecar_container(binding, image, placement, drain, default_resources)
+    sidecar = sidecar_container(binding, image, placement, drain, default_resources,
+                                sidecar_security_context(spec))
     if placement == "native":
         # First, so that other init containers can log through it too.
         if spec.get("initContainers"):

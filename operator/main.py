@@ -143,7 +143,7 @@ class Operator:
         await self.webhook.start(s.webhook_host, port, self._tls.context)
         if ca_pem is not None:
             body = dev_configuration(s.webhook_config_name, s.webhook_url or "", ca_pem,
-                                     s.failure_policy)
+                                     s.failure_policy, s.namespaces)
             await asyncio.to_thread(self.kube.apply_webhook_configuration, body)
             logger.info("MutatingWebhookConfiguration %s points at %s", s.webhook_config_name,
                         s.webhook_url)

@@ -94,6 +94,20 @@ def _timestamp_input(value: object) -> object:
 Timestamp = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_timestamp_input)]
 """An RFC 3339 time with a UTC offset (metav1.Time); naive times are refused."""
 
+def immutable(field: str) -> dict[str, Any]:
+    """A CEL transition rule: the API server refuses an update that changes ``field``.
+
+    A run's identity (project, run id, fork) is fixed once it exists: pods of one job created
+    before and after such an edit would log into two runs. Kubernetes evaluates ``oldSelf``
+    rules only when the field is set in both the old and the new object.
+    """
+    return {"x-kubernetes-validations": [{
+        "rule": "self == oldSelf",
+        "message": f"spec.{field} cannot change once the PlutoRun exists (a run's identity is "
+                   "fixed): create a new PlutoRun instead",
+    }]}
+
+
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
@@ -209,19 +223,22 @@ class SidecarSpec(_Model):
 class PlutoRunSpec(_Model):
     """The run that the covered pods log into."""
 
-    project: ProjectName
-    """Project of the run on the Pluto server."""
-    run_id: RunId | None = Field(default=None, alias="runId")
-    """Run id shared by every covered pod (PLUTO_RUN_ID). Defaults to the PlutoRun's name."""
+    project: ProjectName = Field(json_schema_extra=immutable("project"))
+    """Project of the run on the Pluto server. Cannot change."""
+    run_id: RunId | None = Field(default=None, alias="runId",
+                                 json_schema_extra=immutable("runId"))
+    """Run id shared by every covered pod (PLUTO_RUN_ID). Defaults to the PlutoRun's name.
+    Cannot change."""
     name: str | None = None
     """Display name of the run."""
     config: FreeForm = Field(default_factory=dict)
     """Run config (hyperparameters), any JSON object."""
     tags: list[str] = Field(default_factory=list)
     """Tags of the run."""
-    fork: ForkSpec | None = None
+    fork: ForkSpec | None = Field(default=None, json_schema_extra=immutable("fork"))
     """Start the run as a fork of another run at a step. The operator forks once, on the
-    server; the pods then attach to the fork by its run id."""
+    server; the pods get PLUTO_FORK_RUN_ID and PLUTO_FORK_STEP too, so that the run is the
+    fork whichever process opens it first. Cannot change."""
     selector: LabelSelector | None = None
     """Pods this run covers, e.g. matchLabels {jobset.sigs.k8s.io/jobset-name: my-job}. Pods
     labelled pluto.dev/run=<this PlutoRun's name> are covered too."""
@@ -255,6 +272,8 @@ class PlutoRunStatus(_Model):
     """Pending, Running, Succeeded or Failed."""
     run_id: RunId | None = Field(default=None, alias="runId")
     """The run id the pods log into."""
+    project: ProjectName | None = None
+    """The project of the run the pods log into."""
     server_run_id: int | None = Field(default=None, alias="serverRunId")
     """Numeric id of the run on the server."""
     display_id: str | None = Field(default=None, alias="displayId")

@@ -6,13 +6,19 @@ differ by a typo. The chart (``charts/pluto``) and ``docs/operator.md`` spell th
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Final
 
 from pluto.wire import DEFAULT_SOCKET
 
 #: Pod label naming the PlutoRun (same namespace) a pod logs into; the webhook adds it to pods
-#: it covered by selector or namespace so the reconciler can list them.
+#: it covered by selector or namespace so the reconciler can list them. Its value is
+#: ``label_value(<PlutoRun name>)``: the name itself unless it is longer than a label value
+#: may be.
 LABEL_RUN: Final = "pluto.dev/run"
+#: Pod annotation with the full PlutoRun name, added when ``pluto.dev/run`` had to be shortened.
+ANNOTATION_PLUTORUN: Final = "pluto.dev/plutorun"
 #: Namespace label ``enabled`` turns on automatic coverage of JobSet pods; pod label
 #: ``disabled`` keeps a pod untouched whatever else says.
 LABEL_INJECT: Final = "pluto.dev/inject"
@@ -47,3 +53,28 @@ DEFAULT_GRACE_SECONDS: Final = 30
 
 #: The finalizer kopf keeps on PlutoRuns so that deleting one finishes its run first.
 FINALIZER: Final = "pluto.dev/finish-run"
+
+
+#: Kubernetes' limit on a label value, and its form (apimachinery ``IsValidLabelValue``).
+LABEL_VALUE_MAX: Final = 63
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_NOT_LABEL_CHARS = re.compile(r"[^-A-Za-z0-9_.]")
+_HASH_CHARS: Final = 10
+
+
+def label_value(name: str) -> str:
+    """A valid label value that stands for ``name`` (a PlutoRun's, a JobSet's): ``name`` itself
+    when it is one, else a prefix of it, ``-`` and a hash of the whole name.
+
+    PlutoRun names may be 253 characters long, label values only 63: a pod labelled with the
+    name as is would be refused by the API server. Every place that writes or selects on
+    ``pluto.dev/run`` goes through here, so the webhook and the reconciler agree; the hash keeps
+    two long names with the same beginning apart. The result starts and ends with a letter or a
+    digit, as Kubernetes requires.
+    """
+    if len(name) <= LABEL_VALUE_MAX and _LABEL_VALUE.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]
+    prefix = _NOT_LABEL_CHARS.sub("-", name)[:LABEL_VALUE_MAX - _HASH_CHARS - 1]
+    prefix = prefix.lstrip("-_.").rstrip("-_.")
+    return f"{prefix}-{digest}" if prefix else digest

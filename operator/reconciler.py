@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -24,8 +24,14 @@ from pluto.wire import RunAttached, RunUpdate
 from pluto_operator import conditions as cond
 from pluto_operator.cache import known_run
 from pluto_operator.kube import JOBSET_GROUP, JOBSET_VERSION, JOBSETS, Kube
-from pluto_operator.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from pluto_operator.names import INJECT_ENABLED, JOBSET_NAME_LABEL, LABEL_INJECT, LABEL_RUN
+from pluto_operator.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, PlutoRunSpec
+from pluto_operator.names import (
+    INJECT_ENABLED,
+    JOBSET_NAME_LABEL,
+    LABEL_INJECT,
+    LABEL_RUN,
+    label_value,
+)
 from pluto_operator.phases import (
     TERMINAL,
     Workload,
@@ -35,7 +41,7 @@ from pluto_operator.phases import (
     workload_of,
 )
 from pluto_operator.settings import OperatorSettings
-from pluto_operator.targets import NamespaceInfo, namespace_project
+from pluto_operator.targets import NamespaceInfo, namespace_project, namespace_project_problem
 from pluto_operator.tracking import Refused, TrackingServers, Unreachable
 
 logger = logging.getLogger("pluto.operator.reconciler")
@@ -101,22 +107,72 @@ class Reconciler:
             conditions = cond.set_condition(
                 conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
                 generation)
+            if exc.status_code == 409 and known.run.spec.fork is not None:
+                # The server's word for an attach whose fork differs from the stored run's.
+                self._fork_mismatch(body, patch, conditions, generation, _fork_conflict(
+                    known.run.spec, known.run.run_id, str(exc)))
             patch.status["conditions"] = cond.set_condition(
                 conditions, cond.RUN_READY, "False", "ServerRefused", str(exc), generation)
             kopf.warn(body, reason="ServerRefused", message=str(exc))
             raise kopf.PermanentError(f"the server refused the run: {exc}") from exc
-        self._record(patch, attached, generation)
         conditions = cond.set_condition(
             conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
             generation)
+        problem = self._fork_problem(url, known.run.spec, attached)
+        if problem is not None:
+            self._fork_mismatch(body, patch, conditions, generation, problem)
+        self._record(patch, attached, generation)
         reason, message = _opened(attached)
         patch.status["conditions"] = cond.set_condition(
             conditions, cond.RUN_READY, "True", reason, message, generation)
         _normal(body, reason=reason, message=message)
 
+    def _fork_problem(self, url: str, spec: PlutoRunSpec, run: RunAttached) -> str | None:
+        """Why ``run`` is not the fork ``spec`` asks for; None when it is (or none is asked).
+
+        Only an attach can differ: the run already existed, most likely created by a rank's
+        ``pluto.init()`` that reached the server before this handler did. The server records
+        the ancestor that owns the fork step as the parent, so that is what is compared.
+        """
+        fork = spec.fork
+        if fork is None or not run.resumed:
+            return None
+        wanted = f"a fork of {fork.run_id!r} at step {fork.step}"
+        if run.forked_from is None:
+            found = "no fork"
+        elif run.fork_step != fork.step:
+            found = (f"a fork of run {run.forked_from_display_id or run.forked_from} at step "
+                     f"{run.fork_step}")
+        else:
+            try:
+                owner = self.servers.fork_owner(url, spec.project, fork.run_id, fork.step)
+            except Unreachable as exc:
+                raise kopf.TemporaryError(f"{exc}; retrying", delay=10) from exc
+            except Refused as exc:
+                owner, why = None, str(exc)
+            else:
+                why = ""
+            if owner == run.forked_from:
+                return None
+            found = (f"a fork of run {run.forked_from_display_id or run.forked_from} at step "
+                     f"{run.fork_step}" + (f" ({why})" if why else ""))
+        return _mismatch_message(f"run {run.display_id} (run id {run.run_id!r})", wanted, found)
+
+    @staticmethod
+    def _fork_mismatch(body: kopf.Body, patch: kopf.Patch, conditions: list[Any],
+                       generation: int | None, message: str) -> NoReturn:
+        """RunReady=False, ForkMismatch: never success for a run that lacks its fork. The ids
+        are not recorded (the run is not this PlutoRun's to follow or finish); fixing it means
+        a new PlutoRun, so there is nothing to retry."""
+        patch.status["conditions"] = cond.set_condition(
+            conditions, cond.RUN_READY, "False", "ForkMismatch", message, generation)
+        kopf.warn(body, reason="ForkMismatch", message=message)
+        raise kopf.PermanentError(message)
+
     @staticmethod
     def _record(patch: kopf.Patch, run: RunAttached, generation: int | None) -> None:
         patch.status["runId"] = run.run_id
+        patch.status["project"] = run.project
         patch.status["serverRunId"] = run.id
         patch.status["displayId"] = run.display_id
         if run.url:
@@ -136,8 +192,9 @@ class Reconciler:
         if previous in TERMINAL and cond.condition_status(
                 status.get("conditions") or [], cond.RUN_FINISHED) == "True":
             return  # nothing left to follow
+        # label_value: the label the webhook wrote (a long name does not fit a label value).
         pods: list[Mapping[str, Any]] = list(
-            self.kube.list_pods(namespace, f"{LABEL_RUN}={name}"))
+            self.kube.list_pods(namespace, f"{LABEL_RUN}={label_value(name)}"))
         workloads: dict[Workload, Mapping[str, Any] | None] = {}
         for workload in sorted({w for w in map(workload_of, pods) if w is not None}):
             fetch = self.kube.get_jobset if workload.kind == "JobSet" else self.kube.get_job
@@ -232,6 +289,10 @@ class Reconciler:
         info = next(iter(namespaces.get(namespace, [])), None)
         if info is None or info.labels.get(LABEL_INJECT) != INJECT_ENABLED:
             return
+        problem = namespace_project_problem(namespace, info)
+        if problem is not None:
+            logger.warning("%s", problem)
+            kopf.warn(body, reason="InvalidProjectAnnotation", message=problem)
         plutorun = {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -256,7 +317,29 @@ class Reconciler:
                       message=f"PlutoRun {name} created: the pods log into run id {name}")
 
 
+def _mismatch_message(subject: str, wanted: str, found: str) -> str:
+    return (
+        f"{subject} already exists on the server with {found}, but this PlutoRun asks for "
+        f"{wanted}: most likely a pod's pluto.init() created it before the operator could fork "
+        f"it, so the pods log into a run without the requested fork. To fix: delete this "
+        f"PlutoRun and that run on the server, then create the PlutoRun again before its pods "
+        f"(or create one with another spec.runId)"
+    )
+
+
+def _fork_conflict(spec: PlutoRunSpec, run_id: str, detail: str) -> str:
+    """The message for the server's 409: the attach named another fork than the run has."""
+    assert spec.fork is not None
+    return _mismatch_message(f"run id {run_id!r}",
+                             f"a fork of {spec.fork.run_id!r} at step {spec.fork.step}",
+                             f"another fork or none (the server answered: {detail})")
+
+
 def _opened(run: RunAttached) -> tuple[str, str]:
+    if run.resumed and run.forked_from is not None:
+        return "RunAttached", (f"attached to run {run.display_id} (id {run.id}), a fork of "
+                               f"{run.forked_from_display_id or run.forked_from} at step "
+                               f"{run.fork_step}")
     if run.resumed:
         return "RunAttached", f"attached to run {run.display_id} (id {run.id})"
     if run.forked_from is not None:

@@ -8,11 +8,12 @@ run id. Errors are sorted for the reconciler: ``Unreachable`` is retried with ba
 from __future__ import annotations
 
 import threading
-from typing import TypeVar
+import urllib.parse
+from typing import Any, TypeVar
 
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.http import ApiClient
-from pluto.wire import RunAttached, RunCreate, RunFinish, RunInfo, RunStatus, RunUpdate
+from pluto.wire import Lineage, RunAttached, RunCreate, RunFinish, RunInfo, RunStatus, RunUpdate
 from pluto_operator.model import PlutoRunSpec
 
 T = TypeVar("T")
@@ -24,6 +25,11 @@ class Unreachable(Exception):
 
 class Refused(Exception):
     """The server refused the request for a reason the PlutoRun's author must fix."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        #: The HTTP status (409: the run exists with another fork than the one asked for).
+        self.status_code = status_code
 
 
 def run_create(spec: PlutoRunSpec, run_id: str) -> RunCreate:
@@ -57,18 +63,34 @@ class TrackingServers:
                 found = self._clients[url] = ApiClient(url, self.api_key, self.timeout)
             return found
 
-    def _call(self, url: str, method: str, path: str, reply: type[T], body: object) -> T:
+    def _call(self, url: str, method: str, path: str, reply: type[T], body: object,
+              params: dict[str, Any] | None = None) -> T:
         try:
-            return self._client(url).call(method, path, reply, body=body)
+            return self._client(url).call(method, path, reply, body=body, params=params)
         except ServerUnavailable as exc:
             raise Unreachable(str(exc)) from exc
         except RequestRejected as exc:
             if exc.permanent:
-                raise Refused(str(exc)) from exc
+                raise Refused(str(exc), exc.status_code) from exc
             raise Unreachable(str(exc)) from exc
 
     def open_run(self, url: str, spec: PlutoRunSpec, run_id: str) -> RunAttached:
         return self._call(url, "POST", "/runs", RunAttached, run_create(spec, run_id))
+
+    def fork_owner(self, url: str, project: str, ref: str, step: int) -> int:
+        """Numeric id of the run a fork of ``ref`` at ``step`` records as its parent.
+
+        The server records the ancestor that *owns* the step, not necessarily ``ref``: walking
+        up ``ref``'s lineage, the first run whose own fork step is before ``step``.
+        """
+        path = f"/runs/{urllib.parse.quote(ref, safe='')}/lineage"
+        lineage = self._call(url, "GET", path, Lineage, None, params={"project": project})
+        for link in lineage.ancestors:
+            if link.fork_step is None or step > link.fork_step:
+                return link.id
+        if not lineage.ancestors:
+            raise Refused(f"the server returned no lineage for run {ref!r}")
+        return lineage.ancestors[-1].id
 
     def update_run(self, url: str, server_run_id: int, update: RunUpdate) -> RunInfo:
         return self._call(url, "PATCH", f"/runs/{server_run_id}", RunInfo, update)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pluto_operator.admission import Mutation, PodRequest
 from pluto_operator.cache import ClusterView
-from pluto_operator.injection import Placement, injection_patch, is_injected, pod_env_value
+from pluto_operator.injection import (
+    Placement,
+    app_users,
+    envfrom_containers,
+    injection_patch,
+    is_injected,
+    pod_env_value,
+)
 from pluto_operator.settings import OperatorSettings
 from pluto_operator.targets import decide
 
@@ -39,6 +46,28 @@ class PodInjector:
             warnings.append(
                 f"pluto: the pod sets PLUTO_RUN_ID={own!r}, which it keeps; PlutoRun "
                 f"{binding.plutorun!r} expects {binding.run_id!r}"
+            )
+        for name in envfrom_containers(pod):
+            # env beats envFrom: a PLUTO_RUN_ID in the ConfigMap/Secret would be overridden,
+            # and the webhook cannot look inside it to tell.
+            warning = (
+                f"pluto: container {name!r} takes variables from envFrom; the webhook sets "
+                f"PLUTO_RUN_ID={binding.run_id!r} in its env, which overrides a PLUTO_RUN_ID "
+                f"from envFrom: to keep your own, set PLUTO_RUN_ID in the container's env"
+            )
+            # Answered as an admission warning; the operator logs it and posts it as an event
+            # on the pod's owner (main.Operator._report), like every warning here.
+            warnings.append(warning)
+        users = app_users(pod)
+        if len({uid for _, uid in users}) > 1:
+            first, uid = users[0]
+            listed = ", ".join(f"{n}: {u if u is not None else 'image default'}"
+                               for n, u in users)
+            warnings.append(
+                f"pluto: the pod's containers run as different users ({listed}); the sidecar "
+                f"runs as {first!r}'s ({uid if uid is not None else 'its image default'}), so "
+                f"the others may not be able to connect to its socket: set a pod "
+                f"securityContext.fsGroup, or the same runAsUser for all"
             )
         patch = injection_patch(
             pod, binding, image=self.settings.sidecar_image, placement=self.placement,

@@ -8,6 +8,7 @@ selectors, which tests/test_chart.py compares, so the two modes cover the same p
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 from pluto_operator.names import INJECT_DISABLED, LABEL_COMPONENT, LABEL_INJECT
@@ -16,7 +17,7 @@ from pluto_operator.settings import FailurePolicy
 
 WEBHOOK_NAME = "pods.pluto.dev"
 #: Namespaces whose pods are never sent to the webhook: the cluster's own.
-SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+SYSTEM_NAMESPACES = ("kube-system", "kube-node-lease", "kube-public")
 #: The API server waits at most this long for an answer (the issue's bound is 10 s).
 TIMEOUT_SECONDS = 5
 
@@ -28,11 +29,17 @@ def rules() -> list[dict[str, Any]]:
     }]
 
 
-def namespace_selector() -> dict[str, Any]:
-    return {"matchExpressions": [{
+def namespace_selector(namespaces: Sequence[str] = ()) -> dict[str, Any]:
+    """The cluster's own namespaces never; with ``namespaces`` (``--namespace``, the chart's
+    ``namespaces``), only those: elsewhere no reconciler opens or finishes the runs."""
+    expressions: list[dict[str, Any]] = [{
         "key": "kubernetes.io/metadata.name", "operator": "NotIn",
         "values": list(SYSTEM_NAMESPACES),
-    }]}
+    }]
+    if namespaces:
+        expressions.append({"key": "kubernetes.io/metadata.name", "operator": "In",
+                            "values": list(namespaces)})
+    return {"matchExpressions": expressions}
 
 
 def object_selector() -> dict[str, Any]:
@@ -44,7 +51,8 @@ def object_selector() -> dict[str, Any]:
 
 
 def dev_configuration(name: str, url: str, ca_pem: bytes,
-                      failure_policy: FailurePolicy) -> dict[str, Any]:
+                      failure_policy: FailurePolicy,
+                      namespaces: Sequence[str] = ()) -> dict[str, Any]:
     """The configuration for ``--dev``: the API server calls ``url`` directly."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -63,7 +71,7 @@ def dev_configuration(name: str, url: str, ca_pem: bytes,
             "timeoutSeconds": TIMEOUT_SECONDS,
             "reinvocationPolicy": "IfNeeded",
             "matchPolicy": "Equivalent",
-            "namespaceSelector": namespace_selector(),
+            "namespaceSelector": namespace_selector(namespaces),
             "objectSelector": object_selector(),
         }],
     }

@@ -59,6 +59,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pluto.cli import build_parser
 from pluto_operator.crd import crd_yaml
+from pluto_operator.webhook_config import dev_configuration
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "charts" / "pluto"
@@ -449,6 +450,22 @@ def test_namespace_selector_leaves_the_control_plane_alone(scenario: Scenario) -
                                   "pluto.dev/inject": "enabled"})
     if watched:
         assert not selects(selector, {"kubernetes.io/metadata.name": "elsewhere"})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_dev_mode_configuration_selects_what_the_charts_does(scenario: Scenario) -> None:
+    """``pluto operator --dev --namespace NS`` covers the same pods as the chart with
+    ``namespaces: [NS]``: without the In expression, pods of unwatched namespaces were injected
+    with runs that no reconciler opens or finishes."""
+    chart_hook = webhook_of(install(scenario))
+    watched = merged_values(scenario)["namespaces"] or ()
+    [dev_hook] = dev_configuration("pluto-dev-webhook", "https://10.0.0.1:9443", b"CA",
+                                   "Ignore", watched)["webhooks"]
+    for key in ("namespaceSelector", "objectSelector", "rules"):
+        assert dev_hook[key] == chart_hook[key], key
+    if watched:
+        assert not selects(dev_hook["namespaceSelector"],
+                           {"kubernetes.io/metadata.name": "elsewhere"})
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -521,3 +521,30 @@ def test_metadata_keeps_what_the_api_server_adds() -> None:
     run = PlutoRun.model_validate(manifest)
     assert run.metadata.generation == 3
     assert run.to_dict() == manifest
+
+
+# -- a run's identity cannot be edited ----------------------------------------------------------
+
+
+def test_identity_fields_refuse_changes_at_the_api_server() -> None:
+    """project, runId and fork carry a CEL transition rule (``self == oldSelf``): an edit that
+    would split the pods of one job across two runs is refused, not just warned about."""
+    ruled = {path: node["x-kubernetes-validations"] for path, node in schema_nodes(SCHEMA)
+             if "x-kubernetes-validations" in node}
+    assert set(ruled) == {".spec.project", ".spec.runId", ".spec.fork"}
+    for path, rules in ruled.items():
+        [rule] = rules
+        assert rule["rule"] == "self == oldSelf"
+        assert f"{path.removeprefix('.')} cannot change" in rule["message"]
+        assert "create a new PlutoRun" in rule["message"]
+    # What the API server's CRD validation requires of a rule (apiextensions v1 ValidationRule).
+    crd = crd_manifest()
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(crd, version, strict=True)  # raises when invalid
+
+
+def test_status_records_the_opened_runs_project() -> None:
+    status = PlutoRunStatus.model_validate({"runId": "sft", "project": "llama-finetune"})
+    assert status.project == "llama-finetune"
+    assert model_errors(plutorun({"project": "p"}, {"project": "not a project"}))
+    assert apiserver_errors(plutorun({"project": "p"}, {"project": "not a project"}))

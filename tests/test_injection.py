@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import jsonpatch
 import pytest
 
 from pluto_operator.admission import PodRequest, review
+from pluto_operator.cache import known_run
 from pluto_operator.injection import injection_patch, is_injected, quantity_bytes
 from pluto_operator.model import PlutoRun
+from pluto_operator.names import label_value
 from pluto_operator.settings import OperatorSettings, SecretRef
 from pluto_operator.targets import Binding, KnownRun, NamespaceInfo, decide
 from pluto_operator.webhook import PodInjector
@@ -327,3 +330,313 @@ def test_operator_default_sidecar_resources_apply_unless_the_plutorun_sets_them(
     mutation = injector(PodRequest("u", "ml", pod({"pluto.dev/run": "own"}), False))
     sidecar = apply(pod({"pluto.dev/run": "own"}), mutation.patch)["spec"]["initContainers"][0]
     assert sidecar["resources"] == {"limits": {"memory": "1Gi"}}
+
+
+# -- long PlutoRun names (label values hold at most 63 characters) ---------------------------
+
+LONG_NAME = "llama-3-70b-sft-cosine-warmup2000-bs512-seq8192-lr3e-4-sweep-run-03"  # 67 characters
+# apimachinery's IsValidLabelValue.
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+class TestLongNames:
+    @pytest.mark.parametrize("name", [
+        "sft", "x" * 63, "x" * 64, LONG_NAME, "a." * 120 + "b", "a" * 52 + "-" + "b" * 200,
+    ])
+    def test_label_value_is_always_a_valid_label_value(self, name: str) -> None:
+        value = label_value(name)
+        assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
+        assert value == label_value(name)  # the webhook and the reconciler agree
+        if len(name) <= 63:
+            assert value == name  # a name that fits is kept as is
+
+    def test_long_names_sharing_a_prefix_get_different_values(self) -> None:
+        assert label_value(LONG_NAME) != label_value(LONG_NAME[:-1] + "4")
+        assert label_value(LONG_NAME).startswith(LONG_NAME[:40])
+
+    def test_selector_covered_pod_gets_a_valid_label_and_the_full_name(self) -> None:
+        run = plutorun(LONG_NAME, selector={"matchLabels": {"job": "sweep-03"}})
+        injector = PodInjector(SETTINGS, StaticView([run]), "native")
+        original = pod({"job": "sweep-03"})
+        result = apply(original, injector(PodRequest("u", "ml", original, False)).patch)
+        label = result["metadata"]["labels"]["pluto.dev/run"]
+        assert label == label_value(LONG_NAME) and len(label) <= 63
+        assert result["metadata"]["annotations"]["pluto.dev/plutorun"] == LONG_NAME
+
+    def test_short_name_gets_no_extra_annotation(self) -> None:
+        original = pod({"app": "x"})
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        assert "pluto.dev/plutorun" not in result["metadata"]["annotations"]
+
+    def test_pod_labelled_with_the_shortened_name_is_covered(self) -> None:
+        labelled = pod({"pluto.dev/run": label_value(LONG_NAME)})
+        d = decide(labelled, "ml", None, [plutorun(LONG_NAME)], SETTINGS)
+        assert d.binding is not None and d.binding.plutorun == LONG_NAME
+
+
+# -- forks: the pods can open the run as the fork themselves ---------------------------------
+
+FORK = {"runId": "llama-sft", "step": 1000, "inheritTags": True}
+
+
+class TestForkEnv:
+    def test_fork_plutorun_gives_every_container_the_fork(self) -> None:
+        run = plutorun("lr-sweep", runId="lr-1e-4", fork=FORK)
+        injector = PodInjector(SETTINGS, StaticView([run]), "native")
+        original = pod({"pluto.dev/run": "lr-sweep"})
+        result = apply(original, injector(PodRequest("u", "ml", original, False)).patch)
+        env = env_of(result["spec"]["containers"][0])
+        assert env["PLUTO_RUN_ID"] == "lr-1e-4"
+        assert (env["PLUTO_FORK_RUN_ID"], env["PLUTO_FORK_STEP"]) == ("llama-sft", "1000")
+        # The spec's inherit flags too: the fork is the same whoever opens it.
+        assert (env["PLUTO_FORK_INHERIT_CONFIG"], env["PLUTO_FORK_INHERIT_TAGS"]) == (
+            "true", "true")
+
+    def test_plutorun_without_fork_adds_no_fork_variables(self) -> None:
+        original = pod({"app": "x"})
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        assert "PLUTO_FORK_RUN_ID" not in env_of(result["spec"]["containers"][0])
+
+    def test_container_with_its_own_run_id_is_not_told_to_fork_it(self) -> None:
+        original = pod(env=[{"name": "PLUTO_RUN_ID", "value": "konduktor-job"}])
+        forked = binding(run_id="lr-1e-4", fork_run_id="llama-sft", fork_step=1000)
+        result = apply(original, injection_patch(original, forked, image="img",
+                                                 placement="native"))
+        env = env_of(result["spec"]["containers"][0])
+        assert env["PLUTO_RUN_ID"] == "konduktor-job"
+        assert "PLUTO_FORK_RUN_ID" not in env and "PLUTO_FORK_STEP" not in env
+
+    def test_run_opened_without_the_fork_stops_the_fork_variables(self) -> None:
+        """A fork added to the spec after the run was opened unforked cannot apply to it: the
+        pods would name a fork that the server's run lacks, and be refused."""
+        body: dict[str, Any] = {
+                "metadata": {"name": "late", "namespace": "ml"},
+                "spec": {"project": "llm", "fork": FORK},
+                "status": {"runId": "late", "serverRunId": 3}}
+        known = known_run(body)
+        assert known is not None and known.fork is None
+        d = decide(pod({"pluto.dev/run": "late"}), "ml", None, [known], SETTINGS)
+        assert d.binding is not None and d.binding.fork_run_id is None
+        body["status"]["forkedFrom"] = 1
+        known = known_run(body)
+        assert known is not None and known.fork is not None
+
+
+# -- the opened run's identity wins over an edited spec --------------------------------------
+
+
+def test_pods_keep_the_opened_runs_id_and_project_after_a_spec_edit() -> None:
+    body: dict[str, Any] = {
+        "metadata": {"name": "ddp-job", "namespace": "ml"},
+        "spec": {"project": "ddp-examples"},
+        "status": {"runId": "ddp-job", "project": "ddp-examples", "serverRunId": 1}}
+    before = known_run(body)
+    body["spec"] = {"project": "other-project", "runId": "renamed"}  # stored before the CRD rule
+    after = known_run(body)
+    for known in (before, after):
+        assert known is not None
+        d = decide(pod({"pluto.dev/run": "ddp-job"}), "ml", None, [known], SETTINGS)
+        assert d.binding is not None
+        assert (d.binding.run_id, d.binding.project) == ("ddp-job", "ddp-examples")
+    # Not opened yet: the spec is all there is.
+    del body["status"]
+    fresh = known_run(body)
+    assert fresh is not None and (fresh.run_id, fresh.project) == ("renamed", "other-project")
+
+
+# -- the sidecar's securityContext -----------------------------------------------------------
+
+
+def restricted_violations(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """The container checks of Pod Security Standard "restricted" (pod-security-admission)."""
+    spec = p["spec"]
+    pod_context = spec.get("securityContext") or {}
+    found = []
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        context = container.get("securityContext") or {}
+        name = container["name"]
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append((name, "allowPrivilegeEscalation"))
+        if (context.get("capabilities") or {}).get("drop") != ["ALL"]:
+            found.append((name, "capabilities"))
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+            found.append((name, "runAsNonRoot"))
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append((name, "runAsUser 0"))
+        seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append((name, "seccompProfile"))
+    return found
+
+
+def restricted_pod(**container_context: Any) -> dict[str, Any]:
+    p = pod({"pluto.dev/run": "sft"})
+    p["spec"]["securityContext"] = {"runAsNonRoot": True, "runAsUser": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    p["spec"]["containers"][0]["securityContext"] = {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+        **container_context}
+    return p
+
+
+def sidecar_of(p: dict[str, Any]) -> dict[str, Any]:
+    containers = [*p["spec"].get("initContainers", []), *p["spec"]["containers"]]
+    return next(c for c in containers if c["name"] == "pluto-sidecar")
+
+
+class TestSidecarSecurity:
+    @pytest.mark.parametrize("placement", ["native", "classic"])
+    def test_injected_pod_still_meets_pod_security_restricted(self, placement: str) -> None:
+        original = restricted_pod()
+        assert restricted_violations(original) == []
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement=placement))  # type: ignore[arg-type]
+        assert restricted_violations(result) == []
+
+    def test_sidecar_meets_restricted_in_a_pod_that_sets_nothing(self) -> None:
+        original = pod({"app": "x"})
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        assert sidecar_of(result)["securityContext"] == {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True}
+
+    def test_sidecar_runs_as_the_apps_user_and_group(self) -> None:
+        """The socket is created 0660: the app connects as its owner, without an fsGroup."""
+        original = restricted_pod(runAsUser=1500)
+        original["spec"]["securityContext"]["runAsGroup"] = 3000
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        context = sidecar_of(result)["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (1500, 3000)
+        assert context["runAsNonRoot"] is True
+
+    def test_pod_level_user_is_the_apps_too(self) -> None:
+        original = pod()
+        original["spec"]["securityContext"] = {"runAsUser": 2000}
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="classic"))
+        context = sidecar_of(result)["securityContext"]
+        assert context["runAsUser"] == 2000 and "runAsGroup" not in context
+
+    def test_root_app_user_is_not_copied(self) -> None:
+        original = pod()
+        original["spec"]["containers"][0]["securityContext"] = {"runAsUser": 0}
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        context = sidecar_of(result)["securityContext"]
+        assert "runAsUser" not in context and context["runAsNonRoot"] is True
+
+    def test_pod_running_as_root_gets_no_run_as_non_root(self) -> None:
+        """The sidecar would inherit the pod's uid 0: runAsNonRoot would stop it starting."""
+        original = pod()
+        original["spec"]["securityContext"] = {"runAsUser": 0}
+        result = apply(original, injection_patch(original, binding(), image="img",
+                                                 placement="native"))
+        context = sidecar_of(result)["securityContext"]
+        assert "runAsNonRoot" not in context and "runAsUser" not in context
+        assert context["capabilities"] == {"drop": ["ALL"]}
+
+    def test_containers_running_as_different_users_get_a_warning(self) -> None:
+        original = pod({"pluto.dev/run": "sft"})
+        original["spec"]["containers"][0]["securityContext"] = {"runAsUser": 1000}
+        original["spec"]["containers"].append(
+            {"name": "eval", "image": "x", "securityContext": {"runAsUser": 2000}})
+        injector = PodInjector(SETTINGS, StaticView([plutorun("sft")]), "native")
+        mutation = injector(PodRequest("u", "ml", original, False))
+        result = apply(original, mutation.patch)
+        assert sidecar_of(result)["securityContext"]["runAsUser"] == 1000  # the first's
+        [warning] = [w for w in mutation.warnings if "different users" in w]
+        assert "'eval': 2000" in warning or "eval: 2000" in warning
+        assert len(warning) <= 256
+
+
+# -- init containers of a native sidecar --------------------------------------------------------
+
+
+def test_init_containers_after_a_native_sidecar_can_log_through_it() -> None:
+    original = pod(initContainers=[
+        {"name": "fetch", "image": "busybox", "command": ["true"]},
+        {"name": "prep", "image": "busybox", "env": [{"name": "PLUTO_PROJECT", "value": "own"}],
+         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}])
+    result = apply(original, injection_patch(original, binding(), image="img",
+                                             placement="native"))
+    sidecar, fetch, prep = result["spec"]["initContainers"]
+    assert sidecar["name"] == "pluto-sidecar"
+    for init in (fetch, prep):
+        assert env_of(init)["PLUTO_RUN_ID"] == "sft"
+        assert env_of(init)["PLUTO_SIDECAR_SOCKET"] == "/var/run/pluto/pluto.sock"
+        assert {"name": "pluto-run", "mountPath": "/var/run/pluto"} in init["volumeMounts"]
+    assert env_of(prep)["PLUTO_PROJECT"] == "own"  # never overridden
+    assert prep["volumeMounts"][0] == {"name": "data", "mountPath": "/data"}
+
+
+def test_init_containers_before_a_classic_sidecar_are_left_alone() -> None:
+    original = pod(initContainers=[{"name": "fetch", "image": "busybox"}])
+    result = apply(original, injection_patch(original, binding(), image="img",
+                                             placement="classic"))
+    assert result["spec"]["initContainers"] == [{"name": "fetch", "image": "busybox"}]
+
+
+# -- ties, namespaces, annotations, envFrom -----------------------------------------------------
+
+
+def test_plutoruns_created_in_the_same_second_are_picked_by_name() -> None:
+    """Every webhook replica answers the same, whatever order its cache lists them in."""
+    a = plutorun("run-a", selector={"matchLabels": {"app": "t"}})
+    b = plutorun("run-b", selector={"matchLabels": {"app": "t"}})
+    for runs in ([a, b], [b, a]):
+        d = decide(pod({"app": "t"}), "ml", None, runs, SETTINGS)
+        assert d.binding is not None and d.binding.plutorun == "run-a"
+
+
+def test_pods_outside_the_watched_namespaces_are_not_injected() -> None:
+    watching = OperatorSettings(namespaces=("ml",))
+    enabled = NamespaceInfo({"pluto.dev/inject": "enabled"})
+    jobset_pod = pod({"jobset.sigs.k8s.io/jobset-name": "js"})
+    assert decide(jobset_pod, "research", enabled, [], watching).binding is None
+    labelled = pod({"pluto.dev/run": "sft"})
+    assert decide(labelled, "research", None, [plutorun("sft", namespace="research")],
+                  watching).binding is None
+    assert decide(jobset_pod, "ml", enabled, [], watching).binding is not None
+    # No --namespace: every namespace is watched.
+    assert decide(jobset_pod, "research", enabled, [], SETTINGS).binding is not None
+
+
+@pytest.mark.parametrize("annotation", ["LLaMA finetune", "-leading-dash", "x" * 101, "a/b"])
+def test_invalid_project_annotation_is_ignored_with_a_warning(annotation: str) -> None:
+    jobset_pod = pod({"jobset.sigs.k8s.io/jobset-name": "js"})
+    info = NamespaceInfo({"pluto.dev/inject": "enabled"}, {"pluto.dev/project": annotation})
+    d = decide(jobset_pod, "team-a", info, [], SETTINGS)
+    assert d.binding is not None and d.binding.project == "team-a"  # as if absent
+    [warning] = d.warnings
+    assert "pluto.dev/project" in warning and "kubectl annotate" in warning
+    assert len(warning) <= 256
+    custom = OperatorSettings(default_project="shared")
+    d = decide(jobset_pod, "team-a", info, [], custom)
+    assert d.binding is not None and d.binding.project == "shared"
+
+
+def test_valid_project_annotation_gives_no_warning() -> None:
+    jobset_pod = pod({"jobset.sigs.k8s.io/jobset-name": "js"})
+    info = NamespaceInfo({"pluto.dev/inject": "enabled"}, {"pluto.dev/project": "LLaMA-ft.v2"})
+    d = decide(jobset_pod, "team-a", info, [], SETTINGS)
+    assert d.binding is not None and d.binding.project == "LLaMA-ft.v2" and d.warnings == []
+
+
+def test_container_with_env_from_is_warned_by_name() -> None:
+    original = pod({"pluto.dev/run": "sft"})
+    original["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "run-ids"}}]
+    original["spec"]["containers"].append(
+        {"name": "metrics", "image": "x", "envFrom": [{"prefix": "METRICS_",
+                                                       "configMapRef": {"name": "m"}}]})
+    original["spec"]["containers"].append(
+        {"name": "own", "image": "x", "envFrom": [{"configMapRef": {"name": "o"}}],
+         "env": [{"name": "PLUTO_RUN_ID", "value": "mine"}]})
+    injector = PodInjector(SETTINGS, StaticView([plutorun("sft")]), "native")
+    mutation = injector(PodRequest("u", "ml", original, False))
+    envfrom = [w for w in mutation.warnings if "envFrom" in w]
+    assert len(envfrom) == 1 and "'trainer'" in envfrom[0]
+    assert len(envfrom[0]) <= 256

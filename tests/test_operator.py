@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kopf
 import pytest
 from support.admission import apply_answer, pod_review
 from support.kube_emulator import (
@@ -37,7 +38,12 @@ from support.server_process import ServerProcess
 
 import pluto
 from pluto import query
-from pluto.wire import RunStatus
+from pluto.wire import RunAttached, RunStatus
+from pluto_operator.names import label_value
+from pluto_operator.reconciler import Reconciler
+from pluto_operator.settings import OperatorSettings
+from pluto_operator.targets import NamespaceInfo
+from pluto_operator.tracking import Refused
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "ml"
@@ -344,3 +350,191 @@ def test_a_refused_plutorun_is_opened_once_its_spec_is_fixed(cluster: Cluster) -
     status = cluster.status_when("fixme", lambda s: s.get("serverRunId") is not None)
     ready = next(c for c in status["conditions"] if c["type"] == "RunReady")
     assert (ready["status"], ready["reason"]) == ("True", "RunCreated")
+
+
+def test_fork_lost_to_a_rank_that_opened_the_run_first_is_not_reported_ready(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The race of the webhook injecting before the reconciler forked: a rank's pluto.init()
+    created the run unforked. The operator must not call that a success."""
+    cluster.plutorun("base")
+    cluster.status_when("base", lambda s: s.get("serverRunId") is not None)
+    run = pluto.init(project="ops", run_id="base", dir=tmp_path / "sdk",
+                     settings={"url": cluster.server.url, "sidecar_socket": None})
+    for step in range(20):
+        run.log({"loss": 1 / (step + 1)}, step=step)
+    run.finish()
+    # The rank got there first, without a fork (an SDK that does not read PLUTO_FORK_*).
+    early = pluto.init(project="ops", run_id="lr-1e-3", dir=tmp_path / "rank",
+                       settings={"url": cluster.server.url, "sidecar_socket": None})
+    early.finish()
+    cluster.plutorun("lr-sweep", runId="lr-1e-3", fork={"runId": "base", "step": 10})
+    status = cluster.status_when("lr-sweep", lambda s: any(
+        c["type"] == "RunReady" for c in s.get("conditions", [])))
+    ready = next(c for c in status["conditions"] if c["type"] == "RunReady")
+    assert (ready["status"], ready["reason"]) == ("False", "ForkMismatch"), ready
+    assert "'base' at step 10" in ready["message"] and "spec.runId" in ready["message"]
+    assert "serverRunId" not in status and "forkedFrom" not in status
+    reasons = wait_for(lambda: {e["reason"] for e in cluster.events_for("lr-sweep")} or None, 10)
+    assert "ForkMismatch" in reasons
+
+
+# -- the reconciler's handlers, called directly ---------------------------------------------------
+
+
+class FakeServers:
+    """The tracking server as the reconciler sees it: one canned answer per call."""
+
+    def __init__(self, answer: RunAttached | Exception, owner: int = 7) -> None:
+        self.answer = answer
+        self.owner = owner
+        self.owner_asked: list[tuple[str, str, int]] = []
+
+    def open_run(self, url: str, spec: Any, run_id: str) -> RunAttached:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def fork_owner(self, url: str, project: str, ref: str, step: int) -> int:
+        self.owner_asked.append((project, ref, step))
+        return self.owner
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.selectors: list[str] = []
+        self.created: list[dict[str, Any]] = []
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        self.selectors.append(label_selector)
+        return []
+
+    def create_plutorun(self, namespace: str, body: dict[str, Any]) -> bool:
+        self.created.append(body)
+        return True
+
+
+def attached(**fields: Any) -> RunAttached:
+    values: dict[str, Any] = dict(
+        id=12, project="ops", display_id="OPS-12", run_id="lr-1e-4", name="lr-1e-4",
+        config={}, tags=[], status=RunStatus.RUNNING, created_at=0.0, updated_at=0.0,
+        resumed=True)
+    values.update(fields)
+    return RunAttached(**values)
+
+
+@pytest.fixture
+def posted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Events the handlers post, as (reason, message), instead of kopf's event queue."""
+    events: list[tuple[str, str]] = []
+
+    def record(body: Any, *, reason: str, message: str = "", **_: Any) -> None:
+        events.append((reason, message))
+
+    monkeypatch.setattr(kopf, "warn", record)
+    monkeypatch.setattr(kopf, "event", record)
+    return events
+
+
+def open_fork(servers: FakeServers) -> tuple[kopf.Patch, BaseException | None]:
+    raw: dict[str, Any] = {"apiVersion": "pluto.dev/v1alpha1", "kind": "PlutoRun",
+                           "metadata": {"name": "lr-sweep", "namespace": NS, "generation": 1},
+                           "spec": {"project": "ops", "runId": "lr-1e-4",
+                                    "fork": {"runId": "base", "step": 100}}}
+    body = kopf.Body(raw)  # type: ignore[arg-type]
+    reconciler = Reconciler(OperatorSettings(), FakeKube(), servers)  # type: ignore[arg-type]
+    patch = kopf.Patch()
+    try:
+        reconciler.open_run(body=body, status=body.status, patch=patch, retry=0)
+    except (kopf.PermanentError, kopf.TemporaryError) as exc:
+        return patch, exc
+    return patch, None
+
+
+def run_ready(patch: kopf.Patch) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        c for c in patch["status"]["conditions"] if c["type"] == "RunReady")
+    return found
+
+
+def test_attach_to_a_run_without_the_requested_fork_is_a_fork_mismatch(
+        posted: list[tuple[str, str]]) -> None:
+    patch, error = open_fork(FakeServers(attached(forked_from=None, fork_step=None)))
+    assert isinstance(error, kopf.PermanentError)
+    ready = run_ready(patch)
+    assert (ready["status"], ready["reason"]) == ("False", "ForkMismatch")
+    assert "no fork" in ready["message"] and "'base' at step 100" in ready["message"]
+    assert "serverRunId" not in patch["status"]
+    assert [reason for reason, _ in posted] == ["ForkMismatch"]
+
+
+def test_attach_to_a_fork_at_another_step_is_a_fork_mismatch(
+        posted: list[tuple[str, str]]) -> None:
+    patch, error = open_fork(FakeServers(attached(forked_from=7, fork_step=50,
+                                                  forked_from_display_id="OPS-7")))
+    assert isinstance(error, kopf.PermanentError)
+    assert run_ready(patch)["reason"] == "ForkMismatch"
+    assert "OPS-7 at step 50" in run_ready(patch)["message"]
+
+
+def test_attach_to_a_fork_of_another_parent_is_a_fork_mismatch(
+        posted: list[tuple[str, str]]) -> None:
+    servers = FakeServers(attached(forked_from=9, fork_step=100), owner=7)
+    patch, error = open_fork(servers)
+    assert isinstance(error, kopf.PermanentError)
+    assert run_ready(patch)["reason"] == "ForkMismatch"
+    assert servers.owner_asked == [("ops", "base", 100)]
+
+
+def test_attach_to_the_requested_fork_is_ready(posted: list[tuple[str, str]]) -> None:
+    """A rank that forked it itself (PLUTO_FORK_*): the server's parent is the owner of the
+    step, which the reconciler asks the server for rather than assuming it is spec.fork.runId."""
+    servers = FakeServers(attached(forked_from=7, fork_step=100), owner=7)
+    patch, error = open_fork(servers)
+    assert error is None
+    ready = run_ready(patch)
+    assert (ready["status"], ready["reason"]) == ("True", "RunAttached")
+    assert patch["status"]["serverRunId"] == 12 and patch["status"]["forkedFrom"] == 7
+    assert patch["status"]["project"] == "ops"
+
+
+def test_server_conflict_on_the_fork_is_a_fork_mismatch(posted: list[tuple[str, str]]) -> None:
+    conflict = Refused("run 'lr-1e-4' (OPS-12) exists already and is not a fork (HTTP 409)", 409)
+    patch, error = open_fork(FakeServers(conflict))
+    assert isinstance(error, kopf.PermanentError)
+    ready = run_ready(patch)
+    assert (ready["status"], ready["reason"]) == ("False", "ForkMismatch")
+    assert "is not a fork" in ready["message"] and "spec.runId" in ready["message"]
+
+
+def test_a_created_fork_needs_no_lineage_lookup(posted: list[tuple[str, str]]) -> None:
+    servers = FakeServers(attached(resumed=False, forked_from=7, fork_step=100))
+    patch, error = open_fork(servers)
+    assert error is None and run_ready(patch)["reason"] == "RunForked"
+    assert servers.owner_asked == []
+
+
+def test_pods_of_a_long_named_plutorun_are_listed_by_its_label_value(
+        posted: list[tuple[str, str]]) -> None:
+    kube = FakeKube()
+    name = "llama-3-70b-sft-cosine-warmup2000-bs512-seq8192-lr3e-4-sweep-run-03"
+    reconciler = Reconciler(OperatorSettings(), kube, FakeServers(attached()))  # type: ignore[arg-type]
+    body = kopf.Body({"metadata": {"name": name, "namespace": NS}, "spec": {"project": "ops"}})
+    reconciler.observe(body=body, name=name, namespace=NS, status=body.status,
+                       patch=kopf.Patch())
+    assert kube.selectors == [f"pluto.dev/run={label_value(name)}"]
+    assert len(label_value(name)) <= 63
+
+
+def test_jobset_in_a_namespace_with_an_invalid_project_annotation(
+        posted: list[tuple[str, str]]) -> None:
+    kube = FakeKube()
+    reconciler = Reconciler(OperatorSettings(), kube, FakeServers(attached()))  # type: ignore[arg-type]
+    info = NamespaceInfo({"pluto.dev/inject": "enabled"}, {"pluto.dev/project": "LLaMA ft"})
+    body = kopf.Body({"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+                      "metadata": {"name": "js", "namespace": NS, "uid": "u1"}})
+    reconciler.jobset_created(body=body, name="js", namespace=NS, meta=body.meta,
+                              index_namespaces={NS: [info]})
+    [created] = kube.created
+    assert created["spec"]["project"] == NS  # as if the annotation were absent
+    [(reason, message)] = [e for e in posted if e[0] != "PlutoRunCreated"]
+    assert reason == "InvalidProjectAnnotation" and "LLaMA ft" in message
