@@ -42,6 +42,8 @@ ADOPT_BATCHES = 4
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
 #: Console lines in one chunk at most.
 MAX_CHUNK_LINES = 10_000
+#: In each spool directory: ``Transport.destination`` of the process that wrote it.
+DESTINATION_FILE = "destination"
 
 
 @dataclass
@@ -83,6 +85,9 @@ class Pipeline:
         self.state = DeliveryState()
         self.spool_root = spool_root
         self.spool = Spool(spool_root / self.session, fsync=fsync)
+        # Before any chunk: a leftover is only delivered where its chunks' run ids mean
+        # the same runs (see _adopt_some).
+        (self.spool.directory / DESTINATION_FILE).write_text(transport.destination)
         self._seq = 0
         #: A packed chunk the spool could not take (its volume full and as much as it may
         #: hold already in memory): kept here and appended first on the next pass, while
@@ -297,6 +302,20 @@ class Pipeline:
             if directory.name != self.session and is_spool_name(directory.name)
         )
 
+    def _same_destination(self, orphan: Spool) -> bool:
+        """Whether ``orphan``'s chunks are for where this run's go. Its chunks name runs by
+        the ids of the server they were logged to: sent to another server they would land
+        in whatever run has those ids there. One that is not stays, with a warning."""
+        written_for = _spool_destination(orphan)
+        if written_for is None or written_for == self.transport.destination:
+            return True
+        warnings.warn(
+            f"pluto: {orphan.directory} holds data a run logged to {written_for} could not "
+            f"deliver; it is not sent to {self.transport.destination}. To deliver it, run "
+            f"pluto.init() with the same dir and {written_for} (PLUTO_URL, or "
+            "PLUTO_SIDECAR_SOCKET for a sidecar).", RuntimeWarning, stacklevel=2)
+        return False
+
     def _adopt_some(self) -> bool:
         """Deliver up to ``ADOPT_BATCHES`` requests' worth of the spools that processes
         which died before delivering everything left; False when the server could not
@@ -306,6 +325,11 @@ class Pipeline:
                 try:
                     self._orphan = Spool(self._orphans[0], fsync=False)
                 except (SpoolLocked, OSError):  # a live process owns it, or it vanished
+                    self._orphans.popleft()
+                    continue
+                if not self._same_destination(self._orphan):
+                    self._orphan.close()
+                    self._orphan = None
                     self._orphans.popleft()
                     continue
             orphan = self._orphan
@@ -320,6 +344,13 @@ class Pipeline:
             self._orphan = None
             self._orphans.popleft()
         return True
+
+
+def _spool_destination(spool: Spool) -> str | None:
+    try:
+        return (spool.directory / DESTINATION_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None  # written before destinations were recorded, or cut short by a crash
 
 
 def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,

@@ -280,6 +280,41 @@ def test_a_large_leftover_spool_never_holds_the_new_runs_own_data_back(
     assert spool_sessions(spool_dir) == []
 
 
+def test_a_leftover_spool_is_only_delivered_to_the_server_it_was_logged_to(
+    server: ServerProcess, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Its chunks name runs by that server's numeric ids: sent to another server they would
+    land in whatever run has those ids there. It waits, with a warning, for an init() with
+    its server."""
+    spool_dir = tmp_path / "pluto"
+    left = start(server, spool_dir, finish_timeout=0.5)
+    server.stop()
+    for step in range(50):
+        left.log({"loss": float(step)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left.finish()
+    assert left.undelivered_bytes > 0
+
+    other = server_factory()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        elsewhere = start(other, spool_dir)
+        elsewhere.log({"own": 1.0})
+        elsewhere.finish()
+    said = [str(w.message) for w in caught if "is not sent to" in str(w.message)]
+    assert len(said) == 1 and server.url in said[0] and other.url in said[0], said
+    assert len(spool_sessions(spool_dir)) == 1  # the leftover stays
+    assert sorted(metrics(other, elsewhere.id)) == ["own"]
+    assert [r.run_id for r in query.list_runs("delivery", url=other.url)] == [elsewhere.run_id]
+
+    server.start()
+    home = start(server, spool_dir)
+    home.finish()
+    assert_exactly_once(server, left.id, {("loss", step, 0): float(step) for step in range(50)})
+    assert spool_sessions(spool_dir) == []
+
+
 def test_init_waits_for_a_server_that_comes_up_within_init_timeout(
     server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -12,6 +12,13 @@ class Transport(abc.ABC):
     background sender only and raises ``RequestRejected`` (permanent or not) or
     ``ServerUnavailable``."""
 
+    @property
+    @abc.abstractmethod
+    def destination(self) -> str:
+        """Where chunks go (the server's URL, or the sidecar's socket): a spool left behind
+        is delivered only through a transport with the same destination, as its chunks
+        name runs by that server's ids."""
+
     @abc.abstractmethod
     def open_run(self, request: RunCreate, timeout: float) -> RunAttached: ...
 

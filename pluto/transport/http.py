@@ -118,6 +118,10 @@ class HttpTransport(Transport):
     def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
         self.client = ApiClient(url, api_key, timeout)
 
+    @property
+    def destination(self) -> str:
+        return self.client.url
+
     def open_run(self, request: RunCreate, timeout: float) -> RunAttached:
         deadline = time.monotonic() + timeout
         delay = 0.1

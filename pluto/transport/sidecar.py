@@ -246,6 +246,10 @@ class SidecarTransport(Transport):
                 self._drop()
             raise
 
+    @property
+    def destination(self) -> str:
+        return f"sidecar {self.path}"
+
     def interrupt(self) -> None:
         # Not under the lock: the sender holds it while it waits for the sidecar (a hung
         # one answers nothing for up to ``timeout``). shutdown() wakes that wait at once.
