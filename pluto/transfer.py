@@ -10,11 +10,14 @@ quiet otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import random
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +179,24 @@ class Transfer:
     # -- download ---------------------------------------------------------------
 
     def download(self, files: list[tuple[str, FileEntry]], dest: Path, label: str) -> Path:
-        """``files``: (URL path under the run, entry). Each lands at ``dest/entry.path``."""
-        dest.mkdir(parents=True, exist_ok=True)
+        """``files``: (URL path under the run, entry). Each lands at ``dest/entry.path``.
+
+        Every rank of a node loading one checkpoint downloads into the same ``dest``: one
+        at a time (a lock beside ``dest``), so the first downloads and the others find the
+        files there, checked against their digests.
+        """
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise PlutoError(f"cannot download {label} into {dest}: it exists and is not a "
+                             "directory; choose another destination") from None
+        except OSError as exc:
+            raise PlutoError(f"cannot download {label} into {dest}: "
+                             f"{exc.strerror or exc}; choose another destination") from None
+        with _locked(dest.parent / f".{dest.name}.lock"):
+            return self._download(files, dest, label)
+
+    def _download(self, files: list[tuple[str, FileEntry]], dest: Path, label: str) -> Path:
         todo = [(url, e) for url, e in files if not _present(dest / e.path, e)]
         with _progress(sum(e.size for _, e in todo), self.quiet) as progress:
             task = progress.add_task(f"downloading {label}", total=sum(e.size for _, e in todo))
@@ -193,7 +212,16 @@ class Transfer:
     def _get(self, url: str, entry: FileEntry, target: Path, progress: Progress,
              task: object) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
+        # A name of this attempt's own: where the lock does not hold (a filesystem without
+        # flock), two processes never write one file, and no file of the checkpoint is hit.
+        partial = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        try:
+            self._get_to(url, entry, target, partial, progress, task)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _get_to(self, url: str, entry: FileEntry, target: Path, partial: Path,
+                progress: Progress, task: object) -> None:
         digest = hashlib.sha256()
         received = 0
         try:
@@ -223,6 +251,17 @@ class Transfer:
                 f"{entry.sha256}: the stored copy is damaged or was changed outside pluto"
             )
         os.replace(partial, target)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if need be) while the block runs."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _present(path: Path, entry: FileEntry) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pluto.digits import parse_digits
 from pluto.wire import FileEntry
 from pluto_server.blobs import BlobStore, ObjectEntry, blob_key
-from pluto_server.errors import NotFound
+from pluto_server.errors import Conflict, NotFound
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,18 @@ async def find(source: BlobStore, project: str, model: str,
                not_after_step: int | None) -> ArtCheckpoint:
     """The newest ART checkpoint at or before ``not_after_step`` in ``source``."""
     base = checkpoints_prefix(project, model)
-    by_step: dict[int, tuple[str, list[ObjectEntry]]] = {}
+    # Step directory ("0020/") -> its objects, and step -> its directories.
+    by_directory: dict[str, list[ObjectEntry]] = {}
+    by_step: dict[int, set[str]] = {}
     for entry in await source.list(base):
         directory, slash, rest = entry.key[len(base):].partition("/")
         step = parse_digits(directory)
-        if slash and rest and step is not None:
-            _, found = by_step.setdefault(step, (base + directory + "/", []))
-            found.append(entry)
+        # A key ending in "/" is a folder marker some tools write, not a file.
+        if not slash or not rest or rest.endswith("/") or step is None:
+            continue
+        prefix = base + directory + "/"
+        by_directory.setdefault(prefix, []).append(entry)
+        by_step.setdefault(step, set()).add(prefix)
     where = f"{source.url}/{base}"
     if not by_step:
         raise NotFound(f"no ART checkpoint under {where}: check from_s3_bucket, from_project "
@@ -50,8 +55,13 @@ async def find(source: BlobStore, project: str, model: str,
     if not chosen:
         raise NotFound(f"no ART checkpoint at or before step {not_after_step} under {where}; "
                        f"steps with one: {', '.join(map(str, steps))}")
-    prefix, objects = by_step[chosen[-1]]
-    return ArtCheckpoint(step=chosen[-1], prefix=prefix, objects=objects)
+    step = chosen[-1]
+    if len(by_step[step]) > 1:  # "7/" and "0007/": which one is the checkpoint?
+        folders = " and ".join(sorted(p.removeprefix(base) for p in by_step[step]))
+        raise Conflict(f"the folders {folders} under {where} are both ART step {step}: "
+                       "keep one of them")
+    (prefix,) = by_step[step]
+    return ArtCheckpoint(step=step, prefix=prefix, objects=by_directory[prefix])
 
 
 async def import_files(source: BlobStore, checkpoint: ArtCheckpoint, target: BlobStore,

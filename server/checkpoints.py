@@ -59,21 +59,35 @@ def check_step(step: int, what: str = "step") -> int:
     return step
 
 
-def check_manifest(req: CheckpointCreate) -> None:
-    check_step(req.step)
-    if not req.files:
+def check_file_paths(paths: list[str], what: str = "path") -> None:
+    """The paths of one checkpoint's files: valid, each once, and none of them also a
+    folder of another (``a`` and ``a/b``: no download could write both)."""
+    if not paths:
         raise Unprocessable("a checkpoint needs at least one file")
-    if len(req.files) > MAX_FILES:
+    if len(paths) > MAX_FILES:
         raise Unprocessable(f"a checkpoint holds at most {MAX_FILES} files; pack them")
     seen: set[str] = set()
+    folders: dict[str, str] = {}
+    for path in paths:
+        check_path(path, what)
+        if path in seen:
+            raise Unprocessable(f"file {path!r} is listed twice")
+        seen.add(path)
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folders.setdefault("/".join(parts[:depth]), path)
+    for path in seen & folders.keys():
+        raise Unprocessable(f"{path!r} is both a file and the folder of {folders[path]!r}: "
+                            "rename one of them")
+
+
+def check_manifest(req: CheckpointCreate) -> None:
+    check_step(req.step)
+    check_file_paths([entry.path for entry in req.files])
     for entry in req.files:
-        check_path(entry.path)
         check_sha256(entry.sha256)
         if entry.size < 0:
             raise Unprocessable(f"file {entry.path!r} has a negative size")
-        if entry.path in seen:
-            raise Unprocessable(f"file {entry.path!r} is listed twice")
-        seen.add(entry.path)
     storable_map(req.metadata, "metadata")
     if len(msgspec.json.encode(req.metadata)) > MAX_METADATA_BYTES:
         raise Unprocessable(f"checkpoint metadata is over {MAX_METADATA_BYTES // 1024} KiB "
@@ -127,6 +141,7 @@ def _info_query() -> sa.Select[Any]:
             checkpoints, runs.c.number, projects.c.prefix,
             _SOURCE.c.number.label("source_number"),
             _SOURCE_PROJECT.c.prefix.label("source_prefix"),
+            _SOURCE_PROJECT.c.name.label("source_project"),
         )
         .select_from(
             checkpoints.join(runs, runs.c.id == checkpoints.c.run_id)
@@ -159,6 +174,7 @@ def _infos(conn: Connection, where: sa.ColumnElement[bool]) -> list[CheckpointIn
             source_display_id=(display_id(row["source_prefix"], row["source_number"])
                                if row["source_run_id"] is not None else None),
             source_step=row["source_step"], source_uri=row["source_uri"],
+            source_project=row["source_project"],
         )
         for cid, row in rows_by_id.items()
     ]

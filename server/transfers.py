@@ -242,6 +242,9 @@ class Transfers:
         try:
             with storage_errors(where, ours=False):
                 found = await art.find(source, project, req.from_run, req.not_after_step)
+            # Before a byte is copied: paths a download could not write are refused.
+            checkpoints.check_file_paths([obj.key[len(found.prefix):] for obj in found.objects],
+                                         f"the ART object under {found.prefix!r} at")
             with storage_errors(f"storage {self.store.url}"):
                 files = await art.import_files(source, found, self.store, self._have,
                                                self._record)

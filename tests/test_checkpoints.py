@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,6 +274,46 @@ def test_ranks_saving_the_same_checkpoint_at_once_make_one(
     assert all(result is not None for result in results)
     assert len({result.created_at for result in results if result}) == 1
     assert [c.step for c in run.checkpoints] == [3]
+
+
+LOAD_SCRIPT = """
+import hashlib, sys
+import pluto
+path = pluto.download_checkpoint(sys.argv[1], project=sys.argv[2], quiet=True)
+print(hashlib.sha256((path / "big.bin").read_bytes()).hexdigest())
+"""
+
+
+def test_ranks_loading_one_checkpoint_at_once_all_get_it(
+    start: Callable[..., pluto.Run], url: str, project: str, tmp_path: Path
+) -> None:
+    """Every rank of a node downloads into the same cache dir: one fetches, the others find
+    the files there (before: they shared one ``.partial`` file, and the renames of the
+    first made the others fail)."""
+    blob = os.urandom(24 * 1024 * 1024)
+    run = start(name="loaded")
+    assert run.log_checkpoint(write(tmp_path / "ckpt" / "big.bin", blob), step=1) is not None
+    work = tmp_path / "node"
+    work.mkdir()
+    ranks = [subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, run.display_id, project],
+                              cwd=work, env={**os.environ, "PLUTO_URL": url}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    answers = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0] * 4, [err[-2000:] for _, err in answers]
+    assert {out.strip() for out, _ in answers} == {hashlib.sha256(blob).hexdigest()}
+    cached = [p for p in (work / ".pluto").rglob("*") if p.is_file()]
+    assert [p.name for p in cached if not p.name.endswith(".lock")] == ["big.bin"], cached
+
+
+def test_downloading_into_a_file_says_to_choose_another_destination(
+    start: Callable[..., pluto.Run], tmp_path: Path
+) -> None:
+    run = start(name="dest")
+    assert run.log_checkpoint(write(tmp_path / "ckpt" / "a.bin", b"a"), step=1) is not None
+    occupied = write(tmp_path / "occupied", b"not a directory")
+    with pytest.raises(pluto.PlutoError, match="it exists and is not a directory"):
+        pluto.download_checkpoint(run.id, dest=occupied, quiet=True)
 
 
 @pytest.mark.parametrize(("body", "phrase"), [

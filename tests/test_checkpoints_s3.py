@@ -182,6 +182,40 @@ def test_an_art_checkpoint_is_forked_from_its_bucket(
     assert refused.value.status_code == 404 and "no-such-bucket-here" in str(refused.value)
 
 
+def test_art_folder_markers_and_ambiguous_step_folders_never_make_a_broken_checkpoint(
+    start: Callable[..., pluto.Run], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Some tools write a zero-byte "folder/" object per folder: it is no file. Two folders
+    that are one step ("7" and "0007") are refused, not merged under one prefix (which gave
+    the other folder's files garbage names); so are paths no download could write."""
+    bucket = s3_server.create_bucket()
+    client = s3_server.client()
+    base = "proj/models/m/checkpoints"
+    for key, body in [(f"{base}/0040/adapter/", b""), (f"{base}/0040/adapter/w.bin", b"w"),
+                      (f"{base}/0040/config.json", b"{}"),
+                      (f"{base}/7/a.bin", b"a"), (f"{base}/0007/b.bin", b"b"),
+                      (f"{base}/0050/x", b"file"), (f"{base}/0050/x/y", b"nested")]:
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    run = start(name="art-edges")
+    info = pluto.fork_checkpoint(run, "m", from_project="proj", from_s3_bucket=bucket,
+                                 not_after_step=40)
+    assert sorted(f.path for f in info.files) == ["adapter/w.bin", "config.json"]
+    fetched = run.download_checkpoint(40, tmp_path / "art")
+    assert (fetched / "adapter" / "w.bin").read_bytes() == b"w"
+
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(start(name="seven"), "m", from_project="proj",
+                              from_s3_bucket=bucket, not_after_step=7)
+    assert refused.value.status_code == 409
+    assert "the folders 0007/ and 7/ under" in str(refused.value)
+    assert "are both ART step 7" in str(refused.value)
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(start(name="fifty"), "m", from_project="proj",
+                              from_s3_bucket=bucket, not_after_step=50)
+    assert refused.value.status_code == 422
+    assert "'x' is both a file and the folder of 'x/y'" in str(refused.value)
+
+
 # -- broken storage ---------------------------------------------------------------------------
 
 
