@@ -37,9 +37,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     download = sub.add_parser("download", help="fetch a checkpoint's files")
     download.add_argument("run")
-    download.add_argument("--step", type=int, default=None, help="exactly this step")
-    download.add_argument("--not-after-step", type=int, default=None,
-                          help="the newest at or before this step")
+    which = download.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="exactly this step")
+    which.add_argument("--not-after-step", type=int, default=None,
+                       help="the newest at or before this step")
     download.add_argument("--dest", default=None,
                           help="directory (default: .pluto/checkpoints/RUN/STEP)")
     _connection(download)

@@ -304,7 +304,8 @@ class Run:
                 return checkpoints.save_checkpoint(client, self._api_ref, self.project, obj,
                                                    at, dict(metadata or {}))
         except Exception as exc:
-            warnings.warn(f"pluto: checkpoint at step {step} was not saved: {exc}",
+            said = step if step is not None else f"{max(self._step, 0)} (the current step)"
+            warnings.warn(f"pluto: checkpoint at step {said} was not saved: {exc}",
                           RuntimeWarning, stacklevel=2)
             return None
 

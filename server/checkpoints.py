@@ -214,6 +214,9 @@ def resolve(conn: Connection, run_id: int, run_label: str, *,
             not_after_step: int | None = None, step: int | None = None) -> CheckpointInfo:
     """The newest eligible checkpoint at or before ``not_after_step`` (or exactly at
     ``step``), with an error that lists what exists when there is none."""
+    if step is not None and not_after_step is not None:
+        raise Unprocessable(f"step={step} and not_after_step={not_after_step} both choose a "
+                            "checkpoint: pass one of them")
     offered = eligible(conn, run_id)
     if step is not None:
         chosen = [info for info in offered if info.step == step]
@@ -245,8 +248,12 @@ def create_checkpoint(conn: Connection, run_id: int, req: CheckpointCreate, *,
         if _same_files(existing.files, req.files) and (
                 source is None or existing.source_run == source.run):
             return existing, False
-        what = (f"a copy of {existing.source_display_id}'s step {existing.source_step}"
-                if existing.source_run is not None else "other files")
+        if existing.source_run is not None:
+            what = f"a copy of {existing.source_display_id}'s step {existing.source_step}"
+        elif _same_files(existing.files, req.files):
+            what = "the same files, logged by the run itself"
+        else:
+            what = "other files"
         raise Conflict(f"run {existing.run_display_id} already has a checkpoint at step "
                        f"{req.step} ({what}); checkpoints are immutable: use another step")
     inserted = conn.execute(

@@ -306,6 +306,22 @@ def test_ranks_loading_one_checkpoint_at_once_all_get_it(
     assert [p.name for p in cached if not p.name.endswith(".lock")] == ["big.bin"], cached
 
 
+def test_a_checkpoint_is_chosen_by_step_or_not_after_step_never_both(
+    start: Callable[..., pluto.Run], url: str, tmp_path: Path
+) -> None:
+    run = start(name="both")
+    for step in (1, 5):
+        assert run.log_checkpoint(write(tmp_path / f"c{step}.bin", b"%d" % step), step) is not None
+    both = httpx.get(f"{url}{API_PREFIX}/runs/{run.id}/checkpoints/resolve",
+                     params={"step": 5, "not_after_step": 1})
+    assert both.status_code == 422 and "pass one of them" in both.json()["detail"], both.text
+    # The same files again at a step the run holds: the conflict says they are the same.
+    again = httpx.post(f"{url}{API_PREFIX}/runs/{run.id}/checkpoints/fork",
+                       json={"from_run": str(run.id), "not_after_step": 5})
+    assert again.status_code == 409, again.text
+    assert "the same files, logged by the run itself" in again.json()["detail"]
+
+
 def test_downloading_into_a_file_says_to_choose_another_destination(
     start: Callable[..., pluto.Run], tmp_path: Path
 ) -> None:
