@@ -89,6 +89,15 @@ def phase_of(
     return previous or "Pending"
 
 
+#: The phase a finished run's status on the server implies, for a workload that went before
+#: its outcome was seen (TERMINATED: stopped, not succeeded).
+RUN_PHASES: dict[RunStatus, Phase] = {
+    RunStatus.COMPLETED: "Succeeded",
+    RunStatus.FAILED: "Failed",
+    RunStatus.TERMINATED: "Failed",
+}
+
+
 def finish_status(phase: Phase | None) -> RunStatus:
     """The run status a PlutoRun's end maps to: deleted while running is TERMINATED."""
     if phase == "Succeeded":

@@ -24,7 +24,15 @@ from pluto.wire import RunAttached, RunUpdate
 from pluto_operator import conditions as cond
 from pluto_operator.cache import known_run
 from pluto_operator.kube import JOBSET_GROUP, JOBSET_VERSION, JOBSETS, Kube
-from pluto_operator.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, PlutoRunSpec
+from pluto_operator.model import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    Phase,
+    PlutoRunSpec,
+)
 from pluto_operator.names import (
     INJECT_ENABLED,
     JOBSET_NAME_LABEL,
@@ -33,6 +41,7 @@ from pluto_operator.names import (
     label_value,
 )
 from pluto_operator.phases import (
+    RUN_PHASES,
     TERMINAL,
     Workload,
     count_injected,
@@ -200,6 +209,10 @@ class Reconciler:
             fetch = self.kube.get_jobset if workload.kind == "JobSet" else self.kube.get_job
             workloads[workload] = fetch(namespace, workload.name)
         phase = phase_of(pods, workloads, previous)
+        if not pods and phase == "Running" and status.get("serverRunId") is not None:
+            # The workload and its pods went between two looks (a Job's TTL, a deletion right
+            # after it ended): its outcome is the run's own, if its processes finished it.
+            phase = self._phase_from_the_run(body, status) or phase
         if phase != previous:
             patch.status["phase"] = phase
             _normal(body, reason=f"Phase{phase}", message=f"{len(pods)} pod(s); "
@@ -211,6 +224,15 @@ class Reconciler:
         elif status.get("serverRunId") is not None:
             self._finish(body, status, patch, phase, attempt=0, final=False)
 
+    def _phase_from_the_run(self, body: kopf.Body, status: kopf.Status) -> Phase | None:
+        """Succeeded/Failed as the run's status on the server says (its ranks' finish());
+        None while it is still running there, or the server cannot say."""
+        try:
+            info = self.servers.get_run(self._server_url(body), int(status["serverRunId"]))
+        except (Unreachable, Refused):
+            return None
+        return RUN_PHASES.get(info.status)
+
     def _finish(self, body: kopf.Body, status: kopf.Status, patch: kopf.Patch | None,
                 phase: Any, attempt: int, final: bool) -> None:
         conditions = list(_plain(status.get("conditions") or []))
@@ -218,6 +240,12 @@ class Reconciler:
             return
         run_status = finish_status(phase)
         url = self._server_url(body)
+        if phase not in TERMINAL and self._phase_from_the_run(body, status) is not None:
+            # Deleted with no outcome seen, but its processes finished the run: TERMINATED
+            # would outrank their COMPLETED (the most severe status wins).
+            _normal(body, reason="RunFinished", message="the run was already finished by its "
+                    "processes; left as it is")
+            return
         try:
             info = self.servers.finish_run(url, int(status["serverRunId"]), run_status)
         except Unreachable as exc:

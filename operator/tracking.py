@@ -92,6 +92,9 @@ class TrackingServers:
             raise Refused(f"the server returned no lineage for run {ref!r}")
         return lineage.ancestors[-1].id
 
+    def get_run(self, url: str, server_run_id: int) -> RunInfo:
+        return self._call(url, "GET", f"/runs/{server_run_id}", RunInfo, None)
+
     def update_run(self, url: str, server_run_id: int, update: RunUpdate) -> RunInfo:
         return self._call(url, "PATCH", f"/runs/{server_run_id}", RunInfo, update)
 

@@ -265,6 +265,48 @@ def test_delete_finishes_the_run_then_lets_go(cluster: Cluster) -> None:
     assert run.status is RunStatus.TERMINATED  # deleted while not finished
 
 
+def finish_on_the_server(cluster: Cluster, run_id: int, status: RunStatus) -> None:
+    """What the ranks' ``finish()`` does."""
+    answer = httpx.post(f"{cluster.server.url}/api/v1/runs/{run_id}/finish",
+                        json={"status": status.value})
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_workload_gone_between_looks_takes_its_phase_from_the_run(cluster: Cluster) -> None:
+    """A Job with a TTL (or deleted right after it ended) and its pods vanish before the
+    operator saw its outcome: the phase is the run's status that its ranks' finish() left,
+    not Running for ever; and deleting the PlutoRun then does not make it TERMINATED."""
+    cluster.plutorun("ttl", selector={"matchLabels": {"batch.kubernetes.io/job-name": "ttl"}})
+    status = cluster.status_when("ttl", lambda s: s.get("serverRunId") is not None)
+    cluster.kube.create(JOBS, {"apiVersion": "batch/v1", "kind": "Job",
+                               "metadata": {"name": "ttl", "namespace": NS},
+                               "spec": {"template": {"spec": {"containers": []}}}},
+                        namespace=NS)
+    put_pod(cluster.kube, pod("ttl-0", "ttl", "Running", job="ttl"))
+    cluster.status_when("ttl", lambda s: s.get("phase") == "Running")
+    finish_on_the_server(cluster, status["serverRunId"], RunStatus.COMPLETED)
+    cluster.kube.delete(PODS, "ttl-0", namespace=NS)
+    cluster.kube.delete(JOBS, "ttl", namespace=NS)
+    cluster.status_when("ttl", lambda s: s.get("phase") == "Succeeded")
+    cluster.kube.delete(PLUTORUNS, "ttl", namespace=NS)
+    wait_for(lambda: cluster.kube.find(PLUTORUNS, "ttl", namespace=NS) is None, 15,
+             message=cluster.logs)
+    assert query.get_run(status["serverRunId"], url=cluster.server.url).status \
+        is RunStatus.COMPLETED
+
+
+def test_deleting_a_plutorun_whose_ranks_finished_the_run_keeps_their_status(
+        cluster: Cluster) -> None:
+    cluster.plutorun("done")
+    status = cluster.status_when("done", lambda s: s.get("serverRunId") is not None)
+    finish_on_the_server(cluster, status["serverRunId"], RunStatus.COMPLETED)
+    cluster.kube.delete(PLUTORUNS, "done", namespace=NS)
+    wait_for(lambda: cluster.kube.find(PLUTORUNS, "done", namespace=NS) is None, 15,
+             message=cluster.logs)
+    assert query.get_run(status["serverRunId"], url=cluster.server.url).status \
+        is RunStatus.COMPLETED  # was TERMINATED: it outranks COMPLETED
+
+
 def test_spec_changes_reach_the_run(cluster: Cluster) -> None:
     cluster.plutorun("tune", config={"lr": 1}, tags=["a", "b"])
     status = cluster.status_when("tune", lambda s: s.get("serverRunId") is not None)
