@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lineage":
             return _lineage(args, console)
     except PlutoError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        # One line whatever the terminal's width, and the message as written (not markup).
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 1
     return 2
 
@@ -175,7 +177,13 @@ def _sidecar(args: argparse.Namespace) -> int:
     env = SidecarSettings.env_defaults()
     api_key = os.environ.get("PLUTO_API_KEY")
     if args.api_key_file is not None:
-        api_key = args.api_key_file.read_text().strip()
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise PlutoError(f"--api-key-file {args.api_key_file}: cannot read the API key "
+                             f"from it ({reason}); give the path of the file that holds "
+                             "it (the mounted Secret), or set PLUTO_API_KEY instead") from None
     socket = args.socket or Path(env.get("socket", SidecarSettings().socket))
     api_socket_arg = args.api_socket if args.api_socket is not None else env.get("api_socket")
     api_socket = (None if api_socket_arg == "" else
@@ -197,11 +205,24 @@ def _sidecar(args: argparse.Namespace) -> int:
         health_host=args.health_host,
         health_port=args.health_port,
         sys_interval=args.sys_interval,
-        node_rank=args.node_rank if args.node_rank is not None else int(env.get("node_rank", 0)),
+        node_rank=args.node_rank if args.node_rank is not None else _env_node_rank(env),
         log_level=args.log_level,
         exit_when_idle=args.exit_when_idle,
     )
     return run(settings)
+
+
+def _env_node_rank(env: dict[str, str]) -> int:
+    """``PLUTO_NODE_RANK``, which must be a whole number (0 when unset)."""
+    value = env.get("node_rank", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise PlutoError(f"PLUTO_NODE_RANK={value!r} is not a node rank: set it to a whole "
+                         "number >= 0 (this node's rank), or pass --node-rank")
+    return rank
 
 
 def _keys(args: argparse.Namespace, console: Console) -> int:

@@ -437,9 +437,15 @@ class Connection:
             raise ClientError(f"a client does not send {kind.name} frames")
 
     async def _chunk(self, request_id: int, record: memoryview) -> None:
-        chunk = _decode(record[1:], ChunkEnvelope, "Chunk")
+        chunk = _decode(record[1:], _ChunkRoute, "Chunk")
         if chunk.run == 0 and not (chunk.project and chunk.run_ref):
             raise ClientError("a chunk names its run: run id, or project and run_ref")
+        if chunk.finish is not None:  # this client's last chunk of the run
+            registry = self.sidecar.registry
+            key = ((chunk.project, chunk.run_ref) if chunk.project and chunk.run_ref
+                   else registry.key_of(chunk.run))
+            if key is not None:
+                registry.finished_by(key, self._on_resolved)
         # The record is the frame as received, behind its kind byte: spooled without a copy.
         record[0] = RecordKind.CHUNK.value[0]
         ticket = self.sidecar.queue.append_record(record)
@@ -491,6 +497,13 @@ class Connection:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._send(FrameKind.ERROR, request_id,
                              FrameError(detail=exc.detail, fatal=exc.fatal))
+
+
+class _ChunkRoute(ChunkEnvelope, kw_only=True):
+    """A ``ChunkEnvelope`` and whether it is its writer's last chunk of the run (``finish``,
+    the run's final status): the run's system metrics stop once its clients are done."""
+
+    finish: str | None = None
 
 
 def _decode(payload: bytes | memoryview, kind: type[Any], name: str | None = None) -> Any:

@@ -213,12 +213,12 @@ class Forwarder:
             if kind is RecordKind.OPEN:
                 request = msgspec.msgpack.decode(body, type=RunCreate)
                 info = await self.upstream.open_run(request)
-                self.registry.resolve((request.project, request.run_id or ""), info)
+                self.registry.resolve((request.project, request.run_id or ""), info, request)
                 log_event(log, "run opened", project=request.project, run_ref=request.run_id,
                           run=info.id, display_id=info.display_id)
             else:
-                await self.upstream.update_run(msgspec.msgpack.decode(body,
-                                                                      type=RunUpdateRequest))
+                update = msgspec.msgpack.decode(body, type=RunUpdateRequest)
+                await self.upstream.update_run(update, await self._run_number(update))
         except RequestRejected as exc:
             if not exc.permanent:
                 return self._transient(exc)
@@ -230,6 +230,20 @@ class Forwarder:
             return self._transient(exc)
         await self.queue.ack(record.end)
         return True
+
+    async def _run_number(self, update: RunUpdateRequest) -> int:
+        """The numeric id of the run an update names by external id.
+
+        The server reads an all-digit reference as a numeric id first, so ``/runs/2`` is
+        the run whose numeric id is 2, not the one whose ``run_id`` is "2"; only the
+        numeric id names a run unambiguously. The run's OPEN is spooled before its
+        updates, so it is normally known here; after a restart of the sidecar it is looked
+        up by external id.
+        """
+        entry = self.registry.get((update.project, update.run_ref))
+        if entry is not None and entry.info is not None:
+            return entry.info.id
+        return await self.upstream.find_run_number(update.project, update.run_ref)
 
     def _transient(self, exc: PlutoError) -> bool:
         log_event(log, "server unavailable, will retry", error=str(exc),

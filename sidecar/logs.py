@@ -39,7 +39,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["LOGGER_NAME", "REDACTED", "JsonFormatter", "configure", "log_event", "redact", "scrub"]
+__all__ = [
+    "COVERED_LOGGERS", "LOGGER_NAME", "REDACTED", "JsonFormatter", "configure", "log_event",
+    "redact", "scrub",
+]
 
 LOGGER_NAME = "pluto.sidecar"
 REDACTED = "[redacted]"
@@ -142,27 +145,45 @@ class _Handler(logging.Handler):
             self.handleError(record)
 
 
+#: Loggers outside the ``pluto.sidecar`` tree that log in the sidecar's process, printed
+#: the same way: the SDK modules it runs (``pluto.spool``: a cursor it could not save, a
+#: volume with room again), and Python warnings (``configure`` routes them to logging).
+COVERED_LOGGERS = (LOGGER_NAME, "pluto", "py.warnings")
+
+
 def configure(level: str = "INFO", *, stream: TextIO | None = None) -> None:
-    """Make the ``pluto.sidecar`` logger tree print JSON lines at ``level`` and above.
+    """Make every line the sidecar logs a JSON line: the ``pluto.sidecar`` tree at ``level``
+    and above, and the rest of :data:`COVERED_LOGGERS` too.
 
     ``level`` is a logging level name, any case (``"debug"``, ``"INFO"``, ...). Output goes to
     ``stream`` or, by default, stderr. Idempotent: calling it again replaces the handler it
-    installed before. The tree stops propagating to the root logger, so a root handler set up
-    by some library does not print every line a second time in another format.
+    installed before. These loggers stop propagating to the root logger, so a root handler set
+    up by some library does not print every line a second time in another format. Anything
+    else that reaches the root logger (asyncio's own errors, a library's warning) is printed as
+    JSON too, at WARNING and above (below that, libraries such as httpx log every request).
     """
     numeric = logging.getLevelName(level.strip().upper())
     if not isinstance(numeric, int):
         raise ValueError(
             f"unknown log level {level!r}: use one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
         )
-    logger = logging.getLogger(LOGGER_NAME)
-    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
-        logger.removeHandler(old)
     handler = _Handler(stream)
     handler.setFormatter(JsonFormatter())
+    for name in COVERED_LOGGERS:
+        logger = logging.getLogger(name)
+        _replace_handler(logger, handler)
+        logger.setLevel(numeric)
+        logger.propagate = False
+    root = logging.getLogger()
+    _replace_handler(root, handler)
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.captureWarnings(True)  # warnings.warn of the SDK modules it runs, to py.warnings
+
+
+def _replace_handler(logger: logging.Logger, handler: logging.Handler) -> None:
+    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(old)
     logger.addHandler(handler)
-    logger.setLevel(numeric)
-    logger.propagate = False
 
 
 def log_event(

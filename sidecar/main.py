@@ -9,7 +9,7 @@ import signal
 from pluto._malloc import M_MMAP_THRESHOLD, mallopt
 from pluto_sidecar.logs import configure, log_event
 from pluto_sidecar.settings import SidecarSettings
-from pluto_sidecar.sidecar import Sidecar, SocketInUse
+from pluto_sidecar.sidecar import CannotStart, Sidecar
 
 log = logging.getLogger("pluto.sidecar")
 
@@ -18,7 +18,7 @@ async def _run(settings: SidecarSettings) -> int:
     sidecar = Sidecar(settings)
     try:
         await sidecar.start()
-    except SocketInUse as exc:
+    except CannotStart as exc:
         log_event(log, "not starting", error=str(exc), level=logging.ERROR)
         return 1
     stop = asyncio.Event()

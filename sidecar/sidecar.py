@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.spool import Position
 from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
@@ -21,7 +22,7 @@ from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
 from pluto_sidecar.proxy import ApiProxy
 from pluto_sidecar.queue import DurableQueue, RecordKind
-from pluto_sidecar.registry import Listener, RunRegistry, as_resumed
+from pluto_sidecar.registry import Listener, RunEntry, RunRegistry, as_resumed
 from pluto_sidecar.settings import SidecarSettings
 from pluto_sidecar.sysmetrics import SystemSampler
 from pluto_sidecar.telemetry import Telemetry
@@ -30,7 +31,11 @@ from pluto_sidecar.upstream import Upstream
 log = logging.getLogger("pluto.sidecar")
 
 
-class SocketInUse(RuntimeError):
+class CannotStart(RuntimeError):
+    """The sidecar cannot start as configured; the message names the flag to change."""
+
+
+class SocketInUse(CannotStart):
     """Another live sidecar listens on the socket: never steal it."""
 
 
@@ -87,10 +92,11 @@ class Sidecar:
         if self.proxy is not None:
             _claim_socket_path(self.proxy.path)
         self.queue.start()
-        self._server = await self._listen()
-        if self.proxy is not None:
-            await self.proxy.start()
-        self.health.start()
+        try:
+            await self._bind()
+        except BaseException:
+            await self._abandon_start()
+            raise
         self._tasks.append(asyncio.create_task(self.forwarder.run_forever(), name="forwarder"))
         if self.settings.sys_interval > 0:
             self._tasks.append(asyncio.create_task(self._sample_system(), name="sysmetrics"))
@@ -136,6 +142,43 @@ class Sidecar:
         self.health.stop()
         return delivered
 
+    async def _bind(self) -> None:
+        """Listen on the sockets and the health port; ``CannotStart`` names what to fix."""
+        settings = self.settings
+        try:
+            self._server = await self._listen()
+        except OSError as exc:
+            raise CannotStart(f"--socket {settings.socket}: cannot listen there "
+                              f"({exc.strerror or exc}); give a path in a writable "
+                              "directory") from exc
+        if self.proxy is not None:
+            try:
+                await self.proxy.start()
+            except OSError as exc:
+                raise CannotStart(f"--api-socket {self.proxy.path}: cannot listen there "
+                                  f"({exc.strerror or exc}); give another path, or "
+                                  "--api-socket '' for none") from exc
+        try:
+            self.health.start()
+        except OSError as exc:
+            raise CannotStart(f"--health-port {settings.health_port} on --health-host "
+                              f"{settings.health_host}: {exc.strerror or exc}; choose a free "
+                              "port (0: any free port)") from exc
+
+    async def _abandon_start(self) -> None:
+        """A start that failed half-way: close and remove what it opened, so that no
+        socket file is left for clients to find with nobody behind it."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.socket.unlink()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        self.health.stop()
+        await self.queue.stop()
+        await self.upstream.close()
+
     @property
     def _api_in_flight(self) -> int:
         return 0 if self.proxy is None else self.proxy.in_flight
@@ -170,6 +213,8 @@ class Sidecar:
     def _ready(self) -> tuple[bool, str]:
         if self._server is None or not self._server.is_serving():
             return False, "the socket is not listening"
+        if not self.settings.socket.is_socket():
+            return False, f"the socket {self.settings.socket} is gone (ranks cannot find it)"
         if self.proxy is not None and not self.proxy.listening:
             return False, f"the API socket {self.proxy.path} is not listening"
         if not os.access(self.settings.spool_dir, os.W_OK):
@@ -179,42 +224,77 @@ class Sidecar:
     # -- runs -----------------------------------------------------------------
 
     async def open_run(self, request: RunCreate, listener: Listener) -> RunOpened:
-        """Attach once per run per sidecar; answer "pending" if the server is away."""
+        """Attach once per run per sidecar; answer "pending" if the server is away.
+
+        The ranks of one job share one server answer: an open is answered from the cache
+        while other clients of the run are on (see ``RunRegistry``), when it is a plain
+        attach or asks what the cached answer was fetched for. Anything else asks the
+        server again: a process that opens the run after its clients all left (a
+        restart), whose ``resume=True`` needs the run's current last step, and a fork or
+        resume open to a run the cache knows from another kind of open.
+        """
         if not request.run_id:
             raise ClientError("OPEN_RUN needs run_id (the SDK always sends one)")
         key = (request.project, request.run_id)
         entry = self.registry.entry(key)
         async with entry.lock:
-            if entry.info is not None:
+            if entry.pending is not None:  # an OPEN waits in the spool: share its answer
+                self.registry.subscribe(key, listener)
+                self.registry.attach(key, listener)
+                return RunOpened(project=key[0], run_ref=key[1],
+                                 pending=_pending_detail(entry.pending, request))
+            if entry.info is not None and _cached_answer_holds(entry, request):
                 info = entry.info
                 if entry.handed_out and not info.resumed:
                     info = as_resumed(info)
                 entry.handed_out = True
+                self.registry.attach(key, listener)
                 return RunOpened(project=key[0], run_ref=key[1], run=info)
             if entry.failed is not None:
                 raise ClientError(entry.failed)
-            if entry.pending is None:
-                try:
-                    info = await asyncio.wait_for(self.upstream.open_run(request),
-                                                  self.settings.open_wait)
-                except RequestRejected as exc:
-                    if exc.permanent:
-                        raise
-                    reason = str(exc)
-                except (ServerUnavailable, TimeoutError) as exc:
-                    reason = str(exc) or "the server did not answer in time"
-                else:
-                    self.registry.resolve(key, info)
-                    entry.handed_out = True
-                    return RunOpened(project=key[0], run_ref=key[1], run=info)
-                # Keep the request durably: the forwarder opens the run when it can.
-                ticket = self.queue.append(RecordKind.OPEN, encode_msgpack(request))
-                await self.queue.durable(ticket)
-                entry.pending = reason
-                log_event(log, "run pending: server unavailable", project=key[0],
-                          run_ref=key[1], reason=reason, level=logging.WARNING)
+            wait = self.settings.open_wait
+            if request.resume:
+                # The run's last step counts only what reached the server: let what this
+                # sidecar holds (a previous attempt's last chunks) get there first, within
+                # the same wait (and half of it left at least for the open itself).
+                started = time.monotonic()
+                await self._delivered(self.queue.spool.end, wait)
+                wait = max(wait / 2, wait - (time.monotonic() - started))
+            try:
+                info = await asyncio.wait_for(self.upstream.open_run(request), wait)
+            except RequestRejected as exc:
+                if exc.permanent:
+                    raise
+                reason = str(exc)
+            except (ServerUnavailable, TimeoutError) as exc:
+                reason = str(exc) or "the server did not answer in time"
+            else:
+                self.registry.resolve(key, info, request)
+                entry.handed_out = True
+                self.registry.attach(key, listener)
+                return RunOpened(project=key[0], run_ref=key[1], run=info)
+            # Keep the request durably: the forwarder opens the run when it can.
+            ticket = self.queue.append(RecordKind.OPEN, encode_msgpack(request))
+            await self.queue.durable(ticket)
+            entry.pending = reason
+            pending = _pending_detail(reason, request)
+            log_event(log, "run pending: server unavailable", project=key[0],
+                      run_ref=key[1], reason=pending, resume=request.resume,
+                      level=logging.WARNING)
             self.registry.subscribe(key, listener)
-            return RunOpened(project=key[0], run_ref=key[1], pending=entry.pending)
+            self.registry.attach(key, listener)
+            return RunOpened(project=key[0], run_ref=key[1], pending=pending)
+
+    async def _delivered(self, position: Position, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the server has acknowledged the spool
+        up to ``position``; False when it has not by then."""
+        deadline = time.monotonic() + timeout
+        spool = self.queue.spool
+        while not spool.empty and spool.acked < position:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     # -- system metrics -------------------------------------------------------
 
@@ -241,6 +321,31 @@ class Sidecar:
                           values=[values[k] for k in keys], times=[now] * len(keys))
             self._sys_seq += 1
             self.queue.append(RecordKind.CHUNK, encode_msgpack(chunk))
+
+
+def _shape(request: RunCreate) -> tuple[object, ...]:
+    """What of an open decides which answer it needs (config, tags and name do not)."""
+    return (request.resume, request.fork_run_id, request.fork_step, request.inherit_config,
+            request.inherit_tags)
+
+
+def _cached_answer_holds(entry: RunEntry, request: RunCreate) -> bool:
+    """Whether the cached answer is the one the server would give ``request`` now."""
+    if not entry.clients:
+        return False  # everybody who opened it left: a restart, not a rank of the same job
+    if entry.answered is not None and _shape(entry.answered) == _shape(request):
+        return True
+    return not request.resume and request.fork_run_id is None  # a plain attach
+
+
+def _pending_detail(reason: str, request: RunCreate) -> str:
+    """Why a run is pending, and, for ``resume=True``, what that means for its steps."""
+    if not request.resume:
+        return reason
+    return (f"{reason}; resume=True cannot learn the run's last step until the server "
+            "answers, so this process's steps start again from "
+            f"{0 if request.fork_step is None else request.fork_step + 1} and may repeat "
+            "steps the run already has")
 
 
 def _claim_socket_path(path: Path) -> None:

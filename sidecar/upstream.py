@@ -22,6 +22,7 @@ from pluto.wire import (
     RunAttached,
     RunCreate,
     RunInfo,
+    RunList,
     RunUpdateRequest,
     encode_json,
 )
@@ -95,9 +96,21 @@ class Upstream:
     async def open_run(self, request: RunCreate) -> RunAttached:
         return await self._call("POST", "/runs", RunAttached, encode_json(request), JSON)
 
-    async def update_run(self, request: RunUpdateRequest) -> RunInfo:
-        path = f"/runs/{quote(request.run_ref, safe='')}?project={quote(request.project)}"
+    async def update_run(self, request: RunUpdateRequest, run: int) -> RunInfo:
+        """Apply ``request`` to the run with numeric id ``run`` (the run ``request`` names by
+        external id): an all-digit external id in the path would be read as a numeric id."""
+        path = f"/runs/{run}?project={quote(request.project, safe='')}"
         return await self._call("PATCH", path, RunInfo, encode_json(request.update), JSON)
+
+    async def find_run_number(self, project: str, run_ref: str) -> int:
+        """The numeric id of the run of ``project`` whose external id is ``run_ref``;
+        ``RequestRejected`` (404) when there is none."""
+        runs = await self._call("GET", f"/projects/{quote(project, safe='')}/runs", RunList,
+                                b"", JSON)
+        for run in runs.runs:
+            if run.run_id == run_ref:
+                return run.id
+        raise RequestRejected(404, f"run {run_ref!r} does not exist in project {project!r}")
 
     async def prepare(self, chunks: Sequence[bytes | memoryview]) -> bytes:
         """The compressed ``IngestBatch`` body of ``chunks``, for ``send_ingest``."""

@@ -15,7 +15,11 @@ What a pod relies on, and what these tests pin:
   server refuses for good is set aside and counted, not retried forever;
 - health, readiness and Prometheus metrics say what is going on;
 - system metrics arrive under ``sys/`` labelled with the node rank and are not inherited
-  by forks; the training process needs no credentials.
+  by forks, and stop once a run is over; the training process needs no credentials;
+- the cache answers only the ranks of one job: a restart's ``resume=True`` gets the run's
+  current last step, and a pending one says that it cannot; updates reach the run they
+  name even when its external id is all digits;
+- a sidecar that cannot start says which flag to fix in one line and leaves no socket.
 
 The kill -9 rounds, the long outages, the two-node torchrun job and the benchmark live in
 tests/chaos/.
@@ -43,7 +47,7 @@ import httpx
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.server_process import ServerProcess
+from support.server_process import ServerProcess, clean_env
 from support.sidecar_process import SidecarProcess, SidecarStartError
 
 import pluto
@@ -65,6 +69,8 @@ from pluto.wire import (
     RunInfo,
     RunOpened,
     RunStatus,
+    RunUpdate,
+    RunUpdateRequest,
     Welcome,
     encode_frame,
     encode_msgpack,
@@ -365,19 +371,21 @@ class RawClient:
         assert (kind, got_id) == (FrameKind.WELCOME, request_id), payload
         return msgspec.msgpack.decode(payload, type=Welcome)
 
-    def open_run(self, project: str, run_ref: str) -> RunOpened:
+    def open_run(self, project: str, run_ref: str, **fields: Any) -> RunOpened:
+        """``fields``: more of the ``RunCreate`` (``resume=True``, ``fork_run_id=...``)."""
         request_id = self.send(FrameKind.OPEN_RUN, encode_msgpack(
-            RunCreate(project=project, run_id=run_ref)))
+            RunCreate(project=project, run_id=run_ref, **fields)))
         kind, got_id, payload = self.receive()
         assert (kind, got_id) == (FrameKind.RUN, request_id), payload
         return msgspec.msgpack.decode(payload, type=RunOpened)
 
     def chunk_frame(self, *, writer: int, steps: list[int], key: str = "good", run: int = 0,
-                    project: str | None = None, run_ref: str | None = None) -> bytes:
+                    project: str | None = None, run_ref: str | None = None,
+                    finish: RunStatus | None = None) -> bytes:
         chunk = Chunk(run=run, project=project, run_ref=run_ref, session=self.session,
                       seq=self.seq, writer=writer, keys=[key], key_index=[0] * len(steps),
                       steps=steps, values=[value(writer, s, 0) for s in steps],
-                      times=[time.time()] * len(steps))
+                      times=[time.time()] * len(steps), finish=finish)
         self.seq += 1
         return encode_msgpack(chunk)
 
@@ -1364,3 +1372,312 @@ def test_exit_when_idle_waits_for_a_client_then_exits_after_the_last_leaves(
     assert sidecar.proc.wait(15) == 0
     counts, _ = stored_points(shared_server.url, opened.run.id)
     assert counts == Counter({("good", step, 0): 1 for step in range(3)})
+
+
+# -- found by review: opens the cache must not answer, runs that are over ------------
+
+
+def logged(client: RawClient, run: int, steps: list[int], *, writer: int = 0,
+           finish: RunStatus | None = None) -> None:
+    """Send one chunk of ``steps`` to ``run`` and wait for its ACK."""
+    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(
+        writer=writer, steps=steps, run=run, finish=finish))
+    kind, got_id, payload = client.receive()
+    assert (kind, got_id) == (FrameKind.ACK, request_id), (kind, payload)
+
+
+def wait_last_step(url: str, run_ref: str, last_step: int) -> None:
+    wait_until(lambda: getattr(find_run(url, run_ref), "last_step", None) == last_step, 20,
+               lambda: f"{run_ref}: last_step is not {last_step}: {find_run(url, run_ref)}")
+
+
+def test_a_resume_after_the_ranks_left_is_answered_by_the_server_not_the_cache(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """A process restarted in the same pod with ``resume=True`` goes on after the run's last
+    step: the sidecar's cached answer is the one from the run's creation (no last step),
+    and used to restart the steps at 0. Ranks of the restarted job that open it while
+    another of them is on share one answer, so they agree on where to go on."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=QUIET)
+    first = RawClient(sidecar.socket)
+    first.handshake()
+    created = first.open_run(PROJECT, "restarted")
+    assert created.run is not None and created.run.last_step is None
+    logged(first, created.run.id, [0, 1, 2, 3, 4])
+    first.close()  # the process ends (crashed: no final status)
+    wait_last_step(server.url, "restarted", 4)
+
+    rank0 = RawClient(sidecar.socket)
+    rank0.handshake(writer=0)
+    resumed = rank0.open_run(PROJECT, "restarted", resume=True)
+    assert resumed.run is not None, resumed
+    assert (resumed.run.id, resumed.run.resumed) == (created.run.id, True)
+    assert resumed.run.last_step == 4  # was None: the cached answer of the creation
+    logged(rank0, created.run.id, [5, 6])
+    wait_last_step(server.url, "restarted", 6)
+    # Another rank of the restarted job, while rank 0 is on: the same answer as rank 0's.
+    rank1 = RawClient(sidecar.socket)
+    rank1.handshake(writer=1)
+    same = rank1.open_run(PROJECT, "restarted", resume=True)
+    assert same.run is not None and same.run.last_step == 4, same
+    # A plain attach of a rank of the job is answered from the cache as before.
+    plain = RawClient(sidecar.socket)
+    plain.handshake(writer=2)
+    attached = plain.open_run(PROJECT, "restarted")
+    assert attached.run is not None and attached.run.resumed is True
+    for client in (rank0, rank1, plain):
+        client.close()
+
+
+def test_a_resume_right_after_the_last_chunk_waits_for_it_to_reach_the_server(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """The run's last step counts what reached the server: a resume that comes while the
+    previous attempt's last chunk is still in the sidecar's spool waits for it."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--batch-max-age", "1.5"])
+    first = RawClient(sidecar.socket)
+    first.handshake()
+    created = first.open_run(PROJECT, "quick-restart")
+    assert created.run is not None
+    logged(first, created.run.id, [0, 1, 2], finish=RunStatus.COMPLETED)
+    first.close()
+    again = RawClient(sidecar.socket)
+    again.handshake()
+    resumed = again.open_run(PROJECT, "quick-restart", resume=True)
+    assert resumed.run is not None and resumed.run.last_step == 2, resumed
+    again.close()
+
+
+def test_a_fork_open_of_a_run_the_cache_knows_as_another_is_asked_of_the_server(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """An open with fork arguments needs the server's answer: to a run that is not that
+    fork the server says no (409), where the cache used to attach it silently."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=QUIET)
+    parent = RawClient(sidecar.socket)
+    parent.handshake()
+    opened = parent.open_run(PROJECT, "fork-parent")
+    assert opened.run is not None
+    logged(parent, opened.run.id, list(range(10)))
+    wait_last_step(server.url, "fork-parent", 9)
+    plain = RawClient(sidecar.socket)
+    plain.handshake()
+    assert plain.open_run(PROJECT, "not-a-fork").run is not None  # stays on: cache is warm
+    forker = RawClient(sidecar.socket)
+    forker.handshake(writer=1)
+    request_id = forker.send(FrameKind.OPEN_RUN, encode_msgpack(RunCreate(
+        project=PROJECT, run_id="not-a-fork", fork_run_id="fork-parent", fork_step=5)))
+    error = forker.error(request_id)
+    assert "409" in error.detail, error
+    for client in (parent, plain, forker):
+        client.close()
+
+
+def test_a_resume_pending_on_the_server_says_its_steps_start_again(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """With the server away, a ``resume=True`` open is pending and its last step unknown:
+    the answer the SDK gets says so (and the sidecar's log), instead of nothing."""
+    server = server_factory(start=False)
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--open-wait", "1"])
+    client = RawClient(sidecar.socket)
+    client.handshake()
+    opened = client.open_run(PROJECT, "resume-pending", resume=True)
+    assert opened.run is None and opened.pending is not None
+    assert "resume=True" in opened.pending and "last step" in opened.pending, opened.pending
+    assert "start again from 0" in opened.pending
+    (event,) = events_named(sidecar, "run pending")
+    assert event["resume"] is True and "last step" in str(event["reason"])
+    plain = RawClient(sidecar.socket)
+    plain.handshake()
+    other = plain.open_run(PROJECT, "plain-pending")
+    assert other.pending is not None and "resume" not in other.pending
+    client.close()
+    plain.close()
+
+
+def test_system_metrics_stop_once_the_run_is_finished_and_come_back_when_it_resumes(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """A finished run whose clients are gone gets no more ``sys/`` points (they used to
+    arrive for ever, after COMPLETED); a rank that resumes it brings them back."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=["--sys-interval", "0.2"])
+    client = RawClient(sidecar.socket)
+    client.handshake()
+    opened = client.open_run(PROJECT, "sys-over")
+    assert opened.run is not None
+    run = opened.run.id
+
+    def samples() -> int:
+        rows = stored(server.url, run, keys=["sys/cpu_percent"]).get("sys/cpu_percent", [])
+        return len(rows)
+
+    logged(client, run, [0])
+    wait_until(lambda: samples() >= 2, 20, "no system metrics while the run is on")
+    logged(client, run, [1], finish=RunStatus.COMPLETED)
+    client.close()
+    wait_status(server.url, "sys-over", RunStatus.COMPLETED)
+    time.sleep(0.5)  # what was spooled before the final chunk is delivered by now
+    settled = samples()
+    time.sleep(1.5)  # 7 intervals
+    assert samples() == settled, "system metrics kept coming after the run was finished"
+
+    again = RawClient(sidecar.socket)
+    again.handshake()
+    assert again.open_run(PROJECT, "sys-over", resume=True).run is not None
+    wait_until(lambda: samples() > settled, 20, "no system metrics after the resume")
+    again.close()
+
+
+def test_an_update_of_a_run_whose_id_is_all_digits_reaches_that_run(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """``run_id="2"`` (job ids make good run ids): the server reads ``/runs/2`` as the run
+    whose numeric id is 2, so an update named by external id landed on another run."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=QUIET)
+    client = RawClient(sidecar.socket)
+    client.handshake()
+    ids = {}
+    for ref in ("first", "other", "2"):
+        opened = client.open_run(PROJECT, ref)
+        assert opened.run is not None
+        ids[ref] = opened.run.id
+    assert ids["other"] == 2 and ids["2"] != 2  # the collision this test is about
+    request_id = client.send(FrameKind.UPDATE_RUN, encode_msgpack(RunUpdateRequest(
+        project=PROJECT, run_ref="2", update=RunUpdate(config={"lr": 0.1}))))
+    assert client.receive()[:2] == (FrameKind.UPDATED, request_id)
+    wait_until(lambda: getattr(find_run(server.url, str(ids["2"])), "config", {})
+               .get("lr") == 0.1, 20, "the update did not reach run_id '2'")
+    other = find_run(server.url, "other")
+    assert other is not None and "lr" not in other.config, other.config
+    assert not events_named(sidecar, "record refused")
+    client.close()
+
+
+def test_an_update_spooled_while_the_run_is_pending_reaches_it_by_numeric_id(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """While the run is pending its numeric id is not known: the update waits behind its
+    OPEN in the spool and is then sent to the run the server created, by numeric id."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--open-wait", "1"])
+    client = RawClient(sidecar.socket)  # runs 1 and 2 first: run_id "2" is not numeric 2
+    client.handshake()
+    for ref in ("first", "other"):
+        assert client.open_run(PROJECT, ref).run is not None
+    client.close()
+    server.stop()
+    pending = RawClient(sidecar.socket)
+    pending.handshake()
+    opened = pending.open_run(PROJECT, "2")
+    assert opened.run is None and opened.pending
+    request_id = pending.send(FrameKind.UPDATE_RUN, encode_msgpack(RunUpdateRequest(
+        project=PROJECT, run_ref="2", update=RunUpdate(config={"lr": 0.2}))))
+    assert pending.receive()[:2] == (FrameKind.UPDATED, request_id)
+    server.start()
+    wait_until(lambda: any(r.run_id == "2" and r.config.get("lr") == 0.2
+                           for r in query.list_runs(PROJECT, url=server.url)), 30,
+               "the update did not reach run_id '2'")
+    other = find_run(server.url, "other")
+    assert other is not None and "lr" not in other.config, other.config
+    pending.close()
+
+
+def test_an_update_left_in_the_spool_by_a_previous_sidecar_reaches_the_run_it_names(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """After a restart of the sidecar its cache is empty: an update it finds in the spool
+    looks the run's numeric id up by external id first, and so reaches run_id "2"."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--drain-seconds", "1"])
+    client = RawClient(sidecar.socket)
+    client.handshake()
+    for ref in ("first", "other", "2"):
+        assert client.open_run(PROJECT, ref).run is not None
+    server.stop()
+    request_id = client.send(FrameKind.UPDATE_RUN, encode_msgpack(RunUpdateRequest(
+        project=PROJECT, run_ref="2", update=RunUpdate(config={"lr": 0.3}))))
+    assert client.receive()[:2] == (FrameKind.UPDATED, request_id)
+    client.close()
+    assert sidecar.stop() == 0  # the update stays in the spool
+    sidecar.start()
+    server.start()
+    wait_until(lambda: any(r.run_id == "2" and r.config.get("lr") == 0.3
+                           for r in query.list_runs(PROJECT, url=server.url)), 30,
+               "the update did not reach run_id '2'")
+    other = find_run(server.url, "other")
+    assert other is not None and "lr" not in other.config, other.config
+
+
+# -- found by review: errors at start, readiness -------------------------------------
+
+
+def run_sidecar_cli(args: list[str], env: dict[str, str] | None = None,
+                    timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pluto", "sidecar", *args],
+                          env={**clean_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_an_api_key_file_that_is_not_there_is_a_one_line_error_naming_the_flag(
+    tmp_path: Path,
+) -> None:
+    result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
+                              str(tmp_path / "spool"), "--health-port", "0",
+                              "--api-key-file", str(tmp_path / "no-such-key")])
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --api-key-file") and "no-such-key" in line, line
+    assert not (tmp_path / "pluto.sock").exists()
+
+
+def test_a_node_rank_that_is_not_a_number_is_a_one_line_error_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
+                              str(tmp_path / "spool"), "--health-port", "0"],
+                             env={"PLUTO_NODE_RANK": "node1"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "PLUTO_NODE_RANK" in line and "node1" in line, line
+
+
+def test_a_health_port_in_use_is_one_json_line_naming_the_flag_and_leaves_no_socket(
+    tmp_path: Path,
+) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
+                                  str(tmp_path / "spool"), "--server", "http://127.0.0.1:9",
+                                  "--health-port", str(port)])
+    finally:
+        busy.close()
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    events = [json.loads(line) for line in lines]  # every line JSON: no traceback
+    (refusal,) = [e for e in events if e["event"] == "not starting"]
+    assert "--health-port" in str(refusal["error"]) and str(port) in str(refusal["error"])
+    assert not (tmp_path / "pluto.sock").exists()
+    assert not (tmp_path / "api.sock").exists()
+
+
+def test_readyz_fails_while_the_socket_file_is_gone(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    server = server_factory(start=False)
+    sidecar = sidecar_factory(server.url, extra_args=QUIET)
+    assert httpx.get(sidecar.health_url + "/readyz", timeout=5).status_code == 200
+    sidecar.socket.unlink()  # still listening, but no rank can find it
+    ready = httpx.get(sidecar.health_url + "/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert str(sidecar.socket) in ready.text

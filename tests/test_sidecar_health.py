@@ -17,7 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from pluto_sidecar.health import HealthServer
-from pluto_sidecar.logs import LOGGER_NAME, configure, log_event, redact, scrub
+from pluto_sidecar.logs import (
+    COVERED_LOGGERS,
+    LOGGER_NAME,
+    configure,
+    log_event,
+    redact,
+    scrub,
+)
 from pluto_sidecar.telemetry import Telemetry
 
 
@@ -204,15 +211,20 @@ def test_telemetry_names() -> None:
 
 @pytest.fixture
 def sidecar_logging() -> Iterator[None]:
-    """Restore the ``pluto.sidecar`` logger after a test reconfigures it."""
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    """Restore the loggers ``configure`` sets up (``pluto.sidecar`` and the others it covers,
+    the root logger, Python warnings) after a test reconfigures them."""
+    loggers = [logging.getLogger(name) for name in (LOGGER_NAME, *COVERED_LOGGERS)]
+    loggers.append(logging.getLogger())
+    saved = [(logger, list(logger.handlers), logger.level, logger.propagate)
+             for logger in loggers]
     try:
         yield
     finally:
-        logger.handlers[:] = saved[0]
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
+        logging.captureWarnings(False)
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:
@@ -333,3 +345,45 @@ def test_stderr_of_a_real_process() -> None:
     ready, stopped = _json_lines(result.stderr)
     assert ready["event"] == "sidecar ready" and ready["api_token"] == "[redacted]"
     assert stopped["delivered"] == 10
+
+
+def test_what_the_sdk_modules_log_in_the_sidecar_is_json_too() -> None:
+    """The sidecar runs SDK code (``pluto.spool``) whose logger is outside the
+    ``pluto.sidecar`` tree, and Python warnings and asyncio's errors reach the root logger:
+    they used to print as plain text among the JSON lines."""
+    code = (
+        "import logging, warnings\n"
+        "from pluto_sidecar.logs import configure\n"
+        "configure()\n"
+        "logging.getLogger('pluto.spool').warning('pluto: cannot save the spool cursor of %s',"
+        " '/spool')\n"
+        "logging.getLogger('pluto').info('from the SDK')\n"
+        "warnings.warn('pluto: cannot write to the spool', RuntimeWarning)\n"
+        "logging.getLogger('asyncio').error('Task exception was never retrieved')\n"
+        "logging.getLogger('httpx').info('HTTP Request: POST ... 200 OK')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == ""
+    lines = _json_lines(result.stderr)  # raises on a line that is not JSON
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("pluto.spool", "warning"),
+        ("pluto", "info"),
+        ("py.warnings", "warning"),
+        ("asyncio", "error"),
+    ]
+    assert lines[0]["event"] == "pluto: cannot save the spool cursor of /spool"
+    assert "cannot write to the spool" in str(lines[2]["event"])
+
+
+def test_configure_covers_the_sdk_loggers_in_process(
+    sidecar_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure("info")
+    logging.getLogger("pluto.spool").warning("pluto: the spool %s has room again", "/s")
+    logging.getLogger("pluto.sidecar.spool").info("spooled")
+    (spool, own) = _json_lines(capsys.readouterr().err)  # each printed once
+    assert (spool["logger"], spool["event"]) == ("pluto.spool",
+                                                  "pluto: the spool /s has room again")
+    assert own["logger"] == "pluto.sidecar.spool"
