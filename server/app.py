@@ -122,10 +122,15 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
                   = MAX_RUN_PAGE,
                   cursor: Annotated[str | None, Query(
                       max_length=40, description="the next_cursor of the page before")]
+                  = None,
+                  run_id: Annotated[str | None, Query(
+                      max_length=256, description="only the run with this external id (a "
+                      "ref that cannot be mistaken for a numeric or display id)")]
                   = None) -> Response:
         """A project's runs, newest first, a page at a time: follow ``next_cursor`` (or the
         ``Link: <...>; rel="next"`` header) until it is null."""
-        page = service.list_runs(project, who, metrics, limit=limit, cursor=cursor)
+        page = service.list_runs(project, who, metrics, limit=limit, cursor=cursor,
+                                 external_id=run_id)
         response = reply(request, page)
         if page.next_cursor is not None:
             # Relative (RFC 8288 resolves it against the request): right behind a proxy too.

@@ -264,7 +264,8 @@ MAX_RUN_PAGE = 1000
 
 
 def list_runs(conn: Connection, project: str, limit: int = MAX_RUN_PAGE,
-              before: int | None = None) -> tuple[list[RunRow], int | None]:
+              before: int | None = None, *,
+              external_id: str | None = None) -> tuple[list[RunRow], int | None]:
     """One page of a project's runs, newest first: those with an id below ``before`` (all
     with None), and the ``before`` of the next page (None on the last one).
 
@@ -273,6 +274,8 @@ def list_runs(conn: Connection, project: str, limit: int = MAX_RUN_PAGE,
     """
     project_id = find_project_id(conn, project)
     query = _run_query().where(runs.c.project_id == project_id)
+    if external_id is not None:
+        query = query.where(runs.c.external_id == check_storable_text(external_id, "run_id"))
     if before is not None and before <= MAX_RUN_ID:  # every id is below a bigger one
         query = query.where(runs.c.id < before)
     rows = [RunRow.from_mapping(row) for row in conn.execute(

@@ -117,14 +117,15 @@ class Service:
 
     def list_runs(self, project: str, who: auth.KeyIdentity | None,
                   metrics: list[str] | None = None, *, limit: int = runs.MAX_RUN_PAGE,
-                  cursor: str | None = None) -> RunList:
+                  cursor: str | None = None, external_id: str | None = None) -> RunList:
         self.guard(who, project)
         before = None if cursor is None else parse_digits(cursor)
         if cursor is not None and before is None:
             raise Unprocessable(f"cursor {cursor[:40]!r} is not one this server gave: pass the "
                                 "next_cursor of the page before, or no cursor for the first page")
         with self.db.read() as conn:
-            rows, next_before = runs.list_runs(conn, project, limit, before)
+            rows, next_before = runs.list_runs(conn, project, limit, before,
+                                               external_id=external_id)
             infos = [row.to_info(conn, self.base_url, history=False) for row in rows]
             if metrics and rows:
                 last = queries.last_values(conn, rows[0].project_id, [r.id for r in rows],

@@ -105,8 +105,9 @@ class Upstream:
     async def find_run_number(self, project: str, run_ref: str) -> int:
         """The numeric id of the run of ``project`` whose external id is ``run_ref``;
         ``RequestRejected`` (404) when there is none."""
-        runs = await self._call("GET", f"/projects/{quote(project, safe='')}/runs", RunList,
-                                b"", JSON)
+        path = (f"/projects/{quote(project, safe='')}/runs?run_id={quote(run_ref, safe='')}"
+                "&limit=1")
+        runs = await self._call("GET", path, RunList, b"", JSON)
         for run in runs.runs:
             if run.run_id == run_ref:
                 return run.id

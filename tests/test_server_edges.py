@@ -281,6 +281,18 @@ def test_runs_are_listed_a_page_at_a_time_with_a_cursor(api: Api) -> None:
     assert len(huge["runs"]) == 6
 
 
+def test_the_run_list_filters_by_external_id_never_read_as_another_kind_of_id(
+        api: Api) -> None:
+    project = unique_project("byid")
+    first = api.create_ok(project, run_id="first")
+    digits = api.create_ok(project, run_id=str(first["id"]))  # "<first's numeric id>"
+    path = f"/projects/{project}/runs"
+    for ref, expected in [(str(first["id"]), [digits["id"]]), ("first", [first["id"]]),
+                          (first["display_id"], []), ("nobody", [])]:
+        listed = api.request("GET", path, params={"run_id": ref}).json()["runs"]
+        assert [r["id"] for r in listed] == expected, ref
+
+
 def test_every_run_past_one_page_reaches_the_sdk_and_the_cli(
         api: Api, shared_server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     project = unique_project("many")
