@@ -124,3 +124,25 @@ def test_finish_keeps_its_timeout_when_the_sidecar_hangs(
     assert took < 1.0 + 5.0, f"finish(timeout=1) took {took:.1f} s with a hung sidecar"
     assert any("could not deliver" in str(w.message) for w in caught)
     assert run.undelivered_bytes > 0  # kept in the local spool for the next init()
+
+
+@pytest.mark.usefixtures("sdk_env")
+def test_a_resume_pending_on_the_server_warns_that_steps_start_again(
+    server_factory: Callable[..., ServerProcess],
+    sidecar_factory: Callable[..., SidecarProcess], tmp_path: Path,
+) -> None:
+    server = server_factory(start=False)  # away: the open is pending
+    sidecar = sidecar_factory(server.url, extra_args=["--sys-interval", "0", "--open-wait", "1",
+                                                       "--drain-seconds", "1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = pluto.init(project="chunks", run_id="resumed-later", resume=True,
+                         dir=tmp_path / "pluto",
+                         settings={"console": False, "sidecar_socket": str(sidecar.socket),
+                                   "finish_timeout": 0.5})
+    said = [str(w.message) for w in caught if "last step" in str(w.message)]
+    assert run.pending and len(said) == 1 and "start again from 0" in said[0], [
+        str(w.message) for w in caught]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.finish()

@@ -194,7 +194,14 @@ class SidecarTransport(Transport):
                 with self._lock:
                     self._drop()
                 raise ServerUnavailable(f"the pluto sidecar at {self.path}: {exc}") from exc
-        return opened.run if opened.run is not None else _stand_in(request)
+        if opened.run is not None:
+            return opened.run
+        if request.resume:
+            # Pending: nobody knows the run's last step yet, so this process's steps start
+            # at 0 (step= given to log() is kept as given).
+            warnings.warn(f"pluto: {opened.pending or 'the server has not answered yet'}",
+                          RuntimeWarning, stacklevel=3)
+        return _stand_in(request)
 
     def on_resolved(self, callback: Resolved) -> None:
         self._on_resolved = callback
