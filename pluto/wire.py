@@ -411,6 +411,7 @@ class CheckpointInfo(Reply):
     source_display_id: str | None = None
     source_step: int | None = None
     source_uri: str | None = None  # an imported one: s3://bucket/prefix it came from
+    source_project: str | None = None  # the source run's project (a fork may cross projects)
 
 
 class CheckpointList(Reply):

@@ -23,11 +23,15 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 INDEX = STATIC_DIR / "index.html"
 
 #: Page routes: each answers with ``index.html``; the JS router reads the path.
+#: An experiment is a run name, which may hold "/" (``gpt/small``, linked as ``gpt%2Fsmall``):
+#: Starlette matches the decoded path, so that route takes the rest of it (``:path``).
+#: Nothing else lives under ``/projects/{project}/experiments/``; project names and display
+#: ids never hold "/".
 PAGE_ROUTES = (
     "/",
     "/projects/{project}",
     "/projects/{project}/runs/{display_id}",
-    "/projects/{project}/experiments/{name}",
+    "/projects/{project}/experiments/{name:path}",
     "/compare",
 )
 

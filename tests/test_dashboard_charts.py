@@ -519,6 +519,81 @@ def test_a_running_run_extends_its_chart_with_only_the_new_steps(
     httpx.post(f"{chart_server.url}/api/v1/runs/{run['id']}/finish", json={})
 
 
+def test_live_charts_get_the_new_points_of_a_rank_that_lags_behind(
+        page: Page, chart_server: ServerProcess) -> None:
+    """Rank 0 is at step 50, rank 1 at 30: rank 1's next points (31..50) are below the
+    last step seen on the chart, and still drawn; rank 0's are not drawn twice."""
+    run = httpx.post(f"{chart_server.url}/api/v1/runs",
+                     json={"project": "chart-live-ranks", "name": "live"}).json()
+    ingest(chart_server.url, run["id"], np.arange(51), np.linspace(1, 0, 51), writer=0)
+    ingest(chart_server.url, run["id"], np.arange(31), np.linspace(2, 1, 31), writer=1)
+    page.add_init_script("window.PLUTO_CHARTS_POLL_MS = 300")
+    requests = metric_requests(page)
+    open_chart(page, f"{chart_server.url}/projects/chart-live-ranks/runs/{run['display_id']}")
+
+    def steps_by_rank() -> dict[int, list[int]]:
+        found: dict[int, list[int]] = page.evaluate(
+            """(sel) => Object.fromEntries(document.querySelector(sel).data
+                 .filter((t) => t.meta.role === 'series')
+                 .map((t) => [t.meta.writer, Array.from(t.customdata, (p) => p[0])]))""",
+            CHART)
+        return {int(w): steps for w, steps in found.items()}
+
+    assert steps_by_rank() == {0: list(range(51)), 1: list(range(31))}
+    ingest(chart_server.url, run["id"], np.arange(31, 51), np.full(20, 0.5), writer=1, seq0=10)
+    ingest(chart_server.url, run["id"], np.arange(51, 61), np.full(10, 0.1), writer=0, seq0=10)
+    page.wait_for_function(
+        """(sel) => { const ts = document.querySelector(sel).data
+             .filter((t) => t.meta.role === 'series');
+           return ts.length === 2 && ts.every((t) => t.x.length >= 51)
+             && ts.some((t) => t.x[t.x.length - 1] === 60); }""", arg=CHART)
+    page.wait_for_timeout(1000)  # a few more polls: nothing is appended twice
+    assert steps_by_rank() == {0: list(range(61)), 1: list(range(51))}
+    polls = [query_of(r) for r in requests if "step_min" in query_of(r)]
+    assert polls and polls[0]["step_min"] == "31", "from the lowest of the ranks' last steps"
+    httpx.post(f"{chart_server.url}/api/v1/runs/{run['id']}/finish", json={})
+
+
+# -- user text in Plotly ---------------------------------------------------------------
+
+HOSTILE_NAME = 'n%{y} <b>bold</b> <a href="https://example.com/">link</a> & <br>x'
+HOSTILE_KEY = "acc%{y}<br><i>it</i>"
+
+
+def test_run_names_and_metric_keys_are_shown_as_written_not_as_plotly_markup(
+        page: Page, chart_server: ServerProcess) -> None:
+    """Plotly reads HTML tags (<a href>, <br>, <b>) in names and titles and fills
+    ``%{...}`` in tooltips: a run's name and a metric key are user text, shown literally."""
+    ids = []
+    for i in range(2):
+        run = httpx.post(f"{chart_server.url}/api/v1/runs",
+                         json={"project": "chart-text", "name": f"{HOSTILE_NAME} {i}"}).json()
+        ingest(chart_server.url, run["id"], np.arange(5), np.arange(5) * 0.5, key=HOSTILE_KEY)
+        httpx.post(f"{chart_server.url}/api/v1/runs/{run['id']}/finish", json={})
+        ids.append(run["display_id"])
+    page.goto(f"{chart_server.url}/compare?project=chart-text&runs={','.join(ids)}")
+    chart = ".pluto-chart[data-state=ready]"
+    page.wait_for_selector(chart)
+    # No markup of ours is made of the user's text: no link, no bold, no italic, no line break.
+    for tag in ["a", "tspan[style*='bold']", "tspan[style*='italic']"]:
+        assert page.locator(f"{chart} svg {tag}").count() == 0, tag
+    title = page.locator(f"{chart} .gtitle").text_content()
+    assert title == HOSTILE_KEY
+    legend = page.locator(f"{chart} .legendtext").all_text_contents()
+    assert sorted(legend) == sorted(f"{display} {HOSTILE_NAME} {i}"
+                                    for i, display in enumerate(ids))
+    # The tooltip: Plotly fills %{y} of our template, not of the name.
+    page.evaluate(
+        """(sel) => { const gd = document.querySelector(sel);
+             const i = gd.data.findIndex((t) => t.meta.role === 'series');
+             window.Plotly.Fx.hover(gd, [{curveNumber: i, pointNumber: 2}]); }""", chart)
+    page.wait_for_function(
+        "(sel) => document.querySelector(sel).textContent.includes('step 2')",
+        arg=f"{chart} .hoverlayer")
+    tip = page.locator(f"{chart} .hoverlayer").text_content() or ""
+    assert f"{ids[0]} {HOSTILE_NAME} 0" in tip, tip
+
+
 # -- several ranks -------------------------------------------------------------------
 
 

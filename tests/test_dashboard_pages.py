@@ -341,6 +341,45 @@ def test_run_page_lists_checkpoints_and_where_a_forked_one_came_from(
     expect(page.locator("#no-checkpoints")).to_be_visible()
 
 
+def test_a_checkpoint_forked_from_another_project_links_to_its_run_there(
+        page: Page, project: Project, tmp_path: Path) -> None:
+    """``fork_checkpoint(from_project=...)`` crosses projects: the "Forked from" link goes
+    to the source run in its own project, not to that display id in this one."""
+    elsewhere = f"elsewhere-{uuid.uuid4().hex[:6]}"
+    run = pluto.init(project=elsewhere, name="consumer", dir=tmp_path / "spool",
+                     settings={**FAST, "url": project.url})
+    info = pluto.fork_checkpoint(to_run=run, from_run=project.root, from_project=project.name,
+                                 url=project.url)
+    run.finish()
+    assert (info.source_display_id, info.source_project) == (project.root, project.name)
+    stub_charts(page)
+    page.goto(f"{project.url}/projects/{elsewhere}/runs/{run.display_id}")
+    ready(page, "run")
+    source = page.locator('#checkpoints-table tr[data-step="5"] [data-col="source"] a')
+    expect(source).to_have_attribute("href", f"/projects/{project.name}/runs/{project.root}")
+    expect(source).to_contain_text(project.root)
+    source.click()
+    ready(page, "run")
+    assert page.url == project.path(f"/runs/{project.root}")
+    expect(page.locator("#run-header")).to_contain_text("baseline")
+
+
+def test_a_rank_in_the_url_that_is_not_a_whole_number_is_ignored(
+        page: Page, project: Project) -> None:
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/logs" in r.url else None)
+    for rank in ["abc", "-1", "1.5", "1e0"]:
+        asked.clear()
+        page.goto(project.path(f"/runs/{project.root}?rank={rank}"))
+        ready(page, "run")
+        expect(page.locator('#log-lines[data-loaded="true"] .log-line')).to_have_count(6)
+        options = page.locator("#log-rank option").evaluate_all(
+            "os => os.map((o) => o.value)")
+        assert options == ["", "0", "1"], (rank, options)
+        expect(page.locator("#log-rank")).to_have_value("")
+        assert asked and not [u for u in asked if "writer=" in u], (rank, asked)
+
+
 def test_console_log_filters_by_rank_and_search_kept_in_the_url(
         page: Page, project: Project) -> None:
     page.goto(project.path(f"/runs/{project.root}"))
@@ -406,6 +445,31 @@ def test_experiment_view_lists_the_runs_of_that_name(page: Page, project: Projec
     calls = page.evaluate("window.__chartCalls")  # the run page's calls came first
     assert [(c["fn"], c["options"]) for c in calls if c["fn"] == "renderExperiment"] == [
         ("renderExperiment", {"project": project.name, "name": "baseline"})]
+
+
+def test_an_experiment_whose_name_holds_a_slash_has_a_working_url(
+        page: Page, shared_server: ServerProcess) -> None:
+    """``gpt/small`` is linked as ``/experiments/gpt%2Fsmall``; the server decodes ``%2F``
+    before it matches a route, so a reload or a shared link must still find the page."""
+    name = f"slash-{uuid.uuid4().hex[:6]}"
+    created = httpx.post(f"{shared_server.url}/api/v1/runs",
+                         json={"project": name, "name": "gpt/small"})
+    assert created.status_code == 201, created.text
+    url = f"{shared_server.url}/projects/{name}/experiments/gpt%2Fsmall"
+    resp = httpx.get(url)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    stub_charts(page)
+    page.goto(f"{shared_server.url}/projects/{name}/runs/{created.json()['display_id']}")
+    ready(page, "run")
+    page.click("#run-facts a[href*='/experiments/']")
+    ready(page, "experiment")
+    assert page.url == url
+    page.reload()  # the server answers this URL itself now
+    ready(page, "experiment")
+    expect(page.locator("#compare-runs tbody tr")).to_have_count(1)
+    calls = [c["options"] for c in page.evaluate("window.__chartCalls")
+             if c["fn"] == "renderExperiment"]
+    assert calls == [{"project": name, "name": "gpt/small"}]
 
 
 def test_a_project_of_more_runs_than_one_api_page_shows_them_all(

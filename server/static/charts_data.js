@@ -38,8 +38,18 @@ export const api = {
     buckets: q.buckets,
     step_min: q.step_min,
     step_max: q.step_max,
+    writer: q.writer,
   }),
 };
+
+/** User text (run names, metric keys) as Plotly shows it literally. Plotly reads a
+ * subset of HTML in names, titles and tooltips (<br>, <b>, <a href>) and fills `%{...}`
+ * in a hovertemplate: `<`, `>` and `&` become entities (Plotly decodes them in text, after
+ * it has found its tags), and `%` becomes `&#37;`, so no `%{` is left to fill. */
+export function plotlyText(text) {
+  return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/%/g, "&#37;");
+}
 
 /** Our series shape, the same for raw and bucketed answers: per point or bucket its
  * first step, last step, owner, wall time (of the bucket's first point), mean, min,
@@ -72,6 +82,29 @@ export function lastStep(seriesList) {
   let last = -Infinity;
   for (const s of seriesList) if (s.last.length) last = Math.max(last, s.last[s.last.length - 1]);
   return last;
+}
+
+/** The lowest of the writers' last steps: where a live poll starts, so that a rank which
+ * lags behind the others still gets its new points (-Infinity: nothing held). */
+export function lowestLastStep(seriesList) {
+  let low = Infinity;
+  for (const s of seriesList) if (s.last.length) low = Math.min(low, s.last[s.last.length - 1]);
+  return isFinite(low) ? low : -Infinity;
+}
+
+/** The part of `fresh` (a later answer for the writer of `held`) after the last step
+ * `held` has, to append; null when one of its buckets straddles that step (appending it
+ * would count points twice, dropping it would lose some: ask again for this writer). */
+export function newerPart(held, fresh) {
+  const after = held.last.length ? held.last[held.last.length - 1] : -Infinity;
+  let k = 0;
+  while (k < fresh.steps.length && fresh.steps[k] <= after) k++;
+  if (k > 0 && fresh.last[k - 1] > after) return null;
+  const part = { ...fresh };
+  for (const field of ["steps", "last", "owners", "times", "mean", "min", "max", "count"]) {
+    part[field] = fresh[field].slice(k);
+  }
+  return part;
 }
 
 /** The mean of several writers with a min/max band across them: every writer's buckets

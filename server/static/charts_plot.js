@@ -3,7 +3,7 @@
 
 import {
   DEFAULT_BUCKETS, FORK_COLOR, INHERITED_REGION, PALETTE, api, appendSeries, ema,
-  lastStep, meanAcrossWriters, normalise, xValues,
+  lowestLastStep, meanAcrossWriters, newerPart, normalise, plotlyText, xValues,
 } from "./charts_data.js";
 
 const FORK_HOVER_POINTS = 24; // invisible points along a fork line that carry its tooltip
@@ -83,37 +83,61 @@ export class Chart {
     }
   }
 
-  /** Live: ask only for steps after the last one seen, and extend the lines. */
+  /** Live: ask for the steps after the last one seen, and extend the lines. The ranks
+   * may be at different steps: the query starts after the lowest of their last steps (a
+   * lagging rank's new points are below the others' last step), and each rank keeps only
+   * the points after its own last one. A rank whose answer straddles its last step in one
+   * bucket, or a rank seen for the first time, is asked for again on its own. */
   async poll() {
     if (this.range || this.el.dataset.state !== "ready") return; // zoomed: leave the view be
     const seq = this.seq;
-    const sources = this.data.map((d) => d.source);
+    const ask = (source, extra) => api.metrics(source.id, {
+      key: this.key, lineage: source.lineage, buckets: this.buckets, ...extra });
+    const after = (s) => (s && s.last.length ? s.last[s.last.length - 1] : -Infinity);
     const answers = await Promise.all(this.data.map(({ source, series }) => {
-      const last = lastStep(series);
-      return api.metrics(source.id, {
-        key: this.key, lineage: source.lineage, buckets: this.buckets,
-        step_min: isFinite(last) ? last + 1 : undefined,
-      });
+      const low = lowestLastStep(series);
+      return ask(source, { step_min: isFinite(low) ? low + 1 : undefined });
     }));
     if (seq !== this.seq) return;
     let grew = false;
-    let total = 0;
-    answers.forEach((answer, i) => {
+    const again = []; // [data index, writer]: asked for on their own
+    const take = (i, fresh, retry) => {
       const held = this.data[i];
+      const same = held.series.find((s) => s.writer === fresh.writer);
+      if (!same && !retry) { again.push([i, fresh.writer]); return; } // all of a new rank
+      const part = same ? newerPart(same, fresh) : fresh;
+      if (part === null) { if (!retry) again.push([i, fresh.writer]); return; }
+      if (!part.steps.length) return;
+      grew = true;
+      if (same) appendSeries(same, part);
+      else held.series.push(part);
+      if (!this.t0.has(held.source.id) && part.times.length) {
+        this.t0.set(held.source.id, part.times[0]);
+      }
+    };
+    answers.forEach((answer, i) => {
       for (const raw of answer.series.filter((s) => s.key === this.key)) {
         const fresh = normalise(raw);
-        if (!fresh.steps.length) continue;
-        grew = true;
-        const same = held.series.find((s) => s.writer === fresh.writer);
-        if (same) appendSeries(same, fresh);
-        else held.series.push(fresh);
-        if (!this.t0.has(sources[i].id) && fresh.times.length) {
-          this.t0.set(sources[i].id, fresh.times[0]);
-        }
+        if (fresh.steps.length) take(i, fresh, false);
       }
-      for (const s of held.series) total = Math.max(total, s.steps.length);
     });
+    if (again.length) {
+      const more = await Promise.all(again.map(([i, writer]) => {
+        const last = after(this.data[i].series.find((s) => s.writer === writer));
+        return ask(this.data[i].source, { writer, step_min: isFinite(last) ? last + 1 : undefined });
+      }));
+      if (seq !== this.seq) return;
+      more.forEach((answer, j) => {
+        const [i, writer] = again[j];
+        for (const raw of answer.series.filter((s) => s.key === this.key && s.writer === writer)) {
+          const fresh = normalise(raw);
+          if (fresh.steps.length) take(i, fresh, true);
+        }
+      });
+    }
     if (!grew) return;
+    let total = 0;
+    for (const { series } of this.data) for (const s of series) total = Math.max(total, s.steps.length);
     // Appended buckets are finer than the first ones: re-bucket once they pile up.
     if (total > 2 * this.buckets) await this.load();
     else await this.draw();
@@ -138,11 +162,12 @@ export class Chart {
         const color = perWriter && !multiSource ? PALETTE[wi % PALETTE.length] : source.color;
         const xs = xValues(s, state.x, t0);
         const label = source.labels || new Map();
-        const ownerText = s.owners.map((o) => label.get(o) || String(o));
+        const ownerText = s.owners.map((o) => plotlyText(label.get(o) || String(o)));
         let name = source.label;
         if (perWriter) name = multiSource ? `${source.label} ${this.writerLabel(s.writer)}`
           : this.writerLabel(s.writer);
         else if (s.writers > 1) name = `${source.label} mean of ${s.writers}`;
+        name = plotlyText(name); // run names are user text: shown as written
         const meta = { role: "series", run: source.id, writer: s.writer, key: this.key,
                        lineage: Boolean(source.lineage), color };
         const wide = s.count.some((c) => c > 1) || s.writers > 1;
@@ -175,6 +200,8 @@ export class Chart {
           // per point: [first step, owner run id, last step] (hover, and tests read it)
           customdata: s.steps.map((st, i) => [st, s.owners[i], s.last[i]]), text: ownerText,
           hovertemplate: `step %{customdata[0]}<br>%{y}<br>%{text}<extra>${name}</extra>`,
+          // The whole name: Plotly would cut it at 15 characters of its escaped text.
+          hoverlabel: { namelength: -1 },
           showlegend: showInLegend, legendgroup: name, meta,
         });
         for (let i = 0; i < s.min.length; i++) {
@@ -205,7 +232,7 @@ export class Chart {
         shapes.push({ type: "line", xref: "x", yref: "paper", x0: x, x1: x, y0: 0, y1: 1,
                       line: { color: FORK_COLOR, width: 2, dash: "dash" }, layer: "above" });
         annotations.push({ x, y: 1, xref: "x", yref: "paper", yanchor: "bottom",
-                           text: "fork", showarrow: false, hovertext: fork.text,
+                           text: "fork", showarrow: false, hovertext: plotlyText(fork.text),
                            font: { color: FORK_COLOR, size: 10 } });
         forkHover.push({ x, fork });
       }
@@ -220,7 +247,7 @@ export class Chart {
       traces.push({
         type: "scatter", mode: "markers", x: ys.map(() => x), y: ys,
         marker: { size: 12, color: FORK_COLOR, opacity: 0 }, showlegend: false,
-        hovertemplate: `${fork.text}<extra></extra>`, hoverlabel: { bgcolor: "#ffffff" },
+        hovertemplate: `${plotlyText(fork.text)}<extra></extra>`, hoverlabel: { bgcolor: "#ffffff" },
         meta: { role: "fork", step: fork.step, text: fork.text },
       });
     }
@@ -235,7 +262,7 @@ export class Chart {
                     showline: true, linecolor: "#cccccc", autorange: true };
     if (this.yrange && this.range) Object.assign(yaxis, { range: this.yrange, autorange: false });
     const layout = {
-      title: { text: this.key, font: { size: 13 }, x: 0.01, xanchor: "left" },
+      title: { text: plotlyText(this.key), font: { size: 13 }, x: 0.01, xanchor: "left" },
       height: 300, margin: { l: 60, r: 20, t: 36, b: legendEntries > 1 ? 70 : 44 },
       paper_bgcolor: "#ffffff", plot_bgcolor: "#ffffff",
       showlegend: legendEntries > 1, legend: { orientation: "h", y: -0.3 },

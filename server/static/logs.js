@@ -8,8 +8,18 @@ import { fmtTime, h } from "./dom.js";
 const PAGE = 500;
 const POLL_MS = 5000;
 
+const MAX_RANK = 2 ** 31 - 1; // a writer is a 32-bit integer (the API's bound)
+
+/** A rank from the URL: a whole number >= 0 ("1"), or "" (all ranks) for anything else
+ * (?rank=abc is ignored, not sent to the server nor listed as a rank). */
+function parseRank(raw) {
+  if (raw === null || !/^\d+$/.test(raw)) return "";
+  const rank = Number(raw);
+  return rank <= MAX_RANK ? String(rank) : "";
+}
+
 export function logPanel(run, ctx) {
-  const state = { rank: ctx.query.get("rank") ?? "", q: ctx.query.get("q") ?? "" };
+  const state = { rank: parseRank(ctx.query.get("rank")), q: ctx.query.get("q") ?? "" };
   const rankSelect = h("select", { id: "log-rank", "aria-label": "rank" },
     h("option", { value: "" }, "all ranks"));
   const search = h("input", { id: "log-search", type: "search", value: state.q,

@@ -91,7 +91,10 @@ function checkpointsTable(project, checkpoints) {
           " ", h("span", { class: "muted" }, fmtBytes(f.size))))))),
       h("td", { "data-col": "source" },
         c.source_display_id
-          ? [link(runPath(project, c.source_display_id), c.source_display_id),
+          // A checkpoint may be forked from another project's run (`from_project`).
+          ? [link(runPath(c.source_project || project, c.source_display_id),
+            c.source_project && c.source_project !== project
+              ? `${c.source_project} / ${c.source_display_id}` : c.source_display_id),
             c.source_step !== null ? ` @ ${c.source_step}` : ""]
           : (c.source_uri || "")),
       h("td", { "data-col": "created" }, fmtTime(c.created_at))))));
