@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from pluto.errors import PlutoError
@@ -265,8 +266,9 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
     table = Table("id", "display id", "name", "status", "forked from", "fork step", "steps")
     for run in query.list_runs(args.project, url=args.url):
         steps = "" if run.last_step is None else f"{run.first_step}-{run.last_step}"
-        table.add_row(str(run.id), run.display_id, run.name, run.status.value,
-                      run.forked_from_display_id or "", _opt(run.fork_step), steps)
+        # Text, not markup: a run named "[/]x" is a name, not a style.
+        table.add_row(*map(Text, (str(run.id), run.display_id, run.name, run.status.value,
+                                  run.forked_from_display_id or "", _opt(run.fork_step), steps)))
     console.print(table)
     return 0
 
@@ -279,7 +281,7 @@ def _lineage(args: argparse.Namespace, console: Console) -> int:
         f"{display}" + (f" (forked at {step})" if step is not None else "")
         for _, display, step in view.ancestors
     )
-    console.print(f"[bold]ancestors[/bold]: {chain}")
+    console.print(Text.assemble(("ancestors", "bold"), ": ", chain))
     tree = Tree(_label(view.tree))
     stack = [(view.tree, tree)]
     while stack:
@@ -292,12 +294,12 @@ def _lineage(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _label(node: object) -> str:
+def _label(node: object) -> Text:
     from pluto.query import LineageTree
 
     assert isinstance(node, LineageTree)
     fork = f" forked at step {node.fork_step}" if node.fork_step is not None else ""
-    return f"{node.display_id} {node.name!r}{fork}"
+    return Text(f"{node.display_id} {node.name!r}{fork}")
 
 
 def _opt(value: object) -> str:

@@ -7,6 +7,7 @@ import datetime
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pluto import checkpoints
 
@@ -62,10 +63,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 f"{info.source_display_id} step {info.source_step}" if info.source_run else "")
             created = datetime.datetime.fromtimestamp(info.created_at).isoformat(
                 sep=" ", timespec="seconds")
-            table.add_row(str(info.step), info.run_display_id, checkpoints.human_size(info.size),
-                          str(len(info.files)), origin, created,
-                          ", ".join(f"{k}={v}" for k, v in info.metadata.items()))
-        console.print(table if found else f"{args.run} has no checkpoint")
+            # Text, not markup: metadata and names are the user's ("[/red] done" is no style).
+            table.add_row(*map(Text, (
+                str(info.step), info.run_display_id, checkpoints.human_size(info.size),
+                str(len(info.files)), origin, created,
+                ", ".join(f"{k}={v}" for k, v in info.metadata.items()))))
+        console.print(table if found else Text(f"{args.run} has no checkpoint"))
         return 0
     if args.checkpoints_command == "fork":
         checkpoints.fork_checkpoint(args.to_run, args.from_run, from_project=args.from_project,
@@ -76,5 +79,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
     path = checkpoints.download_checkpoint(args.run, args.step, args.dest,
                                            not_after_step=args.not_after_step,
                                            project=args.project, url=args.url)
-    console.print(str(path))
+    console.print(Text(str(path)))
     return 0

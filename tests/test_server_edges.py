@@ -312,6 +312,31 @@ def test_every_run_past_one_page_reaches_the_sdk_and_the_cli(
     assert f" {oldest.display_id} " in printed
 
 
+def test_the_cli_prints_names_and_metadata_as_written_not_as_markup(
+        api: Api, shared_server: ServerProcess, capsys: pytest.CaptureFixture[str],
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich reads "[...]" as markup: a run named "[/]oops" made ``pluto runs`` crash."""
+    import pluto
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per row: the name unwrapped
+    project = unique_project("markup")
+    name = "[/]oops [bold]x"
+    run = pluto.init(project=project, name=name, dir=tmp_path / "pluto",
+                     settings={"url": shared_server.url, "console": False})
+    run.log({"a": 1.0}, step=1)
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"w")
+    assert run.log_checkpoint(weights, step=1, metadata={"note": "[/red] done"}) is not None
+    run.finish()
+    url = ["--url", shared_server.url]
+    assert cli_main(["runs", project, *url]) == 0
+    assert name in capsys.readouterr().out
+    assert cli_main(["lineage", run.display_id, "--project", project, *url]) == 0
+    assert repr(name) in capsys.readouterr().out
+    assert cli_main(["checkpoints", "list", run.display_id, "--project", project, *url]) == 0
+    assert "note=[/red] done" in capsys.readouterr().out
+
+
 # -- run links -----------------------------------------------------------------------
 
 
