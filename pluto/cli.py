@@ -198,6 +198,7 @@ def _sidecar(args: argparse.Namespace) -> int:
         server=args.server or env.get("server", SidecarSettings().server),
         spool_dir=args.spool_dir or Path(env.get("spool_dir", SidecarSettings().spool_dir)),
         api_key=api_key,
+        api_key_file=args.api_key_file,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         batch_max_bytes=int(args.batch_max_kb * 1024),
         batch_max_age=args.batch_max_age,

@@ -366,7 +366,7 @@ def _deliver_spool(spool: Spool, transport: Transport, state: DeliveryState,
         try:
             result = transport.deliver([record.payload for record in records])
         except RequestRejected as exc:
-            if not exc.permanent:
+            if not exc.data_refused:  # a refused key (401) says nothing about the data
                 spool.rewind()
                 state.last_error = str(exc)
                 return False
@@ -395,7 +395,8 @@ def _deliver_one(payload: bytes, transport: Transport, state: DeliveryState,
     try:
         state.delivered_points += transport.deliver([payload]).points
     except RequestRejected as exc:
-        if not exc.permanent:
+        if not exc.data_refused:
+            state.last_error = str(exc)
             return False
         _dead_letter(root, payload, exc, state)
     except PlutoError as exc:

@@ -408,6 +408,23 @@ class Spool:
     def empty(self) -> bool:
         return self.pending_bytes == 0
 
+    def oldest_unsent_written_by(self) -> float | None:
+        """A time (Unix) by which the oldest record not acknowledged had been written: the
+        last change of the segment file that holds it. None when every record is."""
+        if self.empty:
+            return None
+        for segment in self._segments():
+            if segment < self.acked.segment:
+                continue
+            try:
+                stat = self._path(segment).stat()
+            except FileNotFoundError:
+                continue
+            if segment == self.acked.segment and stat.st_size <= self.acked.offset:
+                continue  # acknowledged to its end: the record is in a later segment
+            return stat.st_mtime
+        return None
+
     def close(self, *, remove_if_empty: bool = False) -> None:
         with self._lock:
             if self._held:

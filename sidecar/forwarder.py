@@ -4,7 +4,9 @@ Consecutive chunks are sent as one compressed batch once it is big enough or its
 oldest record old enough. The spool is acknowledged only after the server
 answers; a retried batch is harmless because the server applies each chunk once
 (its (run, session, seq) key). Errors that retrying cannot fix move the record to
-a dead-letter file with the server's reason.
+a dead-letter file with the server's reason; a refused API key (401) is not one of
+them: it says nothing about the record, so the spool keeps it and the forwarder tries
+again (with the key file read again, see ``pluto_sidecar.credentials``).
 
 One request is in flight at a time, so batches reach the server in spool order.
 While it is, the next batch is read and compressed (in a worker thread): the
@@ -189,7 +191,7 @@ class Forwarder:
                 body = await self.upstream.prepare(_chunk_views(group))
             result = await self.upstream.send_ingest(body)
         except RequestRejected as exc:
-            if not exc.permanent:
+            if not exc.data_refused:
                 return self._transient(exc)
             if not group[0].payload:  # a prepared batch: its bytes are only in the spool
                 group = await self.queue.reread(len(group))
@@ -220,7 +222,7 @@ class Forwarder:
                 update = msgspec.msgpack.decode(body, type=RunUpdateRequest)
                 await self.upstream.update_run(update, await self._run_number(update))
         except RequestRejected as exc:
-            if not exc.permanent:
+            if not exc.data_refused:
                 return self._transient(exc)
             if kind is RecordKind.OPEN:
                 request = msgspec.msgpack.decode(body, type=RunCreate)
@@ -246,6 +248,16 @@ class Forwarder:
         return await self.upstream.find_run_number(update.project, update.run_ref)
 
     def _transient(self, exc: PlutoError) -> bool:
+        if isinstance(exc, RequestRejected) and exc.credentials_refused:
+            # About the key, not the data: keep it all and try again, with the key the
+            # Secret holds by then when it is mounted as a file (``ApiKey.reload``).
+            reloaded = self.upstream.api_key.reload()
+            log_event(log, "the server refuses the sidecar's API key; everything stays in "
+                      "the spool and is sent once the key is accepted: fix the key in the "
+                      "Secret (a file given to --api-key-file is read again on each try; "
+                      "PLUTO_API_KEY needs a restart of the sidecar)", error=str(exc),
+                      file_changed=reloaded, level=logging.ERROR)
+            return False
         log_event(log, "server unavailable, will retry", error=str(exc),
                   backoff_seconds=round(self._backoff, 2), level=logging.WARNING)
         return False

@@ -56,6 +56,7 @@ import httpx
 import uvicorn
 
 from pluto.wire import API_PREFIX
+from pluto_sidecar.credentials import ApiKey
 from pluto_sidecar.logs import log_event, scrub
 from pluto_sidecar.telemetry import Telemetry
 
@@ -104,13 +105,13 @@ class ApiProxy:
     accepting, lets requests in flight finish until the deadline, then closes.
     """
 
-    def __init__(self, path: Path, server_url: str, api_key: str | None,
+    def __init__(self, path: Path, server_url: str, api_key: ApiKey | None,
                  telemetry: Telemetry | None = None, *, connect_timeout: float = CONNECT_TIMEOUT,
                  io_timeout: float = IO_TIMEOUT) -> None:
         self.path = path
         self.url = server_url.rstrip("/")
         self.telemetry = telemetry or Telemetry(process_metrics=False)
-        self._authorization = f"Bearer {api_key}" if api_key else None
+        self.api_key = api_key or ApiKey(None)
         self._timeout = httpx.Timeout(io_timeout, connect=connect_timeout)
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
@@ -234,8 +235,9 @@ class ApiProxy:
         if client is None:  # stopping
             return await _send_error(request, send, 503, "the pluto sidecar is stopping")
         headers = _end_to_end(request.headers, _REQUEST_DROP, request.header_values("connection"))
-        if self._authorization is not None:
-            headers.append(("authorization", self._authorization))
+        authorization = self.api_key.authorization
+        if authorization is not None:
+            headers.append(("authorization", authorization))
         body = self._request_body(request, receive) if request.has_body else None
         if body is None:
             request.body_read.set()
@@ -246,6 +248,10 @@ class ApiProxy:
         except httpx.TransportError as exc:
             status, detail = self._failed(request, exc)
             return await _send_error(request, send, status, detail)
+        if upstream.status_code == 401:
+            # This answer stands (its body may be gone already), but the next request
+            # carries the key the Secret holds now, if it was rotated.
+            self.api_key.reload()
         try:
             return await self._relay(request, upstream, send)
         finally:

@@ -203,10 +203,13 @@ class DurableQueue:
         self._synced_cond = asyncio.Condition()
         self._room_cond = asyncio.Condition()
         # (end position, time appended) of every record not yet acknowledged, oldest first.
-        # Records found in the spool at start count from the start.
+        # Records found in the spool at start count from when their oldest was written at
+        # the latest (its file's last change), not from this start: a restart of the
+        # sidecar must not make an old backlog look fresh on ``oldest_unsent_age_seconds``.
         self._unsent: collections.deque[tuple[Position, float]] = collections.deque()
         if not self.spool.empty:
-            self._unsent.append((self.spool.end, time.time()))
+            written = self.spool.oldest_unsent_written_by()
+            self._unsent.append((self.spool.end, written if written is not None else time.time()))
         self._committer: asyncio.Task[None] | None = None
 
     @property

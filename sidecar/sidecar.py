@@ -13,10 +13,11 @@ from pathlib import Path
 
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.spool import Position
-from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
+from pluto.wire import Chunk, RunAttached, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
 from pluto_sidecar.connection import ClientError, Connection, FrameStream, ReceiveBudget
+from pluto_sidecar.credentials import ApiKey
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
@@ -51,7 +52,8 @@ class Sidecar:
         self.receive_budget = ReceiveBudget(settings.receive_budget_bytes)
         # As many bytes of buffers kept for big frames as may be received at once.
         self.frame_pool = FramePool(settings.receive_budget_bytes)
-        self.upstream = Upstream(settings.server, settings.api_key)
+        api_key = ApiKey(settings.api_key, settings.api_key_file)
+        self.upstream = Upstream(settings.server, api_key)
         self.forwarder = Forwarder(
             self.queue, self.upstream, self.registry, self.telemetry,
             batch_max_bytes=settings.batch_max_bytes, batch_max_age=settings.batch_max_age,
@@ -59,7 +61,7 @@ class Sidecar:
         )
         #: The HTTP proxy of the server API on its own socket, when one is configured.
         self.proxy = (None if settings.api_socket is None else
-                      ApiProxy(settings.api_socket, settings.server, settings.api_key,
+                      ApiProxy(settings.api_socket, settings.server, api_key,
                                self.telemetry))
         self.health = HealthServer(settings.health_host, settings.health_port, self.telemetry,
                                    self._ready)
@@ -261,7 +263,7 @@ class Sidecar:
                 await self._delivered(self.queue.spool.end, wait)
                 wait = max(wait / 2, wait - (time.monotonic() - started))
             try:
-                info = await asyncio.wait_for(self.upstream.open_run(request), wait)
+                info = await asyncio.wait_for(self._open_upstream(request), wait)
             except RequestRejected as exc:
                 if exc.permanent:
                     raise
@@ -284,6 +286,16 @@ class Sidecar:
             self.registry.subscribe(key, listener)
             self.registry.attach(key, listener)
             return RunOpened(project=key[0], run_ref=key[1], pending=pending)
+
+    async def _open_upstream(self, request: RunCreate) -> RunAttached:
+        """The server's answer to ``request``; refused for the key, asked once more if the
+        key file holds another key by now (a rotated Secret)."""
+        try:
+            return await self.upstream.open_run(request)
+        except RequestRejected as exc:
+            if not exc.credentials_refused or not self.upstream.api_key.reload():
+                raise
+        return await self.upstream.open_run(request)
 
     async def _delivered(self, position: Position, timeout: float) -> bool:
         """Wait (at most ``timeout`` seconds) until the server has acknowledged the spool

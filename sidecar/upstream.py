@@ -26,6 +26,7 @@ from pluto.wire import (
     RunUpdateRequest,
     encode_json,
 )
+from pluto_sidecar.credentials import ApiKey
 
 T = TypeVar("T")
 
@@ -85,12 +86,11 @@ def gzip_body(parts: Sequence[bytes | memoryview]) -> bytes:
 
 
 class Upstream:
-    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
-        headers = {"user-agent": "pluto-sidecar"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+    def __init__(self, url: str, api_key: ApiKey | None, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.url + API_PREFIX, headers=headers,
+        self.api_key = api_key or ApiKey(None)
+        self._client = httpx.AsyncClient(base_url=self.url + API_PREFIX,
+                                         headers={"user-agent": "pluto-sidecar"},
                                          timeout=timeout)
 
     async def open_run(self, request: RunCreate) -> RunAttached:
@@ -128,6 +128,10 @@ class Upstream:
                    "content-length": str(len(body))}
         if gzipped:
             headers["content-encoding"] = "gzip"
+        # Per request, not once on the client: the key can change (``ApiKey.reload``).
+        authorization = self.api_key.authorization
+        if authorization is not None:
+            headers["authorization"] = authorization
         try:
             response = await self._client.request(method, path, content=_pieces(body),
                                                   headers=headers)

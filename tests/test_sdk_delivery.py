@@ -242,6 +242,58 @@ def test_finish_with_the_server_down_is_bounded_and_the_leftover_is_adopted(
     assert_exactly_once(server, run.id, expected)
 
 
+def create_key(server: ServerProcess, name: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "pluto", "keys", "create", "--name", name,
+         "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()
+
+
+def test_data_the_server_refuses_for_its_api_key_is_kept_not_set_aside(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """A 401 is about the key, not the data: what met a revoked key stays in the spool (no
+    dead letter), and a later run with a valid key delivers it, once."""
+    server = server_factory(start=False, extra_args=["--auth"])
+    old_key = create_key(server, "revoked-mid-run")
+    server.start()
+    spool_dir = tmp_path / "pluto"
+    run = start(server, spool_dir, api_key=old_key, finish_timeout=1.0)
+    run.log({"early": 1.0})
+    expected: dict[Point, float] = {("early", 0, 0): 1.0}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not query.get_metrics(
+            run.id, url=server.url, api_key=old_key).get("early"):
+        time.sleep(0.05)
+
+    server.stop()  # the key is revoked (and the server's cache of keys goes with it)
+    subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", old_key.split("_")[1],
+                    "--data-dir", str(server.data_dir)], capture_output=True, timeout=60,
+                   check=True)
+    new_key = create_key(server, "after-rotation")
+    server.start()
+    for step in range(1, 100):
+        run.log({"late": float(step)})
+        expected[("late", step, 0)] = float(step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.finish()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "refused a chunk" in m], messages
+    assert not (spool_dir / "dead-letter.msgpack").exists()
+    assert [m for m in messages if "could not deliver" in m and "HTTP 401" in m], messages
+    assert spool_sessions(spool_dir), "the refused data must stay on disk"
+
+    adopter = start(server, spool_dir, api_key=new_key)
+    adopter.finish()
+    got = query.get_metrics(run.id, url=server.url, api_key=new_key)
+    assert {("early", row.step, 0): row.value for row in got["early"]} | {
+        ("late", row.step, 0): row.value for row in got["late"]} == expected
+    assert sum(len(rows) for rows in got.values()) == len(expected)
+    assert spool_sessions(spool_dir) == []
+
+
 def test_a_large_leftover_spool_never_holds_the_new_runs_own_data_back(
     server: ServerProcess, tmp_path: Path
 ) -> None:

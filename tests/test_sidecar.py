@@ -1231,6 +1231,14 @@ def test_the_oldest_unsent_age_keeps_growing_during_an_outage(
         lags.append(round(time.monotonic() - spooled_at - age, 2))
     assert max(lags) < 0.5, f"the gauge lagged the real age by up to {max(lags)}s: {lags}"
 
+    # A restart of the sidecar (the kubelet's, after a crash) finds the record in its spool:
+    # the backlog is as old as before, not new (its age counts from when it was written).
+    sidecar.kill()
+    sidecar.start()
+    age = scrape(sidecar)["pluto_sidecar_oldest_unsent_age_seconds"]
+    real = time.monotonic() - spooled_at
+    assert real - 0.5 < age <= real + 0.5, (age, real)
+
 
 def test_the_oldest_unsent_age_stays_small_while_delivery_keeps_up(
     server_factory: ServerFactory, sidecar_factory: SidecarFactory,
@@ -1347,6 +1355,65 @@ def test_the_training_process_needs_no_credentials(
     assert key not in sidecar.logs()
     secret = key[-12:]  # the secret part may itself hold "_"
     assert secret not in sidecar.logs()
+
+
+def create_key(server: ServerProcess, name: str) -> str:
+    created = subprocess.run(
+        [sys.executable, "-m", "pluto", "keys", "create", "--name", name,
+         "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return created.stdout.strip()
+
+
+def test_a_rotated_api_key_keeps_the_data_and_the_new_key_file_is_picked_up(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+    spawn: Callable[..., Writer], tmp_path: Path,
+) -> None:
+    """A 401 is about the key, not the data: the sidecar must not bury a single chunk while
+    the server refuses its key, and a Secret mounted as a file is read again, so the rotated
+    key is used without a restart and everything spooled meanwhile arrives, once."""
+    server = server_factory(start=False, extra_args=["--auth"])
+    old_key = create_key(server, "before-rotation")
+    server.start()
+    key_file = tmp_path / "api-key"
+    key_file.write_text(old_key + "\n")
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--api-key-file", str(key_file)])
+    go = tmp_path / "go"
+    writer = spawn("rank0", sidecar.client_env(PLUTO_RUN_ID="rotated"), steps=200, keys=2,
+                   go=go)
+    wait_until(lambda: writer.report() is not None, 30, writer.logs)
+    at_init = cast(dict[str, Any], writer.report())["at_init"]
+    # The first half of the steps, logged before the writer waits for ``go``.
+    wait_delivered(server.url, "rotated", expected_points(at_init["writer"], 100, 2),
+                   api_key=old_key)
+
+    # The key is rotated while the run goes on: the old one revoked, a new one made.
+    server.stop()
+    lookup = old_key.split("_")[1]
+    subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", lookup,
+                    "--data-dir", str(server.data_dir)], capture_output=True, timeout=60,
+                   check=True)
+    new_key = create_key(server, "after-rotation")
+    server.start()
+    go.touch()
+    report = writer.wait(60)  # the sidecar acknowledged every chunk: they are in its spool
+    assert report["after_finish"]["id"] > 0
+    refused = "the server refuses the sidecar's API key"
+    wait_until(lambda: bool(events_named(sidecar, refused)), 30,
+               lambda: f"the sidecar never met the refused key: {sidecar.logs()}")
+    time.sleep(1.0)  # a few more tries with the old key
+    assert scrape(sidecar)["pluto_sidecar_dead_letters_total"] == 0
+    assert not (sidecar.spool_dir / "dead-letter.msgpack").exists()
+    assert sidecar.proc is not None and sidecar.proc.poll() is None
+
+    # The kubelet rewrites the mounted Secret: the next try reads the new key.
+    key_file.write_text(new_key + "\n")
+    wait_delivered(server.url, "rotated", writer.expected(), api_key=new_key)
+    wait_status(server.url, "rotated", RunStatus.COMPLETED, api_key=new_key)
+    assert events_named(sidecar, "API key read again from its file")
+    assert scrape(sidecar)["pluto_sidecar_dead_letters_total"] == 0
+    assert new_key not in sidecar.logs() and old_key not in sidecar.logs()
 
 
 def test_exit_when_idle_waits_for_a_client_then_exits_after_the_last_leaves(

@@ -327,6 +327,22 @@ def test_a_process_without_a_key_reaches_a_server_that_requires_one(
         assert key not in side.logs() and key not in server.logs()
 
 
+def test_a_refused_key_is_read_again_from_its_file_for_the_next_request(
+        tmp_path: Path, sidecar_factory: SidecarFactory) -> None:
+    """A Secret mounted as a file changes under the sidecar when the key is rotated: the
+    request that met the old key gets the server's 401, the next one carries the new key."""
+    with ServerProcess(tmp_path / "pluto-data", extra_args=["--auth"]) as server:
+        key = create_key(server.data_dir)
+        key_file = tmp_path / "api-key"
+        key_file.write_text("pluto_000000000000_" + "x" * 43 + "\n")
+        side = sidecar_factory(server.url, extra_args=["--api-key-file", str(key_file)])
+        with ApiClient(server.url, None, uds=str(api_socket(side))) as keyless:
+            assert keyless.http.get("/projects").status_code == 401
+            key_file.write_text(key + "\n")
+            assert keyless.http.get("/projects").status_code == 200
+        assert key not in side.logs()
+
+
 def test_the_client_credentials_never_reach_the_server(
         client: ApiClient, sidecar: SidecarProcess) -> None:
     response = client.http.get("/echo", headers={"authorization": "Bearer mine",

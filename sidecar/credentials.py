@@ -1,0 +1,66 @@
+"""The sidecar's API key: the one credential in the pod, held here and nowhere else.
+
+Given as ``PLUTO_API_KEY`` it is fixed for the life of the process. Given as a file
+(``--api-key-file``, a mounted Secret) it follows the file: the kubelet rewrites a
+mounted Secret's files when the Secret changes, so a rotated key is used without a
+restart. The file is looked at (one ``stat``) before each request and read again when
+it changed, and read again whenever the server refuses the key. Nothing spooled while
+the key was refused is set aside: a 401 is about the key, never about the data (see
+``Forwarder``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pluto_sidecar.logs import log_event
+
+log = logging.getLogger("pluto.sidecar.credentials")
+
+
+class ApiKey:
+    def __init__(self, value: str | None, file: Path | None = None) -> None:
+        self._value = value or None
+        self.file = file
+        self._seen = self._identity()
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``authorization`` header value, None without a key."""
+        if self.file is not None and self._identity() != self._seen:
+            self.reload()
+        return f"Bearer {self._value}" if self._value else None
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        """What tells a rewritten file from the one read last (the kubelet swaps a
+        Secret's files in by a symlink, so the inode changes too)."""
+        if self.file is None:
+            return None
+        try:
+            stat = self.file.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def reload(self) -> bool:
+        """Read the key file again; True when it now holds another key than the one in use.
+
+        Without a file, or when it cannot be read (the kubelet swaps a Secret's files by
+        renaming a folder, so a read can fall between the two), the key in use stays.
+        """
+        if self.file is None:
+            return False
+        self._seen = self._identity()
+        try:
+            value = self.file.read_text().strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            log_event(log, "cannot read the API key file again; the key in use stays",
+                      file=str(self.file), error=exc.__class__.__name__,
+                      level=logging.WARNING)
+            return False
+        if value == self._value:
+            return False
+        self._value = value
+        log_event(log, "API key read again from its file: it changed", file=str(self.file))
+        return True
