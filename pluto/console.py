@@ -47,20 +47,30 @@ class _Tee:
                 os.write(self.saved, data)  # never stall the pipe: the writer would block
             pending += data
             *lines, pending = pending.split(b"\n")
-            if len(pending) > MAX_LINE:
-                lines.append(pending)
-                pending = b""
             now = time.time()
             for line in lines:
-                self._emit(line, now)
+                self._emit_in_pieces(line, now)
+            while len(pending) > MAX_LINE:  # a line that goes on and on: ship it in pieces
+                cut = _piece_end(pending, MAX_LINE)
+                self._emit(pending[:cut], now)
+                pending = pending[cut:]
         if pending:
-            self._emit(pending, time.time())
+            self._emit_in_pieces(pending, time.time())
         os.close(self.read_end)
+
+    def _emit_in_pieces(self, raw: bytes, at: float) -> None:
+        """A line longer than ``MAX_LINE`` bytes goes as several log lines, in order, each
+        cut between two characters: shortened, but nothing of it dropped."""
+        while len(raw) > MAX_LINE:
+            cut = _piece_end(raw, MAX_LINE)
+            self._emit(raw[:cut], at)
+            raw = raw[cut:]
+        self._emit(raw, at)
 
     def _emit(self, raw: bytes, at: float) -> None:
         try:
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
-            self.sink(LogLine(time=at, stream=self.stream_id, line=text[:MAX_LINE]))
+            self.sink(LogLine(time=at, stream=self.stream_id, line=text))
         except Exception:  # a log line must never take the pump down
             pass
 
@@ -68,6 +78,16 @@ class _Tee:
         os.dup2(self.saved, self.fd)  # closes our pipe's write end held by fd
         self.thread.join(timeout)  # forked children may keep the pipe open: don't wait forever
         os.close(self.saved)
+
+
+def _piece_end(raw: bytes, limit: int) -> int:
+    """Where to cut ``raw`` at or before ``limit`` (> 0) so that no UTF-8 character is split:
+    back over continuation bytes (``0b10xxxxxx``), at most 3. Bytes that are not UTF-8 are
+    cut at ``limit``."""
+    cut = limit
+    while cut > limit - 3 and cut > 1 and raw[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return cut if raw[cut] & 0xC0 != 0x80 else limit
 
 
 class ConsoleCapture:
