@@ -11,7 +11,6 @@ raised when the sidecar's drain needs longer (see ``_drain_and_grace``).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -32,6 +31,8 @@ from pluto_operator.names import (
     VOLUME,
     label_value,
 )
+from pluto_operator.qos import resources_keeping_qos
+from pluto_operator.quantities import quantity_value
 from pluto_operator.targets import Binding
 
 Patch = list[dict[str, Any]]
@@ -45,26 +46,6 @@ DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
 #: Classic sidecars exit this long after the last rank disconnected (torchrun restarts of
 #: workers reconnect well within it).
 CLASSIC_IDLE_EXIT_SECONDS = 30
-
-_BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-                   "E": 10**18, "m": 10**-3}
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
-
-
-def quantity_bytes(quantity: int | str) -> float:
-    """A Kubernetes quantity (``2Gi``, ``500M``, ``1e9``) in bytes."""
-    if isinstance(quantity, int):
-        return float(quantity)
-    match = _QUANTITY.match(quantity.strip())
-    if match is None:
-        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
-    number, suffix = match.groups()
-    factor = _BINARY_SUFFIX.get(suffix) or _DECIMAL_SUFFIX.get(suffix)
-    if factor is None:
-        raise ValueError(f"unknown quantity suffix {suffix!r} in {quantity!r}")
-    return float(number) * factor
-
 
 def _escape(segment: str) -> str:
     """A JSON pointer segment (RFC 6901): ``pluto.dev/run`` -> ``pluto.dev~1run``."""
@@ -180,17 +161,21 @@ def sidecar_container(
     binding: Binding, image: str, placement: Placement, drain_seconds: int,
     default_resources: Mapping[str, Any] | None = None,
     security_context: Mapping[str, Any] | None = None,
+    pod_spec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``pluto sidecar`` container for a pod covered by ``binding``."""
+    """The ``pluto sidecar`` container for ``pod_spec``, a pod covered by ``binding``."""
     sidecar = binding.sidecar
     args = ["sidecar", "--health-host", "0.0.0.0", "--health-port", str(SIDECAR_HEALTH_PORT),
             "--drain-seconds", str(drain_seconds)]
     if sidecar is not None and sidecar.spool_size is not None:
-        mib = max(1, math.ceil(quantity_bytes(sidecar.spool_size) / 2**20))
+        mib = max(1, math.ceil(quantity_value(sidecar.spool_size) / 2**20))
         args += ["--spool-max-mb", str(mib)]
-    resources: Mapping[str, Any] = default_resources or DEFAULT_RESOURCES
+    resources: Mapping[str, Any]
     if sidecar is not None and sidecar.resources is not None:
-        resources = sidecar.resources.to_dict()
+        resources = sidecar.resources.to_dict()  # as written: see pluto_operator.qos
+    else:
+        resources = resources_keeping_qos(default_resources or DEFAULT_RESOURCES,
+                                          pod_spec or {})
     probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
     container: dict[str, Any] = {
         "name": SIDECAR_CONTAINER,
@@ -318,7 +303,7 @@ def injection_patch(
     if grace_op is not None:
         patch.append(grace_op)
     sidecar = sidecar_container(binding, image, placement, drain, default_resources,
-                                sidecar_security_context(spec))
+                                sidecar_security_context(spec), spec)
     if placement == "native":
         # First, so that other init containers can log through it too.
         if spec.get("initContainers"):

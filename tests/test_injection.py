@@ -17,9 +17,10 @@ import pytest
 
 from pluto_operator.admission import PodRequest, review
 from pluto_operator.cache import known_run
-from pluto_operator.injection import injection_patch, is_injected, quantity_bytes
+from pluto_operator.injection import injection_patch, is_injected
 from pluto_operator.model import PlutoRun
 from pluto_operator.names import label_value
+from pluto_operator.quantities import quantity_value
 from pluto_operator.settings import OperatorSettings, SecretRef
 from pluto_operator.targets import Binding, KnownRun, NamespaceInfo, decide
 from pluto_operator.webhook import PodInjector
@@ -277,7 +278,7 @@ class TestPatch:
         ("2Gi", 2 * 2**30), ("500M", 500e6), ("1e9", 1e9), (1024, 1024.0), ("512Ki", 2**19),
     ])
     def test_quantities(self, text: str | int, expected: float) -> None:
-        assert quantity_bytes(text) == expected
+        assert quantity_value(text) == expected
 
 
 # -- the injector behind the webhook -------------------------------------------------------
@@ -330,6 +331,110 @@ def test_operator_default_sidecar_resources_apply_unless_the_plutorun_sets_them(
     mutation = injector(PodRequest("u", "ml", pod({"pluto.dev/run": "own"}), False))
     sidecar = apply(pod({"pluto.dev/run": "own"}), mutation.patch)["spec"]["initContainers"][0]
     assert sidecar["resources"] == {"limits": {"memory": "1Gi"}}
+
+
+# -- the pod's QoS class and ResourceQuota ----------------------------------------------------
+
+
+def qos_class(spec: dict[str, Any]) -> str:
+    """The QoS class Kubernetes gives a pod (GetPodQOS, without pod-level resources): from
+    every container, init containers included, and only CPU and memory."""
+    containers = [*spec.get("containers", []), *spec.get("initContainers", [])]
+    guaranteed, any_set = True, False
+    for container in containers:
+        resources = container.get("resources") or {}
+        requests = {k: quantity_value(v) for k, v in (resources.get("requests") or {}).items()
+                    if k in ("cpu", "memory")}
+        limits = {k: quantity_value(v) for k, v in (resources.get("limits") or {}).items()
+                  if k in ("cpu", "memory")}
+        any_set = any_set or bool(requests or limits)
+        requests = {**limits, **requests}  # a request left out defaults to the limit
+        if set(limits) != {"cpu", "memory"} or requests != limits:
+            guaranteed = False
+    return "Guaranteed" if guaranteed and any_set else "Burstable" if any_set else "BestEffort"
+
+
+def resources(requests: dict[str, str] | None = None,
+              limits: dict[str, str] | None = None) -> dict[str, Any]:
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def injected(run: KnownRun, spec: dict[str, Any],
+             settings: OperatorSettings = SETTINGS) -> dict[str, Any]:
+    """The pod's spec after the webhook's patch (native sidecar: the first init container)."""
+    spec = dict(spec)
+    trainer = spec.pop("trainer_resources", None)
+    original = pod({"pluto.dev/run": run.name}, **spec)
+    if trainer is not None:
+        original["spec"]["containers"][0]["resources"] = trainer
+    mutation = PodInjector(settings, StaticView([run]), "native")(
+        PodRequest("u", "ml", original, False))
+    assert mutation.patch
+    patched: dict[str, Any] = apply(original, mutation.patch)["spec"]
+    return patched
+
+
+GPU_TRAINER = resources({"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi",
+                                                         "nvidia.com/gpu": "8"})
+
+
+def test_a_guaranteed_pod_stays_guaranteed_with_the_sidecar() -> None:
+    """Training pods are made Guaranteed for exclusive CPUs and NUMA alignment with the GPUs:
+    a sidecar whose requests are not its limits would take that away from the whole pod."""
+    before = pod()["spec"]
+    before["containers"][0]["resources"] = GPU_TRAINER
+    assert qos_class(before) == "Guaranteed"
+    spec = injected(plutorun("sft"), {"trainer_resources": GPU_TRAINER})
+    sidecar = spec["initContainers"][0]
+    assert sidecar["resources"] == resources({"cpu": "500m", "memory": "256Mi"},
+                                             {"cpu": "500m", "memory": "256Mi"})
+    assert qos_class(spec) == "Guaranteed"
+    # Limits alone make a container Guaranteed too (its requests default to them), and so
+    # "1" and "1000m" are the same CPU.
+    limits_only = resources(limits={"cpu": "1", "memory": "1Gi"})
+    init = {"name": "fetch", "image": "busybox",
+            "resources": resources({"cpu": "1000m"}, {"cpu": "1", "memory": "1Gi"})}
+    spec = injected(plutorun("sft"), {"trainer_resources": limits_only,
+                                      "initContainers": [init]})
+    assert qos_class(spec) == "Guaranteed"
+
+
+def test_the_operators_default_limits_are_kept_in_a_guaranteed_pod() -> None:
+    settings = OperatorSettings(server_url=SETTINGS.server_url,
+                                sidecar_resources=resources({"cpu": "2", "memory": "100Mi"},
+                                                            {"memory": "1Gi"}))
+    spec = injected(plutorun("sft"), {"trainer_resources": GPU_TRAINER}, settings)
+    assert spec["initContainers"][0]["resources"] == resources(
+        {"cpu": "2", "memory": "1Gi"}, {"cpu": "2", "memory": "1Gi"})
+    assert qos_class(spec) == "Guaranteed"
+
+
+def test_a_burstable_pod_gets_the_plain_defaults() -> None:
+    trainer = resources({"cpu": "4", "memory": "16Gi"}, {"memory": "16Gi"})
+    spec = injected(plutorun("sft"), {"trainer_resources": trainer})
+    assert spec["initContainers"][0]["resources"] == resources(
+        {"cpu": "50m", "memory": "64Mi"}, {"memory": "256Mi"})
+    assert qos_class(spec) == "Burstable"
+    spec = injected(plutorun("sft"), {})  # BestEffort: the sidecar's requests make it Burstable
+    assert qos_class(spec) == "Burstable"
+
+
+def test_a_pod_whose_every_container_sets_a_cpu_limit_gets_one_on_the_sidecar_too() -> None:
+    """A namespace whose ResourceQuota counts limits.cpu refuses a pod with one container that
+    sets none: the sidecar must not be that container."""
+    trainer = resources({"cpu": "2", "memory": "8Gi"}, {"cpu": "4", "memory": "8Gi"})
+    spec = injected(plutorun("sft"), {"trainer_resources": trainer})
+    assert qos_class(spec) == "Burstable"
+    assert spec["initContainers"][0]["resources"] == resources(
+        {"cpu": "50m", "memory": "64Mi"}, {"cpu": "500m", "memory": "256Mi"})
+
+
+def test_the_plutoruns_own_sidecar_resources_are_used_as_written() -> None:
+    own = resources({"cpu": "100m"}, {"memory": "1Gi"})
+    spec = injected(plutorun("own", sidecar={"resources": own}),
+                    {"trainer_resources": GPU_TRAINER})
+    assert spec["initContainers"][0]["resources"] == own
+    assert qos_class(spec) == "Burstable"  # its author's choice, documented
 
 
 # -- long PlutoRun names (label values hold at most 63 characters) ---------------------------
