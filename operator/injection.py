@@ -165,8 +165,18 @@ def sidecar_container(
 ) -> dict[str, Any]:
     """The ``pluto sidecar`` container for ``pod_spec``, a pod covered by ``binding``."""
     sidecar = binding.sidecar
-    args = ["sidecar", "--health-host", "0.0.0.0", "--health-port", str(SIDECAR_HEALTH_PORT),
-            "--drain-seconds", str(drain_seconds)]
+    host_network = bool((pod_spec or {}).get("hostNetwork"))
+    if host_network:
+        # The pod shares the node's network: a declared port is a host port, so two such pods
+        # could not be on one node (the second stays Pending), and 0.0.0.0 would be the node's
+        # every address. The health server takes any free port on the node's loopback instead,
+        # and the probes look for the socket (the sidecar makes it once it listens).
+        args = ["sidecar", "--health-host", "127.0.0.1", "--health-port", "0"]
+        probe: dict[str, Any] = {"exec": {"command": ["test", "-S", SOCKET_PATH]}}
+    else:
+        args = ["sidecar", "--health-host", "0.0.0.0", "--health-port", str(SIDECAR_HEALTH_PORT)]
+        probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
+    args += ["--drain-seconds", str(drain_seconds)]
     if sidecar is not None and sidecar.spool_size is not None:
         mib = max(1, math.ceil(quantity_value(sidecar.spool_size) / 2**20))
         args += ["--spool-max-mb", str(mib)]
@@ -176,7 +186,6 @@ def sidecar_container(
     else:
         resources = resources_keeping_qos(default_resources or DEFAULT_RESOURCES,
                                           pod_spec or {})
-    probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
     container: dict[str, Any] = {
         "name": SIDECAR_CONTAINER,
         "image": (sidecar.image if sidecar is not None and sidecar.image else image),
@@ -199,8 +208,6 @@ def sidecar_container(
             # NVML in the sidecar sees the node's GPUs without requesting one.
             {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         ],
-        "ports": [{"name": SIDECAR_HEALTH_PORT_NAME, "containerPort": SIDECAR_HEALTH_PORT,
-                   "protocol": "TCP"}],
         # Ready once the socket listens and the spool is writable. No liveness probe: a
         # restart mid-flush would stall every rank of the pod for nothing.
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
@@ -208,6 +215,9 @@ def sidecar_container(
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
         "securityContext": dict(security_context or sidecar_security_context({})),
     }
+    if not host_network:
+        container["ports"] = [{"name": SIDECAR_HEALTH_PORT_NAME,
+                               "containerPort": SIDECAR_HEALTH_PORT, "protocol": "TCP"}]
     if placement == "classic":
         # Nothing stops a classic sidecar when the training ends; without this the Job's pod
         # would never complete.

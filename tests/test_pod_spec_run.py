@@ -10,6 +10,7 @@ ranks must log through the injected sidecar into a real tracking server, and the
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,37 @@ def test_classic_sidecar_exits_by_itself_so_the_pod_completes(
     loss = query.get_metrics(info.id, keys="train/loss", url=server.url)["train/loss"]
     assert sorted((row.writer, row.step) for row in loss) == sorted(
         (w, s) for w in (0, 1) for s in range(1, 4))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_two_host_network_pods_share_a_node_without_a_port_clash(
+        server: ServerProcess, tmp_path: Path) -> None:
+    """With ``hostNetwork`` a declared port is a host port and 0.0.0.0 is every address of the
+    node: two training pods on one node would clash on the sidecar's health port (the
+    scheduler keeps the second Pending; unscheduled, its sidecar cannot bind). The injected
+    sidecar then listens on any free loopback port and is probed through its socket.
+
+    The local kubelet runs every container in this host's network, which is exactly a
+    hostNetwork pod, so with port remapping off the two pods below really share one."""
+    pods = []
+    for job in ("host-a", "host-b"):
+        user_pod = training_pod(steps=3, job=job)
+        user_pod["spec"]["hostNetwork"] = True
+        pod = webhook_mutated(user_pod, server_url=server.url, project=f"podspec-{job}",
+                              run_id=job, placement="native")
+        sidecar = pod["spec"]["initContainers"][0]
+        assert "ports" not in sidecar
+        assert sidecar["startupProbe"]["exec"]["command"][:2] == ["test", "-S"]
+        args = sidecar["args"]
+        assert args[args.index("--health-host") + 1] == "127.0.0.1"
+        assert args[args.index("--health-port") + 1] == "0"
+        pods.append((job, pod))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(
+            lambda item: check_training_pod(item[1], server, tmp_path / item[0], run_id=item[0],
+                                            project=f"podspec-{item[0]}", steps=3,
+                                            port_remap=None),
+            pods))
+    for result in results:
+        assert result["pluto-sidecar"].startup_passed_at is not None

@@ -44,10 +44,12 @@ def training_pod(*, steps: int, job: str, namespace: str = "ml",
 
 def check_training_pod(pod: Json, server: ServerProcess, workdir: Path, *, run_id: str,
                        project: str, steps: int,
-                       secrets: dict[str, dict[str, str]] | None = None) -> PodResult:
+                       secrets: dict[str, dict[str, str]] | None = None,
+                       **kubelet_options: Any) -> PodResult:
     """Runs a mutated training pod; asserts that both ranks' points reached ``server``
-    through the sidecar, that the pod succeeded and that the sidecar drained on SIGTERM."""
-    result = run_pod(pod, workdir=workdir, secrets=secrets, timeout=120)
+    through the sidecar, that the pod succeeded and that the sidecar drained on SIGTERM.
+    ``kubelet_options``: more keyword arguments of the ``LocalKubelet``."""
+    result = run_pod(pod, workdir=workdir, secrets=secrets, timeout=120, **kubelet_options)
     assert result.phase == "Succeeded", result.describe()
     sidecar, trainer = result["pluto-sidecar"], result["trainer"]
     assert sidecar.signals == ["SIGTERM"] and sidecar.exit_code == 0, result.describe()
