@@ -155,7 +155,8 @@ def init(
     transport: Transport
     if resolved.sidecar_socket:
         sidecar = SidecarTransport(resolved.sidecar_socket, session=session,
-                                   writer=resolved.writer, timeout=resolved.http_timeout)
+                                   writer=resolved.writer, timeout=resolved.http_timeout,
+                                   node_rank=resolved.node_rank)
         transport = sidecar
     else:
         transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)

@@ -30,6 +30,10 @@ def _env_rank() -> int:
     return 0
 
 
+def _env_node_rank() -> int | None:
+    return parse_digits(os.environ.get("GROUP_RANK"))
+
+
 @dataclass(frozen=True)
 class Settings:
     #: Tracking server URL. Env: ``PLUTO_URL``.
@@ -47,6 +51,9 @@ class Settings:
     )
     #: The writer label on every point: the process's rank. Env: ``RANK``.
     writer: int = field(default_factory=_env_rank)
+    #: This process's node among the job's nodes, told to the sidecar for the label of the
+    #: node's system metrics (None: not known). Env: ``GROUP_RANK`` (set by torchrun).
+    node_rank: int | None = field(default_factory=_env_node_rank)
     #: Ship stdout/stderr lines (fd level) as the run's log.
     console: bool = field(
         default_factory=lambda: os.environ.get("PLUTO_CONSOLE", "1") not in ("0", "false")

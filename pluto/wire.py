@@ -476,6 +476,9 @@ class FrameKind(enum.IntEnum):
     UPDATE_RUN = 7  # client -> sidecar: RunUpdateRequest
     UPDATED = 8  # sidecar -> client: Ack (queued durably)
     ERROR = 9  # sidecar -> client: FrameError
+    #: client -> sidecar: NodeInfo, not answered; sent only to a sidecar whose Welcome lists
+    #: FEATURE_NODE (an older sidecar would refuse a frame kind it does not know).
+    NODE = 10
 
 
 class Hello(Body):
@@ -485,10 +488,24 @@ class Hello(Body):
     pid: int
 
 
+#: A sidecar that takes NODE frames says so in ``Welcome.features``.
+FEATURE_NODE: Final = "node"
+
+
 class Welcome(Reply):
     protocol: int
     max_frame_bytes: int
     sidecar: str
+    #: What this sidecar takes beyond protocol 1's frames (``FEATURE_NODE``); absent from
+    #: older sidecars, so a client asks before it sends such a frame.
+    features: list[str] = []
+
+
+class NodeInfo(Body):
+    """The client's node as its launcher numbers it: torchrun's ``GROUP_RANK``, the rank of
+    the node (pod) among the job's nodes. The sidecar labels its system metrics with it."""
+
+    node_rank: int
 
 
 class RunOpened(Reply):

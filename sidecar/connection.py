@@ -27,6 +27,7 @@ import msgspec
 
 from pluto.errors import PlutoError, RequestRejected
 from pluto.wire import (
+    FEATURE_NODE,
     FRAME_HEADER,
     PROTOCOL_VERSION,
     Ack,
@@ -35,6 +36,7 @@ from pluto.wire import (
     FrameFormatError,
     FrameKind,
     Hello,
+    NodeInfo,
     RunAttached,
     RunCreate,
     RunOpened,
@@ -421,7 +423,7 @@ class Connection:
             await self._send(FrameKind.WELCOME, request_id, Welcome(
                 protocol=PROTOCOL_VERSION,
                 max_frame_bytes=self.sidecar.settings.max_frame_bytes,
-                sidecar=self.sidecar.version))
+                sidecar=self.sidecar.version, features=[FEATURE_NODE]))
         elif kind is FrameKind.CHUNK:
             await self._chunk(request_id, record)
         elif kind is FrameKind.OPEN_RUN:
@@ -433,6 +435,12 @@ class Connection:
             ticket = self.sidecar.queue.append_record(record)
             await self.sidecar.queue.durable(ticket)
             await self._send(FrameKind.UPDATED, request_id, Ack(seq=0))
+        elif kind is FrameKind.NODE:
+            node = _decode(payload, NodeInfo)
+            if node.node_rank < 0:
+                raise ClientError(f"node_rank {node.node_rank} is not a node rank: a whole "
+                                  "number >= 0 (torchrun's GROUP_RANK)")
+            self.sidecar.use_node_rank(node.node_rank)
         else:
             raise ClientError(f"a client does not send {kind.name} frames")
 

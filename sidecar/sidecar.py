@@ -78,6 +78,8 @@ class Sidecar:
         self._idle_since: float | None = None
         self._sys_session = uuid.uuid4().hex
         self._sys_seq = 0
+        #: The label of this node's system metrics: ``--node-rank`` until a rank says better.
+        self.node_rank = settings.node_rank
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -310,6 +312,16 @@ class Sidecar:
 
     # -- system metrics -------------------------------------------------------
 
+    def use_node_rank(self, node_rank: int) -> None:
+        """A rank told its node's rank (torchrun's ``GROUP_RANK``): the label of this node's
+        system metrics from now on. It beats ``--node-rank`` / ``PLUTO_NODE_RANK``, which the
+        operator can only derive from the pod (its completion index: wrong for a JobSet whose
+        Jobs repeat indexes, absent for pods outside an Indexed Job)."""
+        if node_rank != self.node_rank:
+            log_event(log, "node rank told by a rank", node_rank=node_rank,
+                      previous=self.node_rank)
+            self.node_rank = node_rank
+
     async def _sample_system(self) -> None:
         sampler = SystemSampler(self.settings.spool_dir)
         try:
@@ -328,7 +340,7 @@ class Sidecar:
         keys = list(values)
         for project, run_ref in self.registry.active():
             chunk = Chunk(run=0, project=project, run_ref=run_ref, session=self._sys_session,
-                          seq=self._sys_seq, writer=self.settings.node_rank, keys=keys,
+                          seq=self._sys_seq, writer=self.node_rank, keys=keys,
                           key_index=list(range(len(keys))), steps=[int(now)] * len(keys),
                           values=[values[k] for k in keys], times=[now] * len(keys))
             self._sys_seq += 1

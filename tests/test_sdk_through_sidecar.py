@@ -12,17 +12,21 @@ SDK's data is the thing that does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from support.server_process import ServerProcess
 from support.sidecar_process import SidecarProcess
@@ -30,7 +34,19 @@ from support.sidecar_process import SidecarProcess
 import pluto
 from pluto import query
 from pluto.pipeline import MAX_CHUNK_BYTES
-from pluto.wire import MAX_FRAME_BYTES, RunStatus
+from pluto.transport.sidecar import SidecarTransport
+from pluto.wire import (
+    FRAME_HEADER,
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    FrameKind,
+    RunCreate,
+    RunOpened,
+    RunStatus,
+    encode_frame,
+    encode_msgpack,
+    parse_frame_header,
+)
 
 BURST_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
@@ -146,3 +162,75 @@ def test_a_resume_pending_on_the_server_warns_that_steps_start_again(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run.finish()
+
+
+# -- a sidecar older than the SDK -------------------------------------------------------------
+
+
+def _read_frame(conn: socket.socket) -> tuple[FrameKind, int, bytes]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            piece = conn.recv(n - len(data))
+            if not piece:
+                raise ConnectionError("closed")
+            data += piece
+        return data
+
+    kind, request_id, length = parse_frame_header(exactly(FRAME_HEADER.size))
+    return kind, request_id, exactly(length)
+
+
+class OlderSidecar:
+    """Stands in for a sidecar of an earlier release (which cannot run here): its Welcome has
+    no ``features``, and it would refuse a frame kind it does not know. It records the frames
+    a client sends after HELLO, answers OPEN_RUN with a pending run, and nothing else."""
+
+    def __init__(self, path: Path) -> None:
+        self.frames: list[FrameKind] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            kind, request_id, _ = _read_frame(conn)
+            assert kind is FrameKind.HELLO
+            # What protocol-1 sidecars sent: no "features" key at all.
+            welcome = msgspec.msgpack.encode({"protocol": PROTOCOL_VERSION,
+                                              "max_frame_bytes": MAX_FRAME_BYTES,
+                                              "sidecar": "0.0.9"})
+            conn.sendall(encode_frame(FrameKind.WELCOME, request_id, welcome))
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    kind, request_id, payload = _read_frame(conn)
+                    self.frames.append(kind)
+                    if kind is FrameKind.OPEN_RUN:
+                        request = msgspec.msgpack.decode(payload, type=RunCreate)
+                        opened = RunOpened(project=request.project,
+                                           run_ref=request.run_id or "", pending="older")
+                        conn.sendall(encode_frame(FrameKind.RUN, request_id,
+                                                  encode_msgpack(opened)))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_node_rank_is_told_only_to_a_sidecar_that_takes_it(tmp_path: Path) -> None:
+    """An SDK newer than its pod's sidecar (the training image and the sidecar image are
+    upgraded apart) must not send a frame the sidecar would refuse."""
+    path = tmp_path / "old.sock"
+    older = OlderSidecar(path)
+    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5)
+    try:
+        opened = transport.open_run(RunCreate(project="compat", run_id="r"), 5)
+        assert opened.id == 0  # pending: the older sidecar's answer came back
+    finally:
+        transport.close()
+        older.thread.join(5)
+        older.close()
+    assert older.frames[:1] == [FrameKind.OPEN_RUN], older.frames
+    assert FrameKind.NODE not in older.frames

@@ -1273,6 +1273,29 @@ def test_the_oldest_unsent_age_stays_small_while_delivery_keeps_up(
 # -- system metrics ------------------------------------------------------------------
 
 
+def test_the_node_rank_torchrun_gives_the_ranks_labels_the_system_metrics(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+    spawn: Callable[..., Writer],
+) -> None:
+    """The operator can only derive the node rank from the pod (an Indexed Job's completion
+    index: repeated across the Jobs of a JobSet, absent for other pods). torchrun knows it
+    (GROUP_RANK): the ranks tell the sidecar, whose system metrics follow."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=["--sys-interval", "0.5"], node_rank=0)
+    writer = spawn("rank9", sidecar.client_env(PLUTO_RUN_ID="grouped", RANK="9",
+                                               GROUP_RANK="4"), steps=30, keys=1, sleep=0.1)
+    report = writer.wait(60)
+    run = report["after_finish"]["id"]
+    wait_until(lambda: len(stored(server.url, run, keys=["sys/cpu_percent"])
+                           .get("sys/cpu_percent", [])) >= 2, 20,
+               "fewer than 2 sys/cpu_percent samples")
+    system = stored(server.url, run, keys=["sys/cpu_percent"])["sys/cpu_percent"]
+    assert {row.writer for row in system} == {4}
+    assert {row.writer for row in stored(server.url, run, keys=["k0"])["k0"]} == {9}
+    told = events_named(sidecar, "node rank told by a rank")
+    assert [(e["node_rank"], e["previous"]) for e in told] == [(4, 0)]
+
+
 def test_system_metrics_are_labelled_with_the_node_and_not_inherited_by_forks(
     server_factory: ServerFactory, sidecar_factory: SidecarFactory,
     spawn: Callable[..., Writer], tmp_path: Path,

@@ -24,6 +24,7 @@ from pluto.digits import parse_digits
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.base import Transport
 from pluto.wire import (
+    FEATURE_NODE,
     FRAME_HEADER,
     PROTOCOL_VERSION,
     Ack,
@@ -32,6 +33,7 @@ from pluto.wire import (
     FrameKind,
     Hello,
     IngestResult,
+    NodeInfo,
     RunAttached,
     RunCreate,
     RunInfo,
@@ -51,10 +53,12 @@ Resolved = Callable[[RunAttached], None]
 
 
 class SidecarTransport(Transport):
-    def __init__(self, path: str, *, session: str, writer: int, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, *, session: str, writer: int, timeout: float = 30.0,
+                 node_rank: int | None = None) -> None:
         self.path = path
         self.session = session
         self.writer = writer
+        self.node_rank = node_rank
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._lock = threading.RLock()
@@ -85,6 +89,8 @@ class SidecarTransport(Transport):
                 protocol=PROTOCOL_VERSION, session=self.session, writer=self.writer,
                 pid=os.getpid()), FrameKind.WELCOME, Welcome)
             self._max_frame = welcome.max_frame_bytes
+            if self.node_rank is not None and FEATURE_NODE in welcome.features:
+                self._send(FrameKind.NODE, NodeInfo(node_rank=self.node_rank))  # not answered
             if self._opened:  # a reconnect (perhaps a new sidecar process): open again
                 self._reopen()
         except BaseException:
