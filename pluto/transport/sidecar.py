@@ -89,7 +89,8 @@ class SidecarTransport(Transport):
                 protocol=PROTOCOL_VERSION, session=self.session, writer=self.writer,
                 pid=os.getpid()), FrameKind.WELCOME, Welcome)
             self._max_frame = welcome.max_frame_bytes
-            if self.node_rank is not None and FEATURE_NODE in welcome.features:
+            if (self.node_rank is not None and self.node_rank >= 0
+                    and FEATURE_NODE in welcome.features):
                 self._send(FrameKind.NODE, NodeInfo(node_rank=self.node_rank))  # not answered
             if self._opened:  # a reconnect (perhaps a new sidecar process): open again
                 self._reopen()
