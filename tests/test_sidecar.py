@@ -56,6 +56,7 @@ from pluto.errors import RequestRejected
 from pluto.query import MetricRow
 from pluto.spool import HEADER as SPOOL_RECORD_HEADER
 from pluto.wire import (
+    FEATURE_NODE,
     FRAME_HEADER,
     FRAME_MAGIC,
     MAX_FRAME_BYTES,
@@ -65,6 +66,7 @@ from pluto.wire import (
     FrameError,
     FrameKind,
     Hello,
+    NodeInfo,
     RunCreate,
     RunInfo,
     RunOpened,
@@ -725,6 +727,25 @@ def test_the_first_frame_must_be_hello(
     assert error.fatal is True and "first frame must be HELLO" in error.detail
     assert bad.closed_by_peer()
     bad.close()
+
+
+def test_a_node_rank_that_is_not_one_is_refused_and_the_connection_goes_on(
+    pod: tuple[ServerProcess, SidecarProcess], good: GoodClient,
+) -> None:
+    _, sidecar = pod
+    client = RawClient(sidecar.socket)
+    assert FEATURE_NODE in client.handshake().features
+    request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": -1}))
+    error = client.error(request_id)
+    assert not error.fatal and "GROUP_RANK" in error.detail
+    request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": "one"}))
+    assert not client.error(request_id).fatal
+    client.send(FrameKind.NODE, encode_msgpack(NodeInfo(node_rank=0)))  # not answered
+    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(writer=8, steps=[1],
+                                                                 run=good.run))
+    assert client.receive()[:2] == (FrameKind.ACK, request_id)
+    client.close()
+    good.extra[("good", 1, 8)] = value(8, 1, 0)
 
 
 def test_a_frame_only_the_sidecar_sends_is_refused(
