@@ -33,6 +33,12 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def _common_name(hosts: list[str]) -> str:
+    """The first host, when it fits X.509's 64 characters; clients check the SANs, so the
+    common name is only a label (a longer host would make the certificate impossible)."""
+    return hosts[0] if 0 < len(hosts[0]) <= 64 else "pluto webhook"
+
+
 def self_signed(hosts: list[str], days: int = 365) -> Certificate:
     """A CA and a server certificate for ``hosts`` (DNS names or IP addresses) signed by it.
 
@@ -59,7 +65,7 @@ def self_signed(hosts: list[str], days: int = 365) -> Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _common_name(hosts))]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

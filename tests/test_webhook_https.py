@@ -126,6 +126,17 @@ def test_certificate_does_not_verify_against_another_ca(
         client.post(hook.url, content=b"{}")
 
 
+def test_a_host_longer_than_a_common_name_still_gets_a_certificate() -> None:
+    """X.509 caps the common name at 64 characters; ``--dev --webhook-url`` with a longer host
+    (a tunnel's generated name) made the operator fail at start."""
+    from cryptography import x509
+
+    host = "webhook-" + "a" * 60 + ".tunnel.example.com"
+    cert = x509.load_pem_x509_certificate(self_signed([host, "localhost"]).cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert host in names.get_values_for_type(x509.DNSName)
+
+
 def test_rotated_certificate_files_are_picked_up(tmp_path: Path) -> None:
     first, second = self_signed(["localhost"]), self_signed(["localhost"])
     cert_file, key_file = write_certificate(first, tmp_path)
