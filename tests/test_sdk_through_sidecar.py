@@ -80,9 +80,15 @@ def test_a_console_burst_bigger_than_a_frame_reaches_the_server_in_chunks_that_f
     assert report["undelivered"] == 0, done.stderr[-3000:]
 
     url = shared_server.url
+    # finish() returned once the sidecar had it all spooled; the sidecar forwards it after.
+    # The final status rides in the last chunk, so once it is there everything is.
+    deadline = time.monotonic() + 60
+    while (query.get_run(run_id, project="chunks", url=url).status is not RunStatus.COMPLETED
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    assert query.get_run(run_id, project="chunks", url=url).status is RunStatus.COMPLETED
     metrics = query.get_metrics(run_id, project="chunks", url=url)
     assert [row.step for row in metrics["after"]] == list(range(1, 101))  # type: ignore[union-attr]
-    assert query.get_run(run_id, project="chunks", url=url).status is RunStatus.COMPLETED
     burst = [line for line in query.get_logs(run_id, project="chunks", url=url)
              if set(line.line) == {"x"}]
     assert len(burst) == 1100 and {len(line.line) for line in burst} == {16000}
