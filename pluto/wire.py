@@ -535,7 +535,8 @@ class FrameError(Reply):
 
 
 #: The bodies that travel only over the sidecar socket (never over HTTP).
-SOCKET_ONLY: Final = (Hello, Welcome, RunOpened, RunUpdateRequest, Ack, FrameError, ChunkEnvelope)
+SOCKET_ONLY: Final = (Hello, Welcome, NodeInfo, RunOpened, RunUpdateRequest, Ack, FrameError,
+                      ChunkEnvelope)
 
 
 class FrameFormatError(ValueError):
