@@ -1593,7 +1593,8 @@ def test_a_resume_pending_on_the_server_says_its_steps_start_again(
     """With the server away, a ``resume=True`` open is pending and its last step unknown:
     the answer the SDK gets says so (and the sidecar's log), instead of nothing."""
     server = server_factory(start=False)
-    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--open-wait", "1"])
+    sidecar = sidecar_factory(server.url, extra_args=[*QUIET, "--open-wait", "1",
+                                                          "--drain-seconds", "1"])
     client = RawClient(sidecar.socket)
     client.handshake()
     opened = client.open_run(PROJECT, "resume-pending", resume=True)
