@@ -16,7 +16,7 @@ from pluto.spool import Position
 from pluto.wire import Chunk, RunAttached, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
-from pluto_sidecar.connection import ClientError, Connection, FrameStream, ReceiveBudget
+from pluto_sidecar.connection import ClientError, Connection
 from pluto_sidecar.credentials import ApiKey
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
@@ -25,6 +25,7 @@ from pluto_sidecar.proxy import ApiProxy
 from pluto_sidecar.queue import DurableQueue, RecordKind
 from pluto_sidecar.registry import Listener, RunEntry, RunRegistry, as_resumed
 from pluto_sidecar.settings import SidecarSettings
+from pluto_sidecar.stream import FrameStream, ReceiveBudget
 from pluto_sidecar.sysmetrics import SystemSampler
 from pluto_sidecar.telemetry import Telemetry
 from pluto_sidecar.upstream import Upstream

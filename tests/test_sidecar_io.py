@@ -38,9 +38,9 @@ from pluto.spool import Spool, SpoolFull
 from pluto.transport.http import ingest_body
 from pluto_sidecar import queue as queue_module
 from pluto_sidecar.buffers import MIN_POOLED_BYTES, FramePool
-from pluto_sidecar.connection import SCRATCH_BYTES, FrameStream, ReceiveBudget
 from pluto_sidecar.main import tune_malloc
 from pluto_sidecar.queue import STREAM_PIECE, DurableQueue, SidecarSpool, SpoolCorrupt
+from pluto_sidecar.stream import SCRATCH_BYTES, FrameStream, ReceiveBudget
 from pluto_sidecar.upstream import gzip_body, ingest_body_parts
 
 
