@@ -208,8 +208,8 @@ def sidecar_container(
             # NVML in the sidecar sees the node's GPUs without requesting one.
             {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
         ],
-        # Ready once the socket listens and the spool is writable. No liveness probe: a
-        # restart mid-flush would stall every rank of the pod for nothing.
+        # Ready once the socket listens (and, probed over HTTP, the spool is writable). No
+        # liveness probe: a restart mid-flush would stall every rank of the pod for nothing.
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": dict(resources),
         "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
