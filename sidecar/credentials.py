@@ -4,9 +4,8 @@ Given as ``PLUTO_API_KEY`` it is fixed for the life of the process. Given as a f
 (``--api-key-file``, a mounted Secret) it follows the file: the kubelet rewrites a
 mounted Secret's files when the Secret changes, so a rotated key is used without a
 restart. The file is looked at (one ``stat``) before each request and read again when
-it changed, and read again whenever the server refuses the key. Nothing spooled while
-the key was refused is set aside: a 401 is about the key, never about the data (see
-``Forwarder``).
+it changed. Nothing spooled while the key was refused is set aside: a 401 is about the
+key, never about the data (see ``Forwarder``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ class ApiKey:
     def authorization(self) -> str | None:
         """The ``authorization`` header value, None without a key."""
         if self.file is not None and self._identity() != self._seen:
-            self.reload()
+            self._reload()
         return f"Bearer {self._value}" if self._value else None
 
     def _identity(self) -> tuple[int, int, int] | None:
@@ -43,24 +42,20 @@ class ApiKey:
             return None
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
-    def reload(self) -> bool:
-        """Read the key file again; True when it now holds another key than the one in use.
-
-        Without a file, or when it cannot be read (the kubelet swaps a Secret's files by
-        renaming a folder, so a read can fall between the two), the key in use stays.
-        """
-        if self.file is None:
-            return False
-        self._seen = self._identity()
+    def _reload(self) -> None:
+        """Read the key file again. When it cannot be read (the kubelet swaps a Secret's
+        files by renaming a folder, so a read can fall between the two), the key in use
+        stays and the next request looks again."""
+        assert self.file is not None
+        identity = self._identity()
         try:
             value = self.file.read_text().strip() or None
         except (OSError, UnicodeDecodeError) as exc:
             log_event(log, "cannot read the API key file again; the key in use stays",
                       file=str(self.file), error=exc.__class__.__name__,
                       level=logging.WARNING)
-            return False
-        if value == self._value:
-            return False
-        self._value = value
-        log_event(log, "API key read again from its file: it changed", file=str(self.file))
-        return True
+            return
+        self._seen = identity
+        if value != self._value:
+            self._value = value
+            log_event(log, "API key read again from its file: it changed", file=str(self.file))

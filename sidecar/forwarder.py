@@ -6,7 +6,7 @@ answers; a retried batch is harmless because the server applies each chunk once
 (its (run, session, seq) key). Errors that retrying cannot fix move the record to
 a dead-letter file with the server's reason; a refused API key (401) is not one of
 them: it says nothing about the record, so the spool keeps it and the forwarder tries
-again (with the key file read again, see ``pluto_sidecar.credentials``).
+again (with the key file's new key, if it changed: ``pluto_sidecar.credentials``).
 
 One request is in flight at a time, so batches reach the server in spool order.
 While it is, the next batch is read and compressed (in a worker thread): the
@@ -250,13 +250,11 @@ class Forwarder:
     def _transient(self, exc: PlutoError) -> bool:
         if isinstance(exc, RequestRejected) and exc.credentials_refused:
             # About the key, not the data: keep it all and try again, with the key the
-            # Secret holds by then when it is mounted as a file (``ApiKey.reload``).
-            reloaded = self.upstream.api_key.reload()
+            # Secret holds by then when it is mounted as a file (``ApiKey`` follows it).
             log_event(log, "the server refuses the sidecar's API key; everything stays in "
                       "the spool and is sent once the key is accepted: fix the key in the "
-                      "Secret (a file given to --api-key-file is read again on each try; "
-                      "PLUTO_API_KEY needs a restart of the sidecar)", error=str(exc),
-                      file_changed=reloaded, level=logging.ERROR)
+                      "Secret (a file given to --api-key-file is followed; PLUTO_API_KEY "
+                      "needs a restart of the sidecar)", error=str(exc), level=logging.ERROR)
             return False
         log_event(log, "server unavailable, will retry", error=str(exc),
                   backoff_seconds=round(self._backoff, 2), level=logging.WARNING)

@@ -248,10 +248,6 @@ class ApiProxy:
         except httpx.TransportError as exc:
             status, detail = self._failed(request, exc)
             return await _send_error(request, send, status, detail)
-        if upstream.status_code == 401:
-            # This answer stands (its body may be gone already), but the next request
-            # carries the key the Secret holds now, if it was rotated.
-            self.api_key.reload()
         try:
             return await self._relay(request, upstream, send)
         finally:

@@ -22,8 +22,8 @@ class SidecarSettings:
     spool_dir: Path = field(default_factory=lambda: Path(DEFAULT_SPOOL))
     #: Read from PLUTO_API_KEY or a file, never from the command line.
     api_key: str | None = None
-    #: The file it was read from (a mounted Secret): read again when the server refuses
-    #: the key, so a rotated Secret is picked up without a restart.
+    #: The file it was read from (a mounted Secret): read again when it changes, so a
+    #: rotated Secret is picked up without a restart.
     api_key_file: Path | None = None
     #: The spool may hold this much unsent data; past it the sidecar stops reading clients.
     spool_max_bytes: int = 1024 * 1024 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.spool import Position
-from pluto.wire import Chunk, RunAttached, RunCreate, RunOpened, encode_msgpack
+from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
 from pluto_sidecar.connection import ClientError, Connection
@@ -266,7 +266,7 @@ class Sidecar:
                 await self._delivered(self.queue.spool.end, wait)
                 wait = max(wait / 2, wait - (time.monotonic() - started))
             try:
-                info = await asyncio.wait_for(self._open_upstream(request), wait)
+                info = await asyncio.wait_for(self.upstream.open_run(request), wait)
             except RequestRejected as exc:
                 if exc.permanent:
                     raise
@@ -289,16 +289,6 @@ class Sidecar:
             self.registry.subscribe(key, listener)
             self.registry.attach(key, listener)
             return RunOpened(project=key[0], run_ref=key[1], pending=pending)
-
-    async def _open_upstream(self, request: RunCreate) -> RunAttached:
-        """The server's answer to ``request``; refused for the key, asked once more if the
-        key file holds another key by now (a rotated Secret)."""
-        try:
-            return await self.upstream.open_run(request)
-        except RequestRejected as exc:
-            if not exc.credentials_refused or not self.upstream.api_key.reload():
-                raise
-        return await self.upstream.open_run(request)
 
     async def _delivered(self, position: Position, timeout: float) -> bool:
         """Wait (at most ``timeout`` seconds) until the server has acknowledged the spool
