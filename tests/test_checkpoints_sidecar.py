@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from support.processes import die_with_parent
-from support.server_process import ServerProcess
+from support.server_process import ServerProcess, create_api_key
 from support.sidecar_process import SidecarProcess
 
 SAVE = """
@@ -60,11 +60,7 @@ def test_a_pod_saves_forks_and_loads_checkpoints_without_credentials(
     sidecar_factory: Callable[..., SidecarProcess], tmp_path: Path,
 ) -> None:
     server = server_factory(start=False, extra_args=["--auth"])
-    key = subprocess.run(
-        [sys.executable, "-m", "pluto", "keys", "create", "--name", "pod",
-         "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.strip()
+    key = create_api_key(server.data_dir, "pod")
     server.start()
     key_file = tmp_path / "api-key"
     key_file.write_text(key)

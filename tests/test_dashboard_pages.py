@@ -12,8 +12,6 @@ the test is about what the pages hand to it.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 from support.browser import RequestLog, save_screenshot
-from support.server_process import ServerProcess, clean_env
+from support.server_process import ServerProcess, create_api_key
 
 import pluto
 
@@ -525,11 +523,7 @@ def test_with_auth_on_the_page_asks_for_a_key_and_works_with_one(
         page: Page, server_factory: Any, tmp_path: Path) -> None:
     data_dir = tmp_path / "auth-data"
     server = server_factory(data_dir=data_dir, extra_args=["--auth"])
-    made = subprocess.run(
-        [sys.executable, "-m", "pluto", "keys", "create", "--name", "dashboard",
-         "--data-dir", str(data_dir)],
-        capture_output=True, text=True, env=clean_env(), timeout=120, check=True)
-    key = made.stdout.strip()
+    key = create_api_key(data_dir, "dashboard")
     created = httpx.post(f"{server.url}/api/v1/runs", json={"project": "guarded", "name": "x"},
                          headers={"authorization": f"Bearer {key}"})
     assert created.status_code == 201, created.text

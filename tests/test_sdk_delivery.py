@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from support.server_process import ServerProcess
+from support.server_process import ServerProcess, create_api_key, revoke_api_key
 from support.volumes import fill, small_tmpfs
 
 import pluto
@@ -242,21 +242,13 @@ def test_finish_with_the_server_down_is_bounded_and_the_leftover_is_adopted(
     assert_exactly_once(server, run.id, expected)
 
 
-def create_key(server: ServerProcess, name: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "pluto", "keys", "create", "--name", name,
-         "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.strip()
-
-
 def test_data_the_server_refuses_for_its_api_key_is_kept_not_set_aside(
     server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     """A 401 is about the key, not the data: what met a revoked key stays in the spool (no
     dead letter), and a later run with a valid key delivers it, once."""
     server = server_factory(start=False, extra_args=["--auth"])
-    old_key = create_key(server, "revoked-mid-run")
+    old_key = create_api_key(server.data_dir, "revoked-mid-run")
     server.start()
     spool_dir = tmp_path / "pluto"
     run = start(server, spool_dir, api_key=old_key, finish_timeout=1.0)
@@ -268,10 +260,8 @@ def test_data_the_server_refuses_for_its_api_key_is_kept_not_set_aside(
         time.sleep(0.05)
 
     server.stop()  # the key is revoked (and the server's cache of keys goes with it)
-    subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", old_key.split("_")[1],
-                    "--data-dir", str(server.data_dir)], capture_output=True, timeout=60,
-                   check=True)
-    new_key = create_key(server, "after-rotation")
+    revoke_api_key(server.data_dir, old_key)
+    new_key = create_api_key(server.data_dir, "after-rotation")
     server.start()
     for step in range(1, 100):
         run.log({"late": float(step)})

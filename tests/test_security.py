@@ -13,8 +13,6 @@ SQLite only: what is printed does not depend on the database.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.server_process import ServerProcess, clean_env
+from support.server_process import ServerProcess, create_api_key, revoke_api_key
 from support.sidecar_process import SidecarProcess
 
 import pluto
@@ -31,14 +29,6 @@ from pluto import query
 from pluto.errors import RequestRejected
 
 pytestmark = pytest.mark.usefixtures("sdk_env")
-
-
-def create_key(data_dir: Path, name: str, *extra: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "pluto", "keys", "create", "--name", name,
-                           "--data-dir", str(data_dir), *extra],
-                          capture_output=True, text=True, env=clean_env(), timeout=60,
-                          check=True)
-    return done.stdout.strip()
 
 
 def secret_of(key: str) -> str:
@@ -83,12 +73,10 @@ def cmdline(pid: int | None) -> str:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
     data_dir = tmp_path_factory.mktemp("security") / "pluto-data"
     server = ServerProcess(data_dir, extra_args=["--auth"])
-    good = create_key(data_dir, "good")
-    scoped = create_key(data_dir, "scoped", "--project", "theirs")
-    revoked = create_key(data_dir, "revoked")
-    subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", revoked.split("_")[1],
-                    "--data-dir", str(data_dir)], capture_output=True, env=clean_env(),
-                   timeout=60, check=True)
+    good = create_api_key(data_dir, "good")
+    scoped = create_api_key(data_dir, "scoped", "--project", "theirs")
+    revoked = create_api_key(data_dir, "revoked")
+    revoke_api_key(data_dir, revoked)
     with server:
         yield Keys(server, good, scoped, revoked)
 

@@ -47,7 +47,7 @@ import httpx
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.server_process import ServerProcess, clean_env
+from support.server_process import ServerProcess, clean_env, create_api_key, revoke_api_key
 from support.sidecar_process import SidecarProcess, SidecarStartError
 
 import pluto
@@ -1365,12 +1365,7 @@ def test_the_training_process_needs_no_credentials(
     spawn: Callable[..., Writer], tmp_path: Path,
 ) -> None:
     server = server_factory(start=False, extra_args=["--auth"])
-    created = subprocess.run(
-        [sys.executable, "-m", "pluto", "keys", "create", "--name", "sidecar",
-         "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    key = created.stdout.strip()
+    key = create_api_key(server.data_dir, "sidecar")
     assert key and "\n" not in key
     server.start()
     key_file = tmp_path / "api-key"
@@ -1401,15 +1396,6 @@ def test_the_training_process_needs_no_credentials(
     assert secret not in sidecar.logs()
 
 
-def create_key(server: ServerProcess, name: str) -> str:
-    created = subprocess.run(
-        [sys.executable, "-m", "pluto", "keys", "create", "--name", name,
-         "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    return created.stdout.strip()
-
-
 def test_a_rotated_api_key_keeps_the_data_and_the_new_key_file_is_picked_up(
     server_factory: ServerFactory, sidecar_factory: SidecarFactory,
     spawn: Callable[..., Writer], tmp_path: Path,
@@ -1418,7 +1404,7 @@ def test_a_rotated_api_key_keeps_the_data_and_the_new_key_file_is_picked_up(
     the server refuses its key, and a Secret mounted as a file is read again, so the rotated
     key is used without a restart and everything spooled meanwhile arrives, once."""
     server = server_factory(start=False, extra_args=["--auth"])
-    old_key = create_key(server, "before-rotation")
+    old_key = create_api_key(server.data_dir, "before-rotation")
     server.start()
     key_file = tmp_path / "api-key"
     key_file.write_text(old_key + "\n")
@@ -1434,11 +1420,8 @@ def test_a_rotated_api_key_keeps_the_data_and_the_new_key_file_is_picked_up(
 
     # The key is rotated while the run goes on: the old one revoked, a new one made.
     server.stop()
-    lookup = old_key.split("_")[1]
-    subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", lookup,
-                    "--data-dir", str(server.data_dir)], capture_output=True, timeout=60,
-                   check=True)
-    new_key = create_key(server, "after-rotation")
+    revoke_api_key(server.data_dir, old_key)
+    new_key = create_api_key(server.data_dir, "after-rotation")
     server.start()
     go.touch()
     report = writer.wait(60)  # the sidecar acknowledged every chunk: they are in its spool

@@ -43,7 +43,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.postgres import free_port
 from support.processes import die_with_parent, tail, terminate
-from support.server_process import ServerProcess, clean_env
+from support.server_process import ServerProcess, clean_env, create_api_key
 from support.sidecar_process import SidecarProcess, SidecarStartError
 
 from pluto.errors import RequestRejected
@@ -287,18 +287,10 @@ def raw_request(path: Path, request_line: str) -> tuple[int, bytes]:
 # -- credentials -----------------------------------------------------------------------------
 
 
-def create_key(data_dir: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "pluto", "keys", "create", "--name", "sidecar",
-                           "--data-dir", str(data_dir)], capture_output=True, text=True,
-                          env=clean_env(), timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_a_process_without_a_key_reaches_a_server_that_requires_one(
         tmp_path: Path, sidecar_factory: SidecarFactory) -> None:
     with ServerProcess(tmp_path / "pluto-data", extra_args=["--auth"]) as server:
-        key = create_key(server.data_dir)
+        key = create_api_key(server.data_dir, "sidecar")
         assert httpx.get(server.url + "/api/v1/projects").status_code == 401  # auth is on
         side = sidecar_factory(server.url, env={"PLUTO_API_KEY": key})
         keyless = ApiClient(server.url, None, uds=str(api_socket(side)))
@@ -332,7 +324,7 @@ def test_a_refused_key_is_read_again_from_its_file_for_the_next_request(
     """A Secret mounted as a file changes under the sidecar when the key is rotated: the
     request that met the old key gets the server's 401, the next one carries the new key."""
     with ServerProcess(tmp_path / "pluto-data", extra_args=["--auth"]) as server:
-        key = create_key(server.data_dir)
+        key = create_api_key(server.data_dir, "sidecar")
         key_file = tmp_path / "api-key"
         key_file.write_text("pluto_000000000000_" + "x" * 43 + "\n")
         side = sidecar_factory(server.url, extra_args=["--api-key-file", str(key_file)])

@@ -46,6 +46,24 @@ def clean_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in source.items() if not k.startswith(("PLUTO_", "MLOP_"))}
 
 
+def create_api_key(data_dir: Path, name: str, *extra: str) -> str:
+    """A new API key, made by ``pluto keys create`` in the database of ``data_dir`` (the key is
+    printed once, alone: captured here). ``extra``: more flags, such as ``--project P``."""
+    done = subprocess.run([sys.executable, "-m", "pluto", "keys", "create", "--name", name,
+                           "--data-dir", str(data_dir), *extra], capture_output=True, text=True,
+                          env=clean_env(), timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def revoke_api_key(data_dir: Path, key: str) -> None:
+    """``pluto keys revoke`` of ``key``, by its lookup part (``pluto_<lookup>_<secret>``)."""
+    done = subprocess.run([sys.executable, "-m", "pluto", "keys", "revoke", key.split("_")[1],
+                           "--data-dir", str(data_dir)], capture_output=True, text=True,
+                          env=clean_env(), timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def env_for(server: ServerProcess, **extra: str) -> dict[str, str]:
     """Environment for a subprocess (a training script, ``pluto`` CLI) using ``server``.
 
