@@ -18,7 +18,7 @@ PlutoRun sets in ``spec.sidecar.resources`` are its author's choice and used as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pluto_operator.quantities import quantity_value
@@ -56,9 +56,7 @@ def resources_keeping_qos(defaults: Mapping[str, Any],
 
 
 def _all_containers(pod_spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    containers: Iterable[Mapping[str, Any]] = [*(pod_spec.get("containers") or []),
-                                                *(pod_spec.get("initContainers") or [])]
-    return list(containers)
+    return [*(pod_spec.get("containers") or []), *(pod_spec.get("initContainers") or [])]
 
 
 def _limits(container: Mapping[str, Any]) -> Mapping[str, Any]:
