@@ -323,7 +323,7 @@ class Pipeline:
         while self._orphans:
             if self._orphan is None:
                 try:
-                    self._orphan = Spool(self._orphans[0], fsync=False)
+                    self._orphan = Spool(self._orphans[0], fsync=False, create=False)
                 except (SpoolLocked, OSError):  # a live process owns it, or it vanished
                     self._orphans.popleft()
                     continue

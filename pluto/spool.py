@@ -94,7 +94,11 @@ class Spool:
     held_max_bytes = 64 * 1024 * 1024
 
     def __init__(self, directory: Path, *, fsync: bool = True,
-                 segment_bytes: int = SEGMENT_BYTES) -> None:
+                 segment_bytes: int = SEGMENT_BYTES, create: bool = True) -> None:
+        """``create=False``: open a spool that exists (one to adopt), never make one;
+        ``FileNotFoundError`` when it is gone. An adopter that made a fresh spool where an
+        orphan had just been removed would then remove it under the same hidden name as
+        the process removing the orphan, and take that one's removal apart."""
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -111,8 +115,10 @@ class Spool:
         self._lock = threading.Lock()
         if directory.is_dir():
             self._lock_fd = self._lock_existing(directory)
-        else:
+        elif create:
             self._lock_fd = self._create_locked(directory)
+        else:
+            raise FileNotFoundError(directory)
         self.acked = self._read_cursor()
         self.recovery = self._recover()
         self._read_pos = self.acked

@@ -193,6 +193,20 @@ def test_second_spool_on_a_locked_directory_is_refused(spool_dir: Path) -> None:
     adopter.close()
 
 
+def test_an_adopter_never_makes_a_spool_where_an_orphan_was_just_removed(
+        spool_dir: Path) -> None:
+    """Found in a directory listing, gone when opened (its owner emptied and removed it):
+    an adopter that made a fresh spool there used to remove that under the same hidden
+    name as the owner's removal in progress, which then failed ("could not mark run ...
+    COMPLETED: No such file or directory: .../.gone-...")."""
+    owner = Spool(spool_dir, fsync=False)
+    owner.close(remove_if_empty=True)
+    assert not spool_dir.exists()
+    with pytest.raises(FileNotFoundError):
+        Spool(spool_dir, fsync=False, create=False)
+    assert list(spool_dir.parent.iterdir()) == []  # nothing made, not even hidden
+
+
 # -- a full volume (a real small tmpfs) ---------------------------------------------------
 
 
