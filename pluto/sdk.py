@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pluto import checkpoints
 from pluto.digits import parse_digits
+from pluto.gpus import GpuLookup
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings, default_dir
 from pluto.transport.base import Transport
@@ -156,7 +157,7 @@ def init(
     if resolved.sidecar_socket:
         sidecar = SidecarTransport(resolved.sidecar_socket, session=session,
                                    writer=resolved.writer, timeout=resolved.http_timeout,
-                                   node_rank=resolved.node_rank)
+                                   node_rank=resolved.node_rank, gpus=GpuLookup())
         transport = sidecar
     else:
         transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)

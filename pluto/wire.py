@@ -502,10 +502,16 @@ class Welcome(Reply):
 
 
 class NodeInfo(Body):
-    """The client's node as its launcher numbers it: torchrun's ``GROUP_RANK``, the rank of
-    the node (pod) among the job's nodes. The sidecar labels its system metrics with it."""
+    """What a client knows of its node (pod) that the sidecar cannot see for itself.
 
-    node_rank: int
+    ``node_rank``: the node as its launcher numbers it (torchrun's ``GROUP_RANK``, the rank of
+    the pod among the job's nodes); the sidecar labels its system metrics with it.
+    ``gpus``: UUIDs of the GPUs the client's container uses, in the container's index order
+    (``pluto.gpus``); the sidecar, which is given all of the node's GPUs, reports these
+    only, as ``sys/gpu/<position in this list>/``. None: not known."""
+
+    node_rank: int | None = None
+    gpus: list[str] | None = None
 
 
 class RunOpened(Reply):

@@ -240,10 +240,15 @@ class Connection:
             await self._send(FrameKind.UPDATED, request_id, Ack(seq=0))
         elif kind is FrameKind.NODE:
             node = _decode(payload, NodeInfo)
-            if node.node_rank < 0:
+            if node.node_rank is not None and node.node_rank < 0:
                 raise ClientError(f"node_rank {node.node_rank} is not a node rank: a whole "
                                   "number >= 0 (torchrun's GROUP_RANK)")
-            self.sidecar.use_node_rank(node.node_rank)
+            if node.gpus is not None:
+                _check_gpus(node.gpus, self.sidecar.pod_gpus)
+            if node.node_rank is not None:
+                self.sidecar.use_node_rank(node.node_rank)
+            if node.gpus:
+                self.sidecar.use_gpus(node.gpus)
         else:
             raise ClientError(f"a client does not send {kind.name} frames")
 
@@ -315,6 +320,22 @@ class _ChunkRoute(ChunkEnvelope, kw_only=True):
     the run's final status): the run's system metrics stop once its clients are done."""
 
     finish: str | None = None
+
+
+#: Bounds on what a NODE frame may say of GPUs (a node has 16 at most today): the list is
+#: kept for the sidecar's lifetime, so a client must not be able to grow it without end.
+MAX_POD_GPUS = 64
+MAX_GPU_UUID_CHARS = 96
+
+
+def _check_gpus(gpus: list[str], known: list[str]) -> None:
+    for uuid in gpus:
+        if not uuid or len(uuid) > MAX_GPU_UUID_CHARS:
+            raise ClientError(f"GPU {uuid[:MAX_GPU_UUID_CHARS]!r} is not a GPU UUID: NVML's "
+                              f"nvmlDeviceGetUUID, 1 to {MAX_GPU_UUID_CHARS} characters")
+    if len(known) + len(set(gpus) - set(known)) > MAX_POD_GPUS:
+        raise ClientError(f"the ranks of this pod name more than {MAX_POD_GPUS} GPUs; a "
+                          "NODE frame lists the UUIDs of its container's GPUs only")
 
 
 def _decode(payload: bytes | memoryview, kind: type[Any], name: str | None = None) -> Any:

@@ -81,6 +81,8 @@ class Sidecar:
         self._sys_seq = 0
         #: The label of this node's system metrics: ``--node-rank`` until a rank says better.
         self.node_rank = settings.node_rank
+        #: UUIDs of the pod's GPUs as the ranks told them (empty: none told, all reported).
+        self.pod_gpus: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -313,11 +315,28 @@ class Sidecar:
                       previous=self.node_rank)
             self.node_rank = node_rank
 
+    def use_gpus(self, uuids: list[str]) -> None:
+        """A rank told the UUIDs of its container's GPUs: from now on the system metrics
+        report the pod's GPUs (those told by all ranks) instead of all the node's."""
+        new = [uuid for uuid in uuids if uuid not in self.pod_gpus]
+        if new:
+            self.pod_gpus.extend(new)
+            log_event(log, "GPUs told by a rank", gpus=new, pod_gpus=len(self.pod_gpus))
+
     async def _sample_system(self) -> None:
         sampler = SystemSampler(self.settings.spool_dir)
+        unseen: set[str] = set()  # told GPUs the sidecar cannot see, already reported
         try:
             while True:
                 await asyncio.sleep(self.settings.sys_interval)
+                if self.pod_gpus:
+                    missing = set(sampler.restrict_gpus(self.pod_gpus)) - unseen
+                    if missing:
+                        unseen |= missing
+                        log_event(log, "the ranks use GPUs this sidecar cannot see: no "
+                                  "metrics for them (the sidecar container needs "
+                                  "NVIDIA_VISIBLE_DEVICES=all and the NVIDIA runtime)",
+                                  gpus=sorted(missing), level=logging.WARNING)
                 values = await asyncio.to_thread(sampler.sample)
                 self._log_system(values)
         finally:

@@ -14,8 +14,13 @@ What "the pod" means here, and why:
 * **disk** is the filesystem holding the spool directory (the emptyDir volume), which is what
   fills up when the server is unreachable.
 * **GPUs** are read through NVML when the library loads and sees at least one device. The
-  sidecar container sees the GPUs that its container runtime exposes to it (for the NVIDIA
-  runtime: ``NVIDIA_VISIBLE_DEVICES``), not automatically the training container's.
+  sidecar container sees the GPUs that its container runtime exposes to it (the operator asks
+  for all of the node's: ``NVIDIA_VISIBLE_DEVICES=all``), not automatically the training
+  container's. The ranks tell the sidecar the UUIDs of theirs (``pluto.gpus``, NODE frame) and
+  :meth:`SystemSampler.restrict_gpus` then keeps those only, labelled by their position in
+  the ranks' list (the index the training code uses), so that two pods on one node do not
+  both report every GPU. Until a rank tells, every GPU the sidecar sees is reported under
+  its NVML index.
 
 Nothing here is allowed to break the sidecar: a machine without a GPU or driver produces no
 GPU keys and at most one DEBUG line; a reading that fails is left out of that sample (logged
@@ -28,7 +33,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -65,11 +70,13 @@ def _cpu_times() -> _CpuTimes:
 
 
 class _Gpu:
-    """One NVML device: its handle, and the readings it turned out not to support."""
+    """One NVML device: its handle, UUID (None if NVML would not say) and the readings it
+    turned out not to support."""
 
-    def __init__(self, index: int, handle: object) -> None:
+    def __init__(self, index: int, handle: object, uuid: str | None) -> None:
         self.index = index
         self.handle = handle
+        self.uuid = uuid
         self.unsupported: set[str] = set()
 
 
@@ -84,7 +91,9 @@ class SystemSampler:
     Not thread-safe: call it from one thread at a time.
     """
 
-    def __init__(self, spool_dir: Path, *, gpus: bool = True) -> None:
+    def __init__(self, spool_dir: Path, *, gpus: bool = True, nvml: Any = None) -> None:
+        """``nvml``: the NVML binding to use instead of importing ``pynvml`` (tests give a
+        stand-in, as NVML needs an NVIDIA GPU and driver)."""
         self.spool_dir = Path(spool_dir)
         self._previous: _Previous | None = None
         self._loopback: set[str] = set()
@@ -92,16 +101,18 @@ class SystemSampler:
         self._failed: set[str] = set()  # readings already reported as failing (log once)
         self._cpu_count = float(psutil.cpu_count(logical=True) or os.cpu_count() or 0)
         self._nvml: Any = None  # the pynvml module while NVML is initialised
-        self._gpus: list[_Gpu] = []
+        self._devices: list[_Gpu] = []  # every device NVML lists here
+        self._gpus: list[tuple[int, _Gpu]] = []  # (label, device) of those sampled
+        self._restricted_to: tuple[str, ...] | None = None
         if gpus:
-            self._init_nvml()
+            self._init_nvml(nvml)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
         """Shut NVML down (if it was started). Idempotent; ``sample()`` afterwards has no GPUs."""
         nvml, self._nvml = self._nvml, None
-        self._gpus = []
+        self._devices, self._gpus = [], []
         if nvml is not None:
             try:
                 nvml.nvmlShutdown()
@@ -118,6 +129,20 @@ class SystemSampler:
     def gpu_count(self) -> int:
         """How many GPUs are sampled (0 when NVML is unavailable or sees none)."""
         return len(self._gpus)
+
+    def restrict_gpus(self, uuids: Sequence[str]) -> list[str]:
+        """Sample only the GPUs with these UUIDs (those of the training containers), each
+        labelled ``sys/gpu/<its position in uuids>/``; returns those of ``uuids`` that NVML
+        does not list here (their keys are left out). Calling again with the same UUIDs
+        changes nothing."""
+        wanted = tuple(uuids)
+        by_uuid = {gpu.uuid: gpu for gpu in self._devices if gpu.uuid is not None}
+        missing = [uuid for uuid in wanted if uuid not in by_uuid]
+        if wanted != self._restricted_to:
+            self._restricted_to = wanted
+            self._gpus = [(label, by_uuid[uuid]) for label, uuid in enumerate(wanted)
+                          if uuid in by_uuid]
+        return missing
 
     # -- sampling ----------------------------------------------------------------------
 
@@ -165,8 +190,8 @@ class SystemSampler:
             out["sys/spool_disk_free_bytes"] = float(disk.free)
             out["sys/spool_disk_percent"] = float(disk.percent)
 
-        for gpu in self._gpus:
-            self._sample_gpu(gpu, out)
+        for label, gpu in self._gpus:
+            self._sample_gpu(label, gpu, out)
 
         self._previous = _Previous(at=now, cpu=cpu, net=net)
         return out
@@ -204,12 +229,13 @@ class SystemSampler:
                 self._loopback.add(nic)
         self._known_nics = set(counters)
 
-    def _init_nvml(self) -> None:
-        try:
-            import pynvml  # type: ignore[import-untyped]  # ships no stubs
-        except ImportError:
-            log.debug("sys metrics: nvidia-ml-py not installed; no GPU metrics")
-            return
+    def _init_nvml(self, pynvml: Any) -> None:
+        if pynvml is None:
+            try:
+                import pynvml  # type: ignore[import-untyped,no-redef]  # ships no stubs
+            except ImportError:
+                log.debug("sys metrics: nvidia-ml-py not installed; no GPU metrics")
+                return
         try:
             pynvml.nvmlInit()
         except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded / ...
@@ -217,7 +243,7 @@ class SystemSampler:
             return
         try:
             count = int(pynvml.nvmlDeviceGetCount())
-            gpus = [_Gpu(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+            gpus = [_device(pynvml, i) for i in range(count)]
         except Exception as exc:
             count, gpus = 0, []
             log.debug("sys metrics: NVML cannot list devices (%s); no GPU metrics", exc)
@@ -228,11 +254,12 @@ class SystemSampler:
                 pynvml.nvmlShutdown()
             return
         self._nvml = pynvml
-        self._gpus = gpus
+        self._devices = gpus
+        self._gpus = [(gpu.index, gpu) for gpu in gpus]
 
-    def _sample_gpu(self, gpu: _Gpu, out: dict[str, float]) -> None:
+    def _sample_gpu(self, label: int, gpu: _Gpu, out: dict[str, float]) -> None:
         nvml = self._nvml
-        prefix = f"sys/gpu/{gpu.index}/"
+        prefix = f"sys/gpu/{label}/"
 
         def utilization() -> None:
             out[prefix + "util_percent"] = float(nvml.nvmlDeviceGetUtilizationRates(gpu.handle).gpu)
@@ -269,3 +296,14 @@ class SystemSampler:
                 if what not in self._failed:
                     self._failed.add(what)
                     log.debug("sys metrics: cannot read %s (%s); left out", what, exc)
+
+
+def _device(nvml: Any, index: int) -> _Gpu:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    try:
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+    except Exception:  # cannot be matched with what the ranks tell; sampled until they do
+        uuid = None
+    else:  # nvidia-ml-py answers str; releases before 11.515 answered bytes
+        uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+    return _Gpu(index, handle, uuid)

@@ -33,12 +33,16 @@ from support.sidecar_process import SidecarProcess
 
 import pluto
 from pluto import query
+from pluto.gpus import GpuLookup
 from pluto.pipeline import MAX_CHUNK_BYTES
 from pluto.transport.sidecar import SidecarTransport
 from pluto.wire import (
+    FEATURE_NODE,
     FRAME_HEADER,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Ack,
+    Chunk,
     FrameKind,
     RunCreate,
     RunOpened,
@@ -190,9 +194,12 @@ def _read_frame(conn: socket.socket) -> tuple[FrameKind, int, bytes]:
 class OlderSidecar:
     """Stands in for a sidecar of an earlier release (which cannot run here): its Welcome has
     no ``features``, and it would refuse a frame kind it does not know. It records the frames
-    a client sends after HELLO, answers OPEN_RUN with a pending run, and nothing else."""
+    a client sends after HELLO, answers OPEN_RUN with a pending run and CHUNK with an ACK,
+    and nothing else. Given ``features``, it says it takes those (a recorder of what a
+    current client sends)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, features: list[str] | None = None) -> None:
+        self.features = features
         self.frames: list[FrameKind] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
@@ -206,9 +213,11 @@ class OlderSidecar:
             kind, request_id, _ = _read_frame(conn)
             assert kind is FrameKind.HELLO
             # What protocol-1 sidecars sent: no "features" key at all.
-            welcome = msgspec.msgpack.encode({"protocol": PROTOCOL_VERSION,
-                                              "max_frame_bytes": MAX_FRAME_BYTES,
-                                              "sidecar": "0.0.9"})
+            said: dict[str, object] = {"protocol": PROTOCOL_VERSION,
+                                       "max_frame_bytes": MAX_FRAME_BYTES, "sidecar": "0.0.9"}
+            if self.features is not None:
+                said["features"] = self.features
+            welcome = msgspec.msgpack.encode(said)
             conn.sendall(encode_frame(FrameKind.WELCOME, request_id, welcome))
             with contextlib.suppress(ConnectionError, OSError):
                 while True:
@@ -220,6 +229,9 @@ class OlderSidecar:
                                            run_ref=request.run_id or "", pending="older")
                         conn.sendall(encode_frame(FrameKind.RUN, request_id,
                                                   encode_msgpack(opened)))
+                    elif kind is FrameKind.CHUNK:
+                        conn.sendall(encode_frame(FrameKind.ACK, request_id,
+                                                  encode_msgpack(Ack(seq=0))))
 
     def close(self) -> None:
         self.listener.close()
@@ -230,7 +242,10 @@ def test_the_node_rank_is_told_only_to_a_sidecar_that_takes_it(tmp_path: Path) -
     upgraded apart) must not send a frame the sidecar would refuse."""
     path = tmp_path / "old.sock"
     older = OlderSidecar(path)
-    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5)
+    gpus = GpuLookup(lambda: ["GPU-0"])
+    gpus.wait(10)
+    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5,
+                                 gpus=gpus)
     try:
         opened = transport.open_run(RunCreate(project="compat", run_id="r"), 5)
         assert opened.id == 0  # pending: the older sidecar's answer came back
@@ -240,3 +255,69 @@ def test_the_node_rank_is_told_only_to_a_sidecar_that_takes_it(tmp_path: Path) -
         older.close()
     assert older.frames[:1] == [FrameKind.OPEN_RUN], older.frames
     assert FrameKind.NODE not in older.frames
+
+
+def test_what_the_sidecar_is_told_of_the_node_is_told_once_per_connection(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "recorder.sock"
+    recorder = OlderSidecar(path, features=[FEATURE_NODE])
+    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5)
+    try:
+        transport.open_run(RunCreate(project="compat", run_id="r"), 5)
+        for seq in range(3):
+            transport.deliver([encode_msgpack(Chunk(
+                run=0, project="compat", run_ref="r", session="s", seq=seq, writer=3,
+                keys=["k"], key_index=[0], steps=[seq], values=[1.0], times=[0.0]))])
+    finally:
+        transport.close()
+        recorder.thread.join(5)
+        recorder.close()
+    assert recorder.frames == [FrameKind.NODE, FrameKind.OPEN_RUN] + [FrameKind.CHUNK] * 3
+
+
+# -- the container's GPUs ---------------------------------------------------------------------
+
+
+def test_the_container_gpus_are_told_to_the_sidecar_once_the_lookup_has_them(
+    shared_server: ServerProcess, sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    """NVML can take a while to start (pluto.init does not wait for it), so the GPUs may be
+    known only after the run is open: they go with the next chunks. The lookup's answer is
+    played by a function (NVML needs a GPU; ``pluto.gpus`` is tested with a stand-in)."""
+    sidecar = sidecar_factory(shared_server.url, extra_args=["--sys-interval", "0"])
+    release = threading.Event()
+
+    def nvml_answers_late() -> list[str]:
+        release.wait(10)
+        return ["GPU-9", "GPU-4"]
+
+    gpus = GpuLookup(nvml_answers_late)
+    transport = SidecarTransport(str(sidecar.socket), session="gpus", writer=0, timeout=10,
+                                 gpus=gpus)
+    try:
+        run = transport.open_run(RunCreate(project="gpus", run_id="told-later"), 10)
+        assert run.id > 0
+
+        def chunk(seq: int) -> bytes:
+            return encode_msgpack(Chunk(run=run.id, session="gpus", seq=seq, writer=0,
+                                        keys=["loss"], key_index=[0], steps=[seq],
+                                        values=[1.0], times=[time.time()]))
+
+        transport.deliver([chunk(0)])
+        time.sleep(0.2)
+        assert not [e for e in sidecar.events() if e.get("event") == "GPUs told by a rank"]
+        release.set()
+        assert gpus.wait(10) == ["GPU-9", "GPU-4"]
+        transport.deliver([chunk(1)])
+        transport.deliver([chunk(2)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            told = [e for e in sidecar.events() if e.get("event") == "GPUs told by a rank"]
+            if told:
+                break
+            time.sleep(0.05)
+        assert [e["gpus"] for e in told] == [["GPU-9", "GPU-4"]]
+    finally:
+        transport.close()
+    assert "client error" not in sidecar.logs()

@@ -748,6 +748,57 @@ def test_a_node_rank_that_is_not_one_is_refused_and_the_connection_goes_on(
     good.extra[("good", 1, 8)] = value(8, 1, 0)
 
 
+def test_gpus_that_are_not_uuids_are_refused_and_the_connection_goes_on(
+    pod: tuple[ServerProcess, SidecarProcess], good: GoodClient,
+) -> None:
+    _, sidecar = pod
+    client = RawClient(sidecar.socket)
+    client.handshake()
+    for gpus, said in ((["GPU-a", ""], "is not a GPU UUID"),
+                       (["GPU-" + "f" * 200], "is not a GPU UUID"),
+                       ([f"GPU-{i}" for i in range(65)], "more than 64 GPUs")):
+        error = client.error(client.send(FrameKind.NODE, encode_msgpack({"gpus": gpus})))
+        assert not error.fatal and said in error.detail, error.detail
+    assert not events_named(sidecar, "GPUs told by a rank")  # nothing of a refused frame kept
+    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(writer=7, steps=[1],
+                                                                 run=good.run))
+    assert client.receive()[:2] == (FrameKind.ACK, request_id)
+    client.close()
+    good.extra[("good", 1, 7)] = value(7, 1, 0)
+
+
+def test_the_gpus_the_ranks_name_are_the_pods_and_one_it_cannot_see_is_said_once(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+) -> None:
+    """Two containers of a pod name their GPUs (the second repeats one): the sidecar keeps
+    their union in the order told. It sees no GPU here (nor those UUIDs on any machine), so
+    it warns, once per GPU, that it cannot report them; what it samples is tested with an
+    NVML stand-in in test_sidecar_sysmetrics.py."""
+    server = server_factory()
+    sidecar = sidecar_factory(server.url, extra_args=["--sys-interval", "0.2"])
+    first, second = RawClient(sidecar.socket), RawClient(sidecar.socket)
+    first.handshake()
+    second.handshake()
+    first.send(FrameKind.NODE, encode_msgpack(NodeInfo(gpus=["GPU-b1", "GPU-a0"])))
+    wait_until(lambda: events_named(sidecar, "GPUs told by a rank"), 10, "first NODE not seen")
+    second.send(FrameKind.NODE, encode_msgpack(NodeInfo(node_rank=2, gpus=["GPU-a0", "GPU-c2"])))
+
+    def warned() -> list[str]:
+        return sorted(g for e in events_named(sidecar, "the ranks use GPUs")
+                      for g in e["gpus"])  # type: ignore[attr-defined]
+
+    wait_until(lambda: len(warned()) >= 3, 20, lambda: f"warned about {warned()}")
+    told = events_named(sidecar, "GPUs told by a rank")
+    assert [(e["gpus"], e["pod_gpus"]) for e in told] == [(["GPU-b1", "GPU-a0"], 2),
+                                                         (["GPU-c2"], 3)]
+    time.sleep(0.6)  # a few more samples: no more warnings about the same GPUs
+    assert warned() == ["GPU-a0", "GPU-b1", "GPU-c2"]
+    assert {e["level"] for e in events_named(sidecar, "the ranks use GPUs")} == {"warning"}
+    assert [e["node_rank"] for e in events_named(sidecar, "node rank told by a rank")] == [2]
+    first.close()
+    second.close()
+
+
 def test_a_frame_only_the_sidecar_sends_is_refused(
     pod: tuple[ServerProcess, SidecarProcess], good: GoodClient,
 ) -> None:

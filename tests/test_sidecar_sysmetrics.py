@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.nvml_stand_in import NVMLError_NotSupported, node_of, real_nvml_gpu_count
 
 from pluto_sidecar.sysmetrics import SystemSampler
 
@@ -31,20 +32,7 @@ RATE_KEYS = {"sys/cpu_percent", "sys/net_rx_bytes_per_s", "sys/net_tx_bytes_per_
 GPU_FIELDS = {"util_percent", "mem_used_bytes", "mem_percent", "power_watts", "temperature_c"}
 
 
-def _nvml_gpu_count() -> int:
-    try:
-        import pynvml  # type: ignore[import-untyped]
-
-        pynvml.nvmlInit()
-    except Exception:
-        return 0
-    try:
-        return int(pynvml.nvmlDeviceGetCount())
-    finally:
-        pynvml.nvmlShutdown()
-
-
-HAS_GPU = _nvml_gpu_count() > 0
+HAS_GPU = real_nvml_gpu_count() > 0
 
 
 class _Records(logging.Handler):
@@ -157,7 +145,7 @@ def test_gpus_false_never_touches_nvml(tmp_path: Path, records: list[logging.Log
 @pytest.mark.skipif(not HAS_GPU, reason="no GPU visible to NVML on this machine")
 def test_gpu_keys_per_device(sampler: SystemSampler) -> None:
     values = sampler.sample()
-    assert sampler.gpu_count == _nvml_gpu_count()
+    assert sampler.gpu_count == real_nvml_gpu_count()
     for index in range(sampler.gpu_count):
         present = {field for field in GPU_FIELDS if f"sys/gpu/{index}/{field}" in values}
         assert {"util_percent", "mem_used_bytes", "mem_percent"} <= present
@@ -229,3 +217,68 @@ def _loopback_transfer(total: int) -> int:
                 client.sendall(block)
         reader.join(10)
     return received
+
+
+# -- the pod's GPUs among the node's (NVML stand-in: no GPU on these machines) ----------------
+
+
+def _gpu_utils(values: dict[str, float]) -> dict[int, float]:
+    return {int(key.split("/")[2]): value for key, value in values.items()
+            if key.startswith("sys/gpu/") and key.endswith("/util_percent")}
+
+
+def test_every_gpu_the_sidecar_sees_is_reported_until_the_ranks_say_which_are_theirs(
+    tmp_path: Path,
+) -> None:
+    node = node_of("GPU-a", "GPU-b", "GPU-c", "GPU-d")  # util 10, 20, 30, 40
+    with SystemSampler(tmp_path, nvml=node) as sampler:
+        assert sampler.gpu_count == 4
+        values = sampler.sample()
+        assert _gpu_utils(values) == {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
+        assert {key.rsplit("/", 1)[1] for key in values if key.startswith("sys/gpu/0/")} \
+            == GPU_FIELDS
+        # This pod's container was given c and a, and lists them in that order (its index 0
+        # is c): only those are reported, under the index the training code uses.
+        assert sampler.restrict_gpus(["GPU-c", "GPU-a"]) == []
+        assert sampler.gpu_count == 2
+        assert _gpu_utils(sampler.sample()) == {0: 30.0, 1: 10.0}
+    assert node.users == 0  # NVML shut down again
+
+
+def test_a_gpu_the_ranks_use_but_the_sidecar_cannot_see_is_named_and_left_out(
+    tmp_path: Path,
+) -> None:
+    with SystemSampler(tmp_path, nvml=node_of("GPU-a", "GPU-b")) as sampler:
+        assert sampler.restrict_gpus(["GPU-x", "GPU-b"]) == ["GPU-x"]
+        # Labels stay the ranks' indexes: b is their 1, whatever the sidecar cannot see.
+        assert _gpu_utils(sampler.sample()) == {1: 20.0}
+    with SystemSampler(tmp_path, gpus=False) as blind:  # no NVML at all: all missing, no keys
+        assert blind.restrict_gpus(["GPU-a"]) == ["GPU-a"]
+        assert _gpu_utils(blind.sample()) == {}
+
+
+def test_telling_the_same_gpus_again_keeps_what_was_learnt_about_them(tmp_path: Path) -> None:
+    node = node_of("GPU-a", "GPU-b")
+    calls = 0
+
+    def no_power(device: object) -> int:
+        nonlocal calls
+        calls += 1
+        raise NVMLError_NotSupported("Not Supported")
+
+    node.nvmlDeviceGetPowerUsage = no_power  # type: ignore[method-assign]
+    with SystemSampler(tmp_path, nvml=node) as sampler:
+        sampler.restrict_gpus(["GPU-b"])
+        first = sampler.sample()
+        sampler.restrict_gpus(["GPU-b"])  # every sample the sidecar says it again
+        second = sampler.sample()
+    assert "sys/gpu/0/util_percent" in first and "sys/gpu/0/power_watts" not in second
+    assert calls == 1  # not supported on this board: asked once, not every sample
+
+
+def test_uuids_in_bytes_from_older_nvml_bindings_match_too(tmp_path: Path) -> None:
+    node = node_of("GPU-a", "GPU-b")
+    node.uuid_bytes = True
+    with SystemSampler(tmp_path, nvml=node) as sampler:
+        assert sampler.restrict_gpus(["GPU-b"]) == []
+        assert _gpu_utils(sampler.sample()) == {0: 20.0}

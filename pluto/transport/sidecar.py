@@ -22,6 +22,7 @@ import msgspec
 
 from pluto.digits import parse_digits
 from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.gpus import GpuLookup
 from pluto.transport.base import Transport
 from pluto.wire import (
     FEATURE_NODE,
@@ -54,11 +55,14 @@ Resolved = Callable[[RunAttached], None]
 
 class SidecarTransport(Transport):
     def __init__(self, path: str, *, session: str, writer: int, timeout: float = 30.0,
-                 node_rank: int | None = None) -> None:
+                 node_rank: int | None = None, gpus: GpuLookup | None = None) -> None:
         self.path = path
         self.session = session
         self.writer = writer
         self.node_rank = node_rank
+        self.gpus = gpus
+        self._takes_node = False  # the sidecar's Welcome lists FEATURE_NODE
+        self._told_gpus = False  # the NODE frame on this connection had the lookup's answer
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._lock = threading.RLock()
@@ -89,15 +93,28 @@ class SidecarTransport(Transport):
                 protocol=PROTOCOL_VERSION, session=self.session, writer=self.writer,
                 pid=os.getpid()), FrameKind.WELCOME, Welcome)
             self._max_frame = welcome.max_frame_bytes
-            if (self.node_rank is not None and self.node_rank >= 0
-                    and FEATURE_NODE in welcome.features):
-                self._send(FrameKind.NODE, NodeInfo(node_rank=self.node_rank))  # not answered
+            self._takes_node = FEATURE_NODE in welcome.features
+            self._told_gpus = False
+            self._tell_node()
             if self._opened:  # a reconnect (perhaps a new sidecar process): open again
                 self._reopen()
         except BaseException:
             self._drop()
             raise
         return sock
+
+    def _tell_node(self) -> None:
+        """Send the sidecar what this process knows of its node (a NODE frame, not answered),
+        if the sidecar takes one: an older sidecar would refuse a frame kind it does not know.
+        The GPUs may be known only later (``GpuLookup``): ``deliver`` calls again until they
+        have been told on this connection."""
+        gpus = self.gpus.result() if self.gpus is not None else None
+        self._told_gpus = gpus is not None or self.gpus is None or not self._takes_node
+        if not self._takes_node:
+            return
+        node_rank = self.node_rank if self.node_rank is not None and self.node_rank >= 0 else None
+        if node_rank is not None or gpus:
+            self._send(FrameKind.NODE, NodeInfo(node_rank=node_rank, gpus=gpus or None))
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -232,6 +249,8 @@ class SidecarTransport(Transport):
         try:
             with self._lock:
                 self._connection()
+                if not self._told_gpus:
+                    self._tell_node()
                 sock = self._sock
                 assert sock is not None
                 pending: dict[int, int] = {}
