@@ -17,6 +17,9 @@ from typing import Any, Literal
 from pluto_operator.names import (
     ANNOTATION_INJECTED,
     ANNOTATION_PLUTORUN,
+    API_KEY_FILE,
+    API_KEY_MOUNT_PATH,
+    API_KEY_VOLUME,
     COMPLETION_INDEX_ANNOTATION,
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_GRACE_SECONDS,
@@ -176,7 +179,10 @@ def sidecar_container(
     else:
         args = ["sidecar", "--health-host", "0.0.0.0", "--health-port", str(SIDECAR_HEALTH_PORT)]
         probe = {"httpGet": {"path": "/readyz", "port": SIDECAR_HEALTH_PORT_NAME}}
-    args += ["--drain-seconds", str(drain_seconds)]
+    # The key's Secret is optional (a server without auth needs none): a missing file then
+    # means no key, and the key is used from when the Secret appears.
+    args += ["--drain-seconds", str(drain_seconds), "--api-key-file", API_KEY_FILE,
+             "--api-key-optional"]
     if sidecar is not None and sidecar.spool_size is not None:
         mib = max(1, math.ceil(quantity_value(sidecar.spool_size) / 2**20))
         args += ["--spool-max-mb", str(mib)]
@@ -193,12 +199,6 @@ def sidecar_container(
         "args": args,
         "env": [
             {"name": "PLUTO_URL", "value": binding.server_url},
-            {"name": "PLUTO_API_KEY", "valueFrom": {"secretKeyRef": {
-                "name": binding.api_key_secret.name,
-                "key": binding.api_key_secret.key,
-                # A server without auth needs no Secret; a missing one must not stop the pod.
-                "optional": True,
-            }}},
             {"name": "PLUTO_SIDECAR_SOCKET", "value": SOCKET_PATH},
             {"name": "PLUTO_SPOOL_DIR", "value": SPOOL_PATH},
             # Empty for pods outside an Indexed Job, which the sidecar reads as node 0.
@@ -212,7 +212,9 @@ def sidecar_container(
         # liveness probe: a restart mid-flush would stall every rank of the pod for nothing.
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "resources": dict(resources),
-        "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH}],
+        "volumeMounts": [{"name": VOLUME, "mountPath": MOUNT_PATH},
+                         {"name": API_KEY_VOLUME, "mountPath": API_KEY_MOUNT_PATH,
+                          "readOnly": True}],
         "securityContext": dict(security_context or sidecar_security_context({})),
     }
     if not host_network:
@@ -298,8 +300,9 @@ def injection_patch(
 
     spec = pod.get("spec") or {}
     volumes = spec.get("volumes")
-    if not any(v.get("name") == VOLUME for v in volumes or []):
-        _append(patch, volumes is not None, "/spec/volumes", [{"name": VOLUME, "emptyDir": {}}])
+    have = {v.get("name") for v in volumes or []}
+    _append(patch, volumes is not None, "/spec/volumes",
+            [v for v in (_run_volume(), _api_key_volume(binding)) if v["name"] not in have])
 
     for index, container in enumerate(spec.get("containers") or []):
         _wire_container(patch, f"/spec/containers/{index}", container, binding)
@@ -323,6 +326,21 @@ def injection_patch(
     else:
         patch.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
     return patch
+
+
+def _run_volume() -> dict[str, Any]:
+    """The socket and the spool, shared by the sidecar and the ranks."""
+    return {"name": VOLUME, "emptyDir": {}}
+
+
+def _api_key_volume(binding: Binding) -> dict[str, Any]:
+    """The API key, for the sidecar only. Optional: a server without auth needs no Secret,
+    and a missing one must not keep the pod from starting."""
+    secret = binding.api_key_secret
+    return {"name": API_KEY_VOLUME, "secret": {
+        "secretName": secret.name, "optional": True,
+        "items": [{"key": secret.key, "path": API_KEY_FILE.rsplit("/", 1)[1]}],
+    }}
 
 
 def _drain_and_grace(

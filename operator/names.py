@@ -41,6 +41,12 @@ VOLUME: Final = "pluto-run"
 MOUNT_PATH: Final = "/var/run/pluto"
 SOCKET_PATH: Final = DEFAULT_SOCKET
 SPOOL_PATH: Final = "/var/run/pluto/spool"
+#: The API key Secret, mounted in the sidecar only (a volume, not an env var: the kubelet
+#: rewrites the file when the Secret changes, and the sidecar follows it, so a rotated key
+#: needs no restart).
+API_KEY_VOLUME: Final = "pluto-api-key"
+API_KEY_MOUNT_PATH: Final = "/var/run/pluto-api-key"
+API_KEY_FILE: Final = "/var/run/pluto-api-key/api-key"
 SIDECAR_HEALTH_PORT: Final = 7301
 SIDECAR_HEALTH_PORT_NAME: Final = "pluto-health"
 

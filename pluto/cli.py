@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--api-key-file", type=Path, default=None,
                          help="file holding the API key (else env PLUTO_API_KEY); "
                               "never pass a key on the command line")
+    sidecar.add_argument("--api-key-optional", action="store_true",
+                         help="a missing --api-key-file means no key until it appears "
+                              "(a Secret mounted with optional: true), not an error")
     sidecar.add_argument("--spool-max-mb", type=float, default=1024,
                          help="unsent data the spool may hold before clients are slowed "
                               "down (default 1024)")
@@ -177,7 +180,11 @@ def _sidecar(args: argparse.Namespace) -> int:
 
     env = SidecarSettings.env_defaults()
     api_key = os.environ.get("PLUTO_API_KEY")
-    if args.api_key_file is not None:
+    if args.api_key_optional and args.api_key_file is None:
+        raise PlutoError("--api-key-optional says what to do when the --api-key-file is "
+                         "missing: give --api-key-file too, or leave it out")
+    if args.api_key_file is not None and not (args.api_key_optional
+                                              and not args.api_key_file.exists()):
         try:
             api_key = args.api_key_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:

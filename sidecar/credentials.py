@@ -4,8 +4,10 @@ Given as ``PLUTO_API_KEY`` it is fixed for the life of the process. Given as a f
 (``--api-key-file``, a mounted Secret) it follows the file: the kubelet rewrites a
 mounted Secret's files when the Secret changes, so a rotated key is used without a
 restart. The file is looked at (one ``stat``) before each request and read again when
-it changed. Nothing spooled while the key was refused is set aside: a 401 is about the
-key, never about the data (see ``Forwarder``).
+it changed; one that is missing at the start (``--api-key-optional``: a Secret mounted
+with ``optional: true`` that does not exist) is used from when it appears. Nothing
+spooled while the key was refused is set aside: a 401 is about the key, never about the
+data (see ``Forwarder``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class ApiKey:
         self._value = value or None
         self.file = file
         self._seen = self._identity()
+        #: ``(identity,)`` of the file when it last could not be read (None: read since):
+        #: warned about once, not at every request while it stays so (a deleted Secret's
+        #: file is gone for good, and its identity is None).
+        self._unreadable: tuple[tuple[int, int, int] | None] | None = None
 
     @property
     def authorization(self) -> str | None:
@@ -51,11 +57,13 @@ class ApiKey:
         try:
             value = self.file.read_text().strip() or None
         except (OSError, UnicodeDecodeError) as exc:
-            log_event(log, "cannot read the API key file again; the key in use stays",
-                      file=str(self.file), error=exc.__class__.__name__,
-                      level=logging.WARNING)
+            if self._unreadable != (identity,):
+                self._unreadable = (identity,)
+                log_event(log, "cannot read the API key file again; the key in use stays",
+                          file=str(self.file), error=exc.__class__.__name__,
+                          level=logging.WARNING)
             return
-        self._seen = identity
+        self._seen, self._unreadable = identity, None
         if value != self._value:
             self._value = value
             log_event(log, "API key read again from its file: it changed", file=str(self.file))

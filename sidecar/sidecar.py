@@ -270,11 +270,14 @@ class Sidecar:
             try:
                 info = await asyncio.wait_for(self.upstream.open_run(request), wait)
             except RequestRejected as exc:
-                if exc.permanent:
+                if exc.data_refused:
                     raise
-                reason = str(exc)
+                # A refused key (401) is the sidecar's to fix, not the training code's: the
+                # open waits in the spool like everything else until the key is accepted.
+                reason, why = str(exc), "the server refuses the sidecar's API key"
             except (ServerUnavailable, TimeoutError) as exc:
                 reason = str(exc) or "the server did not answer in time"
+                why = "server unavailable"
             else:
                 self.registry.resolve(key, info, request)
                 entry.handed_out = True
@@ -285,9 +288,8 @@ class Sidecar:
             await self.queue.durable(ticket)
             entry.pending = reason
             pending = _pending_detail(reason, request)
-            log_event(log, "run pending: server unavailable", project=key[0],
-                      run_ref=key[1], reason=pending, resume=request.resume,
-                      level=logging.WARNING)
+            log_event(log, f"run pending: {why}", project=key[0], run_ref=key[1],
+                      reason=pending, resume=request.resume, level=logging.WARNING)
             self.registry.subscribe(key, listener)
             self.registry.attach(key, listener)
             return RunOpened(project=key[0], run_ref=key[1], pending=pending)

@@ -169,8 +169,16 @@ class TestPatch:
         assert sidecar["command"] == ["pluto"] and sidecar["args"][0] == "sidecar"
         env = env_of(sidecar)
         assert env["PLUTO_URL"] == "http://pluto.example:7300"
-        assert env["PLUTO_API_KEY"] == {"secretKeyRef": {
-            "name": "pluto-api-key", "key": "k", "optional": True}}
+        # The key is a file from the Secret, mounted in the sidecar only: the kubelet
+        # rewrites it when the Secret changes, and the sidecar follows it.
+        assert "PLUTO_API_KEY" not in env
+        assert sidecar["args"][-3:] == ["--api-key-file", "/var/run/pluto-api-key/api-key",
+                                        "--api-key-optional"]
+        assert {"name": "pluto-api-key", "mountPath": "/var/run/pluto-api-key",
+                "readOnly": True} in sidecar["volumeMounts"]
+        assert {"name": "pluto-api-key", "secret": {
+            "secretName": "pluto-api-key", "optional": True,
+            "items": [{"key": "k", "path": "api-key"}]}} in result["spec"]["volumes"]
         assert env["PLUTO_NODE_RANK"]["fieldRef"]["fieldPath"] == (
             "metadata.annotations['batch.kubernetes.io/job-completion-index']")
         assert env["PLUTO_SPOOL_DIR"] == "/var/run/pluto/spool"
@@ -178,7 +186,7 @@ class TestPatch:
         assert env_of(app) == {"PLUTO_RUN_ID": "sft", "PLUTO_PROJECT": "llm",
                                "PLUTO_SIDECAR_SOCKET": "/var/run/pluto/pluto.sock"}
         assert "PLUTO_API_KEY" not in env_of(app)  # credentials stay with the sidecar
-        assert {"name": "pluto-run", "mountPath": "/var/run/pluto"} in app["volumeMounts"]
+        assert app["volumeMounts"] == [{"name": "pluto-run", "mountPath": "/var/run/pluto"}]
         assert {"name": "pluto-run", "emptyDir": {}} in result["spec"]["volumes"]
         assert result["metadata"]["annotations"]["pluto.dev/injected"] == "sft"
         assert result["metadata"]["labels"] == {"app": "x", "pluto.dev/run": "sft"}

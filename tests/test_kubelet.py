@@ -463,7 +463,11 @@ def inject_by_hand(pod: Json, *, server_url: str, run_id: str, project: str) -> 
     mount = {"name": "pluto-run", "mountPath": "/var/run/pluto"}
     spec = pod["spec"]
     pod["metadata"].setdefault("annotations", {})["pluto.dev/injected"] = run_id
-    spec.setdefault("volumes", []).append({"name": "pluto-run", "emptyDir": {}})
+    spec.setdefault("volumes", []).extend([
+        {"name": "pluto-run", "emptyDir": {}},
+        {"name": "pluto-api-key", "secret": {"secretName": "pluto-api-key", "optional": True,
+                                             "items": [{"key": "api-key", "path": "api-key"}]}},
+    ])
     for app in spec["containers"]:
         env = app.setdefault("env", [])
         have = {e["name"] for e in env}
@@ -477,11 +481,10 @@ def inject_by_hand(pod: Json, *, server_url: str, run_id: str, project: str) -> 
         "image": "ghcr.io/pluto-dev/pluto:dev",
         "restartPolicy": "Always",
         "command": ["pluto", "sidecar"],
-        "args": ["--health-host", "0.0.0.0", "--health-port", "7301"],
+        "args": ["--health-host", "0.0.0.0", "--health-port", "7301",
+                 "--api-key-file", "/var/run/pluto-api-key/api-key", "--api-key-optional"],
         "env": [
             {"name": "PLUTO_URL", "value": server_url},
-            {"name": "PLUTO_API_KEY", "valueFrom": {"secretKeyRef": {
-                "name": "pluto-api-key", "key": "api-key", "optional": True}}},
             {"name": "PLUTO_SPOOL_DIR", "value": "/var/run/pluto/spool"},
             socket_env,
             {"name": "PLUTO_NODE_RANK", "valueFrom": {"fieldRef": {
@@ -493,7 +496,8 @@ def inject_by_hand(pod: Json, *, server_url: str, run_id: str, project: str) -> 
         "readinessProbe": {**readyz, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
                       "limits": {"memory": "256Mi"}},
-        "volumeMounts": [mount],
+        "volumeMounts": [mount, {"name": "pluto-api-key", "mountPath": "/var/run/pluto-api-key",
+                                 "readOnly": True}],
     }
     spec["initContainers"] = [sidecar, *spec.get("initContainers", [])]
     return pod

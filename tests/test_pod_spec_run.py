@@ -10,13 +10,14 @@ ranks must log through the injected sidecar into a real tracking server, and the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from support.admission import apply_answer, pod_review
 from support.kubelet import LocalKubelet
-from support.server_process import ServerProcess
+from support.server_process import ServerProcess, create_api_key
 from support.training_pod import Json, check_training_pod, training_pod
 
 import pluto
@@ -65,6 +66,23 @@ def test_native_sidecar_pod_logs_both_ranks_into_the_server(
     # The node rank came from the completion-index annotation through the downward API.
     assert result["pluto-sidecar"].env["PLUTO_NODE_RANK"] == "0"
     assert result["trainer"].env["PLUTO_RUN_ID"] == "spec-run"
+
+
+def test_the_api_key_reaches_the_sidecar_as_a_file_from_the_secret(
+        server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """A server with auth: the webhook mounts the operator's API key Secret in the sidecar
+    only (a file the kubelet rewrites on rotation, which the sidecar follows), never in the
+    training container."""
+    server = server_factory(start=False, extra_args=["--auth"])
+    key = create_api_key(server.data_dir, "operator-secret")
+    server.start()
+    pod = webhook_mutated(training_pod(steps=4, job="keyed-run"), server_url=server.url,
+                          project="podspec", run_id="keyed-run", placement="native")
+    result = check_training_pod(pod, server, tmp_path / "pod", run_id="keyed-run",
+                                project="podspec", steps=4, api_key=key,
+                                secrets={"pluto-api-key": {"api-key": key}})
+    assert "PLUTO_API_KEY" not in result["pluto-sidecar"].env
+    assert key not in json.dumps(result["trainer"].env)
 
 
 @pytest.mark.slow

@@ -1494,6 +1494,41 @@ def test_a_rotated_api_key_keeps_the_data_and_the_new_key_file_is_picked_up(
     assert new_key not in sidecar.logs() and old_key not in sidecar.logs()
 
 
+def test_an_optional_api_key_file_may_appear_later_and_nothing_waits_in_vain(
+    server_factory: ServerFactory, sidecar_factory: SidecarFactory,
+    spawn: Callable[..., Writer], tmp_path: Path,
+) -> None:
+    """The operator mounts the Secret with ``optional: true`` (a server without auth needs
+    none): a sidecar whose key file is not there starts without a key, keeps what the server
+    refuses for it, warns once about the unreadable file at most, and uses the key from the
+    moment the kubelet writes the file (the Secret was created later)."""
+    server = server_factory(start=False, extra_args=["--auth"])
+    key = create_api_key(server.data_dir, "created-later")
+    server.start()
+    key_file = tmp_path / "secret" / "api-key"  # the Secret volume's folder, empty for now
+    key_file.parent.mkdir()
+    sidecar = sidecar_factory(server.url, extra_args=[
+        *QUIET, "--api-key-file", str(key_file), "--api-key-optional"])
+    writer = spawn("rank0", sidecar.client_env(PLUTO_RUN_ID="key-later"), steps=50, keys=1)
+    report = writer.wait(60)  # the sidecar took every chunk while the server refused it
+    assert report["after_finish"]["id"] == 0  # pending: the server refused the open
+    refused = "the server refuses the sidecar's API key"
+    wait_until(lambda: len(events_named(sidecar, refused)) >= 2, 30, sidecar.logs)
+    assert not events_named(sidecar, "cannot read the API key file")
+
+    key_file.write_text(key + "\n")
+    wait_delivered(server.url, "key-later", writer.expected(), api_key=key)
+    wait_status(server.url, "key-later", RunStatus.COMPLETED, api_key=key)
+    assert scrape(sidecar)["pluto_sidecar_dead_letters_total"] == 0
+
+    key_file.unlink()  # the Secret is deleted: the key in use stays, said once
+    spawn("rank1", sidecar.client_env(PLUTO_RUN_ID="key-later", RANK="1"), steps=5,
+          keys=1).wait(60)
+    wait_status(server.url, "key-later", RunStatus.COMPLETED, api_key=key)
+    assert len(events_named(sidecar, "cannot read the API key file")) == 1
+    assert key not in sidecar.logs()
+
+
 def test_exit_when_idle_waits_for_a_client_then_exits_after_the_last_leaves(
     shared_server: ServerProcess, sidecar_factory: SidecarFactory,
 ) -> None:
@@ -1780,6 +1815,16 @@ def test_an_api_key_file_that_is_not_there_is_a_one_line_error_naming_the_flag(
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --api-key-file") and "no-such-key" in line, line
+    assert not (tmp_path / "pluto.sock").exists()
+
+
+def test_an_optional_api_key_without_a_key_file_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
+                              str(tmp_path / "spool"), "--health-port", "0",
+                              "--api-key-optional"])
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "--api-key-optional" in line and "give --api-key-file" in line, line
     assert not (tmp_path / "pluto.sock").exists()
 
 

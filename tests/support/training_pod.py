@@ -45,10 +45,11 @@ def training_pod(*, steps: int, job: str, namespace: str = "ml",
 def check_training_pod(pod: Json, server: ServerProcess, workdir: Path, *, run_id: str,
                        project: str, steps: int,
                        secrets: dict[str, dict[str, str]] | None = None,
-                       **kubelet_options: Any) -> PodResult:
+                       api_key: str | None = None, **kubelet_options: Any) -> PodResult:
     """Runs a mutated training pod; asserts that both ranks' points reached ``server``
     through the sidecar, that the pod succeeded and that the sidecar drained on SIGTERM.
-    ``kubelet_options``: more keyword arguments of the ``LocalKubelet``."""
+    ``api_key``: for a server with auth, to read back what arrived. ``kubelet_options``:
+    more keyword arguments of the ``LocalKubelet``."""
     result = run_pod(pod, workdir=workdir, secrets=secrets, timeout=120, **kubelet_options)
     assert result.phase == "Succeeded", result.describe()
     sidecar, trainer = result["pluto-sidecar"], result["trainer"]
@@ -57,12 +58,13 @@ def check_training_pod(pod: Json, server: ServerProcess, workdir: Path, *, run_i
     assert trainer.started_at >= sidecar.startup_passed_at  # the native sidecar came first
     assert "PLUTO_API_KEY" not in trainer.env  # credentials stay with the sidecar
 
-    runs = query.list_runs(project, url=server.url)
+    runs = query.list_runs(project, url=server.url, api_key=api_key)
     assert [r.run_id for r in runs] == [run_id], result.describe()
-    info = query.get_run(runs[0].id, url=server.url)
+    info = query.get_run(runs[0].id, url=server.url, api_key=api_key)
     assert info.status is pluto.RunStatus.COMPLETED, result.describe()
     assert info.config.get("world_size") == 2
-    loss = query.get_metrics(info.id, keys="train/loss", url=server.url)["train/loss"]
+    loss = query.get_metrics(info.id, keys="train/loss", url=server.url,
+                             api_key=api_key)["train/loss"]
     assert Counter(row.writer for row in loss) == Counter({0: steps, 1: steps})
     assert sorted({row.step for row in loss}) == list(range(1, steps + 1))
     return result
