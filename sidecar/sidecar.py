@@ -320,7 +320,7 @@ class Sidecar:
     def use_gpus(self, uuids: list[str]) -> None:
         """A rank told the UUIDs of its container's GPUs: from now on the system metrics
         report the pod's GPUs (those told by all ranks) instead of all the node's."""
-        new = [uuid for uuid in uuids if uuid not in self.pod_gpus]
+        new = [uuid for uuid in dict.fromkeys(uuids) if uuid not in self.pod_gpus]
         if new:
             self.pod_gpus.extend(new)
             log_event(log, "GPUs told by a rank", gpus=new, pod_gpus=len(self.pod_gpus))

@@ -125,8 +125,8 @@ def test_a_sidecar_whose_key_is_refused_never_shows_it(keys: Keys, tmp_path: Pat
     key_file.write_text(keys.wrong + "\n")
     key_file.chmod(0o600)
     with SidecarProcess(tmp_path / "sidecar", keys.server.url,
-                        extra_args=["--sys-interval", "0", "--api-key-file",
-                                    str(key_file)]) as sidecar:
+                        extra_args=["--sys-interval", "0", "--drain-seconds", "1",
+                                    "--api-key-file", str(key_file)]) as sidecar:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # The key is the sidecar's to fix, not the training code's: init goes on with a

@@ -779,7 +779,7 @@ def test_the_gpus_the_ranks_name_are_the_pods_and_one_it_cannot_see_is_said_once
     first, second = RawClient(sidecar.socket), RawClient(sidecar.socket)
     first.handshake()
     second.handshake()
-    first.send(FrameKind.NODE, encode_msgpack(NodeInfo(gpus=["GPU-b1", "GPU-a0"])))
+    first.send(FrameKind.NODE, encode_msgpack(NodeInfo(gpus=["GPU-b1", "GPU-a0", "GPU-b1"])))
     wait_until(lambda: events_named(sidecar, "GPUs told by a rank"), 10, "first NODE not seen")
     second.send(FrameKind.NODE, encode_msgpack(NodeInfo(node_rank=2, gpus=["GPU-a0", "GPU-c2"])))
 
