@@ -274,7 +274,8 @@ class Sidecar:
                     raise
                 # A refused key (401) is the sidecar's to fix, not the training code's: the
                 # open waits in the spool like everything else until the key is accepted.
-                reason, why = str(exc), "the server refuses the sidecar's API key"
+                why = "the server refuses the sidecar's API key"
+                reason = f"{why} (fix the sidecar's Secret): {exc}"
             except (ServerUnavailable, TimeoutError) as exc:
                 reason = str(exc) or "the server did not answer in time"
                 why = "server unavailable"

@@ -135,6 +135,8 @@ def test_a_sidecar_whose_key_is_refused_never_shows_it(keys: Keys, tmp_path: Pat
                              settings={"sidecar_socket": str(sidecar.socket),
                                        "console": False, "init_timeout": 5})
             assert run.pending
+            assert any("is pending" in str(w.message) and "the sidecar's API key" in
+                       str(w.message) for w in caught), [str(w.message) for w in caught]
             run.log({"loss": 1.0})
             run.finish(timeout=5)
         said = [str(w.message) for w in caught]

@@ -518,6 +518,7 @@ def test_init_with_the_server_down_returns_pending_and_delivers_later(
         assert at_init["pending"] is True and at_init["id"] == 0, at_init
     for writer in writers:
         writer.wait_for_calls(50)  # logging meanwhile: the first half is spooled
+        assert "run 'offline' is pending" in writer.logs()  # the training log says so
     assert events_named(sidecar, "run pending")
 
     server.start()

@@ -220,11 +220,14 @@ class SidecarTransport(Transport):
                 raise ServerUnavailable(f"the pluto sidecar at {self.path}: {exc}") from exc
         if opened.run is not None:
             return opened.run
-        if request.resume:
-            # Pending: nobody knows the run's last step yet, so this process's steps start
-            # at 0 (step= given to log() is kept as given).
-            warnings.warn(f"pluto: {opened.pending or 'the server has not answered yet'}",
-                          RuntimeWarning, stacklevel=3)
+        # Pending: the sidecar holds the open and opens the run when the server accepts it.
+        # For resume=True its detail also says that this process's steps start again, since
+        # nobody knows the run's last step yet (step= given to log() is kept as given).
+        detail = opened.pending or "the server has not answered yet"
+        warnings.warn(f"pluto: run {request.run_id!r} is pending: {detail}" if request.resume
+                      else f"pluto: run {request.run_id!r} is pending ({detail}); logging goes "
+                      "on and the sidecar delivers it all once the server accepts the run",
+                      RuntimeWarning, stacklevel=3)
         return _stand_in(request)
 
     def on_resolved(self, callback: Resolved) -> None:
