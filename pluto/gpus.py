@@ -7,9 +7,9 @@ container, and two training pods sharing a node would otherwise both report all 
 
 NVML inside a container lists only the devices the container runtime gave it, in the
 container's own order (index 0 first), so the position of a UUID in the list is the index the
-training code sees. Finding them never fails the training script: no NVML library, no driver,
-no GPU or an NVML error all mean "no GPUs known" (an empty list), and the sidecar then keeps
-reporting what it sees itself.
+training code sees. The NVIDIA runtime puts NVML's library into a container only when it is given
+GPUs, so NVML failing to start means "this container has no GPUs" (an empty list, which the
+sidecar takes as "report none"), not "unknown". Finding them never fails the training script.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from typing import Any
 __all__ = ["GpuLookup", "container_gpu_uuids"]
 
 
-def container_gpu_uuids(nvml: Any = None) -> list[str]:
-    """UUIDs of the GPUs NVML lists for this process, in index order; ``[]`` when there are
-    none or NVML cannot tell. ``nvml`` is the ``pynvml`` module (imported when not given)."""
+def container_gpu_uuids(nvml: Any = None) -> list[str] | None:
+    """UUIDs of the GPUs NVML lists for this process, in index order: ``[]`` when NVML cannot
+    start (no library or driver: no GPUs here) or lists none, None when its Python bindings
+    are not installed (unknown). ``nvml`` is the ``pynvml`` module (imported when not given)."""
     if nvml is None:
         try:
             import pynvml as nvml  # type: ignore[import-untyped,no-redef]  # ships no stubs
         except ImportError:
-            return []
+            return None
     try:
         nvml.nvmlInit()
     except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded / ...: no GPU here
@@ -37,7 +38,7 @@ def container_gpu_uuids(nvml: Any = None) -> list[str]:
     try:
         return [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index)))
                 for index in range(int(nvml.nvmlDeviceGetCount()))]
-    except Exception:
+    except Exception:  # a GPU NVML cannot name cannot be matched by the sidecar either
         return []
     finally:
         with contextlib.suppress(Exception):
@@ -52,24 +53,30 @@ def _text(uuid: str | bytes) -> str:
 class GpuLookup:
     """:func:`container_gpu_uuids` in a daemon thread, started at once: NVML's start can take
     a good part of a second on a node with many GPUs, which ``pluto.init()`` does not wait
-    for. :meth:`result` is None until the answer is there."""
+    for. :attr:`done` tells when :meth:`result` holds the answer."""
 
-    def __init__(self, find: Callable[[], list[str]] = container_gpu_uuids) -> None:
+    def __init__(self, find: Callable[[], list[str] | None] = container_gpu_uuids) -> None:
         self._find = find
         self._uuids: list[str] | None = None
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pluto-gpus", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            uuids = list(self._find())
-        except Exception:  # a lookup that breaks means no GPUs known, never a crash
-            uuids = []
-        self._uuids = uuids
+            self._uuids = self._find()
+        except Exception:  # a lookup that breaks means "unknown", never a crash
+            self._uuids = None
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def result(self) -> list[str] | None:
-        return self._uuids
+        """The container's GPU UUIDs (``[]``: none); None while not done, or unknown."""
+        return self._uuids if self.done else None
 
     def wait(self, timeout: float | None = None) -> list[str] | None:
-        self._thread.join(timeout)
-        return self._uuids
+        self._done.wait(timeout)
+        return self.result()

@@ -508,7 +508,8 @@ class NodeInfo(Body):
     the pod among the job's nodes); the sidecar labels its system metrics with it.
     ``gpus``: UUIDs of the GPUs the client's container uses, in the container's index order
     (``pluto.gpus``); the sidecar, which is given all of the node's GPUs, reports these
-    only, as ``sys/gpu/<position in this list>/``. None: not known."""
+    only, as ``sys/gpu/<position in this list>/``. ``[]``: the container has no GPUs.
+    None: not known."""
 
     node_rank: int | None = None
     gpus: list[str] | None = None

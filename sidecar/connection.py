@@ -244,10 +244,10 @@ class Connection:
                 raise ClientError(f"node_rank {node.node_rank} is not a node rank: a whole "
                                   "number >= 0 (torchrun's GROUP_RANK)")
             if node.gpus is not None:
-                _check_gpus(node.gpus, self.sidecar.pod_gpus)
+                _check_gpus(node.gpus, self.sidecar.pod_gpus.uuids)
             if node.node_rank is not None:
                 self.sidecar.use_node_rank(node.node_rank)
-            if node.gpus:
+            if node.gpus is not None:
                 self.sidecar.use_gpus(node.gpus)
         else:
             raise ClientError(f"a client does not send {kind.name} frames")

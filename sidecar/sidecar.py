@@ -21,6 +21,7 @@ from pluto_sidecar.credentials import ApiKey
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event
+from pluto_sidecar.pod_gpus import PodGpus
 from pluto_sidecar.proxy import ApiProxy
 from pluto_sidecar.queue import DurableQueue, RecordKind
 from pluto_sidecar.registry import Listener, RunEntry, RunRegistry, as_resumed
@@ -81,8 +82,8 @@ class Sidecar:
         self._sys_seq = 0
         #: The label of this node's system metrics: ``--node-rank`` until a rank says better.
         self.node_rank = settings.node_rank
-        #: UUIDs of the pod's GPUs as the ranks told them (empty: none told, all reported).
-        self.pod_gpus: list[str] = []
+        #: The pod's GPUs as its ranks tell them: what the system metrics report.
+        self.pod_gpus = PodGpus()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class Sidecar:
         assert task is not None
         self._connections.add(task)
         self._idle_since = None
+        self.pod_gpus.client_connected()
         try:
             await Connection(self, stream).serve()
         finally:
@@ -319,12 +321,13 @@ class Sidecar:
             self.node_rank = node_rank
 
     def use_gpus(self, uuids: list[str]) -> None:
-        """A rank told the UUIDs of its container's GPUs: from now on the system metrics
-        report the pod's GPUs (those told by all ranks) instead of all the node's."""
-        new = [uuid for uuid in dict.fromkeys(uuids) if uuid not in self.pod_gpus]
-        if new:
-            self.pod_gpus.extend(new)
-            log_event(log, "GPUs told by a rank", gpus=new, pod_gpus=len(self.pod_gpus))
+        """A rank told the UUIDs of its container's GPUs (maybe none): the system metrics
+        report the pod's GPUs (those told by all its ranks), not the node's."""
+        first = not self.pod_gpus.told
+        new = self.pod_gpus.tell(uuids)
+        if new or first:
+            log_event(log, "GPUs told by a rank", gpus=new,
+                      pod_gpus=len(self.pod_gpus.uuids))
 
     async def _sample_system(self) -> None:
         sampler = SystemSampler(self.settings.spool_dir)
@@ -332,14 +335,13 @@ class Sidecar:
         try:
             while True:
                 await asyncio.sleep(self.settings.sys_interval)
-                if self.pod_gpus:
-                    missing = set(sampler.restrict_gpus(self.pod_gpus)) - unseen
-                    if missing:
-                        unseen |= missing
-                        log_event(log, "the ranks use GPUs this sidecar cannot see: no "
-                                  "metrics for them (the sidecar container needs "
-                                  "NVIDIA_VISIBLE_DEVICES=all and the NVIDIA runtime)",
-                                  gpus=sorted(missing), level=logging.WARNING)
+                missing = set(sampler.restrict_gpus(self.pod_gpus.which())) - unseen
+                if missing:
+                    unseen |= missing
+                    log_event(log, "the ranks use GPUs this sidecar cannot see: no "
+                              "metrics for them (the sidecar container needs "
+                              "NVIDIA_VISIBLE_DEVICES=all and the NVIDIA runtime)",
+                              gpus=sorted(missing), level=logging.WARNING)
                 values = await asyncio.to_thread(sampler.sample)
                 self._log_system(values)
         finally:

@@ -19,8 +19,8 @@ What "the pod" means here, and why:
   container's. The ranks tell the sidecar the UUIDs of theirs (``pluto.gpus``, NODE frame) and
   :meth:`SystemSampler.restrict_gpus` then keeps those only, labelled by their position in
   the ranks' list (the index the training code uses), so that two pods on one node do not
-  both report every GPU. Until a rank tells, every GPU the sidecar sees is reported under
-  its NVML index.
+  both report every GPU. Until then the sampler reports every GPU it sees, under its NVML
+  index; the sidecar decides what to ask for (``pluto_sidecar.pod_gpus``).
 
 Nothing here is allowed to break the sidecar: a machine without a GPU or driver produces no
 GPU keys and at most one DEBUG line; a reading that fails is left out of that sample (logged
@@ -130,19 +130,20 @@ class SystemSampler:
         """How many GPUs are sampled (0 when NVML is unavailable or sees none)."""
         return len(self._gpus)
 
-    def restrict_gpus(self, uuids: Sequence[str]) -> list[str]:
+    def restrict_gpus(self, uuids: Sequence[str] | None) -> list[str]:
         """Sample only the GPUs with these UUIDs (those of the training containers), each
-        labelled ``sys/gpu/<its position in uuids>/``; returns those of ``uuids`` that NVML
-        does not list here (their keys are left out). Calling again with the same UUIDs
-        changes nothing."""
-        wanted = tuple(uuids)
+        labelled ``sys/gpu/<its position in uuids>/``; None: every GPU NVML lists, labelled
+        with its NVML index (as at the start). Returns those of ``uuids`` that NVML does not
+        list here (their keys are left out). Calling again with the same UUIDs changes
+        nothing."""
+        wanted = None if uuids is None else tuple(uuids)
         by_uuid = {gpu.uuid: gpu for gpu in self._devices if gpu.uuid is not None}
-        missing = [uuid for uuid in wanted if uuid not in by_uuid]
         if wanted != self._restricted_to:
             self._restricted_to = wanted
-            self._gpus = [(label, by_uuid[uuid]) for label, uuid in enumerate(wanted)
-                          if uuid in by_uuid]
-        return missing
+            self._gpus = ([(gpu.index, gpu) for gpu in self._devices] if wanted is None else
+                          [(label, by_uuid[uuid]) for label, uuid in enumerate(wanted)
+                           if uuid in by_uuid])
+        return [uuid for uuid in wanted or () if uuid not in by_uuid]
 
     # -- sampling ----------------------------------------------------------------------
 

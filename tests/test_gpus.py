@@ -7,6 +7,7 @@ tested for what it does here (nothing found, nothing raised), and a stand-in nam
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 
@@ -31,7 +32,13 @@ def test_the_container_gpus_in_nvml_order_and_nvml_shut_down_again() -> None:
     assert container_gpu_uuids(node) == ["GPU-7f", "GPU-03"]
 
 
-def test_an_nvml_that_fails_means_no_gpus_known_not_an_error() -> None:
+def test_without_the_nvml_bindings_the_gpus_are_unknown(monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    assert container_gpu_uuids() is None
+
+
+def test_an_nvml_that_fails_means_no_gpus_here_not_an_error() -> None:
     no_driver = node_of("GPU-a")
     no_driver.fail_init = True
     assert container_gpu_uuids(no_driver) == []
@@ -54,11 +61,13 @@ def test_the_lookup_answers_none_until_it_is_done_and_never_raises() -> None:
         return ["GPU-a"]
 
     lookup = GpuLookup(slow)
-    assert lookup.result() is None
+    assert lookup.result() is None and not lookup.done
     release.set()
     assert lookup.wait(10) == ["GPU-a"] == lookup.result()
+    assert lookup.done
 
     def broken() -> list[str]:
         raise RuntimeError("boom")
 
-    assert GpuLookup(broken).wait(10) == []
+    failed = GpuLookup(broken)
+    assert failed.wait(10) is None and failed.done  # unknown: the sidecar decides

@@ -247,7 +247,8 @@ def test_the_node_rank_is_told_only_to_a_sidecar_that_takes_it(tmp_path: Path) -
     transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5,
                                  gpus=gpus)
     try:
-        opened = transport.open_run(RunCreate(project="compat", run_id="r"), 5)
+        with pytest.warns(RuntimeWarning, match="run 'r' is pending"):
+            opened = transport.open_run(RunCreate(project="compat", run_id="r"), 5)
         assert opened.id == 0  # pending: the older sidecar's answer came back
     finally:
         transport.close()
@@ -257,14 +258,23 @@ def test_the_node_rank_is_told_only_to_a_sidecar_that_takes_it(tmp_path: Path) -
     assert FrameKind.NODE not in older.frames
 
 
+@pytest.mark.parametrize(("node_rank", "gpus"), [(2, None), (None, [])],
+                         ids=["node-rank", "no-gpus"])
 def test_what_the_sidecar_is_told_of_the_node_is_told_once_per_connection(
-    tmp_path: Path,
+    tmp_path: Path, node_rank: int | None, gpus: list[str] | None,
 ) -> None:
+    """Also when the container has no GPUs: the empty list is told, or the sidecar would
+    report the node's GPUs (other pods') for this run once its wait for news is over."""
     path = tmp_path / "recorder.sock"
     recorder = OlderSidecar(path, features=[FEATURE_NODE])
-    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=2, timeout=5)
+    lookup = None if gpus is None else GpuLookup(lambda: gpus)
+    if lookup is not None:
+        lookup.wait(10)
+    transport = SidecarTransport(str(path), session="s", writer=3, node_rank=node_rank,
+                                 timeout=5, gpus=lookup)
     try:
-        transport.open_run(RunCreate(project="compat", run_id="r"), 5)
+        with pytest.warns(RuntimeWarning, match="run 'r' is pending"):
+            transport.open_run(RunCreate(project="compat", run_id="r"), 5)
         for seq in range(3):
             transport.deliver([encode_msgpack(Chunk(
                 run=0, project="compat", run_ref="r", session="s", seq=seq, writer=3,

@@ -242,6 +242,10 @@ def test_every_gpu_the_sidecar_sees_is_reported_until_the_ranks_say_which_are_th
         assert sampler.restrict_gpus(["GPU-c", "GPU-a"]) == []
         assert sampler.gpu_count == 2
         assert _gpu_utils(sampler.sample()) == {0: 30.0, 1: 10.0}
+        assert sampler.restrict_gpus([]) == []  # a container without GPUs: none reported
+        assert _gpu_utils(sampler.sample()) == {}
+        sampler.restrict_gpus(None)  # every GPU again, by NVML index
+        assert _gpu_utils(sampler.sample()) == {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
     assert node.users == 0  # NVML shut down again
 
 

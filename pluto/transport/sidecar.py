@@ -107,14 +107,16 @@ class SidecarTransport(Transport):
         """Send the sidecar what this process knows of its node (a NODE frame, not answered),
         if the sidecar takes one: an older sidecar would refuse a frame kind it does not know.
         The GPUs may be known only later (``GpuLookup``): ``deliver`` calls again until they
-        have been told on this connection."""
-        gpus = self.gpus.result() if self.gpus is not None else None
-        self._told_gpus = gpus is not None or self.gpus is None or not self._takes_node
+        have been told on this connection. An empty list is told too: it means this
+        container has no GPUs, so the sidecar must not report the node's."""
+        lookup_done = self.gpus is None or self.gpus.done
+        self._told_gpus = lookup_done or not self._takes_node
         if not self._takes_node:
             return
+        gpus = self.gpus.result() if self.gpus is not None else None
         node_rank = self.node_rank if self.node_rank is not None and self.node_rank >= 0 else None
-        if node_rank is not None or gpus:
-            self._send(FrameKind.NODE, NodeInfo(node_rank=node_rank, gpus=gpus or None))
+        if node_rank is not None or gpus is not None:
+            self._send(FrameKind.NODE, NodeInfo(node_rank=node_rank, gpus=gpus))
 
     def _drop(self) -> None:
         if self._sock is not None:
