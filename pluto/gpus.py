@@ -15,6 +15,7 @@ sidecar takes as "report none"), not "unknown". Finding them never fails the tra
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -80,3 +81,18 @@ class GpuLookup:
     def wait(self, timeout: float | None = None) -> list[str] | None:
         self._done.wait(timeout)
         return self.result()
+
+    @classmethod
+    def for_this_process(cls) -> GpuLookup:
+        """One lookup per process, shared by every ``pluto.init()`` in it (a container's
+        GPUs do not change); a forked child starts its own."""
+        global _process_lookup
+        pid = os.getpid()
+        with _process_lookup_lock:
+            if _process_lookup is None or _process_lookup[0] != pid:
+                _process_lookup = (pid, cls())
+            return _process_lookup[1]
+
+
+_process_lookup: tuple[int, GpuLookup] | None = None
+_process_lookup_lock = threading.Lock()

@@ -157,7 +157,8 @@ def init(
     if resolved.sidecar_socket:
         sidecar = SidecarTransport(resolved.sidecar_socket, session=session,
                                    writer=resolved.writer, timeout=resolved.http_timeout,
-                                   node_rank=resolved.node_rank, gpus=GpuLookup())
+                                   node_rank=resolved.node_rank,
+                                   gpus=GpuLookup.for_this_process())
         transport = sidecar
     else:
         transport = HttpTransport(resolved.url, resolved.api_key, resolved.http_timeout)

@@ -7,6 +7,7 @@ tested for what it does here (nothing found, nothing raised), and a stand-in nam
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -71,3 +72,21 @@ def test_the_lookup_answers_none_until_it_is_done_and_never_raises() -> None:
 
     failed = GpuLookup(broken)
     assert failed.wait(10) is None and failed.done  # unknown: the sidecar decides
+
+
+def test_one_lookup_serves_every_init_of_a_process() -> None:
+    first = GpuLookup.for_this_process()
+    assert GpuLookup.for_this_process() is first
+    first.wait(30)
+    assert first.done
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a forked child (a DataLoader worker, say) looks up for itself
+        mine = GpuLookup.for_this_process()
+        mine.wait(30)
+        os.write(write, b"new" if mine is not first and mine.done else b"old")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    assert os.read(read, 16) == b"new"
+    os.close(read)
