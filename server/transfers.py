@@ -44,7 +44,7 @@ from pluto_server.blobs import (
     blob_key,
     open_store,
 )
-from pluto_server.errors import ApiError, BadRequest, NotFound, Unprocessable
+from pluto_server.errors import ApiError, BadRequest, Forbidden, NotFound, Unprocessable
 from pluto_server.naming import check_storable_text
 from pluto_server.runs import RunRow
 from pluto_server.service import Service
@@ -71,8 +71,9 @@ class StorageBusy(ApiError):
 @contextlib.contextmanager
 def storage_errors(where: str, *, ours: bool = True) -> Iterator[None]:
     """Blob store errors as API answers; ``where`` says which storage it was. A bucket
-    or object missing from the server's own storage is the operator's problem (502);
-    from a bucket the caller named, it is the caller's (404)."""
+    or object missing from the server's own storage, or its credentials refused there, is
+    the operator's problem (502); from a bucket the caller named, it is the caller's (404,
+    and 403 for a bucket the server's credentials may not read)."""
     try:
         yield
     except (ChecksumMismatch, SizeMismatch) as exc:
@@ -82,7 +83,10 @@ def storage_errors(where: str, *, ours: bool = True) -> Iterator[None]:
             raise StorageError(f"{where}: {exc}") from None
         raise NotFound(f"{where}: {exc}") from None
     except StorageDenied as exc:
-        raise StorageError(f"{where} refused the server's credentials: {exc}") from None
+        if ours:
+            raise StorageError(f"{where} refused the server's credentials: {exc}") from None
+        raise Forbidden(f"{where} refused the server's credentials: {exc}; name a bucket "
+                        "that the server's S3 credentials may read") from None
     except StorageUnavailable as exc:
         raise StorageBusy(f"{where} is unreachable, try again: {exc}") from None
     except BlobError as exc:

@@ -246,6 +246,27 @@ def test_refused_credentials_and_a_missing_bucket_are_reported_not_crashed_on(
 
 
 
+def test_a_bucket_the_servers_credentials_may_not_read_is_the_callers_to_change(
+    s3_server: S3Server, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """An ART bucket named in a checkpoint fork that refuses the server's credentials is a
+    403 naming the bucket (the caller chose it), not a 502 (the server's own storage is
+    fine). Found by the API fuzzer with a server that had no S3 credentials at all."""
+    source, _ = art_bucket(s3_server)
+    secret = "not-the-secret-" + uuid.uuid4().hex
+    server = server_factory(env={**s3_server.env, "AWS_SECRET_ACCESS_KEY": secret})
+    run = pluto.init(project="refused", dir=tmp_path / "pluto",
+                     settings={**FAST, "url": server.url})
+    with pytest.raises(pluto.RequestRejected) as refused:
+        pluto.fork_checkpoint(run, "agent-007", from_project="email-agent",
+                              from_s3_bucket=source, url=server.url)
+    assert refused.value.status_code == 403, refused.value
+    assert f"bucket {source!r} refused the server's credentials" in str(refused.value)
+    assert "name a bucket" in str(refused.value) and secret not in str(refused.value)
+    assert run.checkpoints == []
+    run.finish()
+
+
 def test_a_big_checkpoint_streams_through_the_server_to_s3_in_bounded_memory(
     s3_server: S3Server, bucket: str, server_factory: Callable[..., ServerProcess],
     tmp_path: Path
