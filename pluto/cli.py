@@ -183,8 +183,8 @@ def _sidecar(args: argparse.Namespace) -> int:
     if args.api_key_optional and args.api_key_file is None:
         raise PlutoError("--api-key-optional says what to do when the --api-key-file is "
                          "missing: give --api-key-file too, or leave it out")
-    if args.api_key_file is not None and not (args.api_key_optional
-                                              and not args.api_key_file.exists()):
+    if args.api_key_file is not None and (args.api_key_file.exists()
+                                          or not args.api_key_optional):
         try:
             api_key = args.api_key_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:

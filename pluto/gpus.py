@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["GpuLookup", "container_gpu_uuids"]
+__all__ = ["GpuLookup", "container_gpu_uuids", "uuid_text"]
 
 
 def container_gpu_uuids(nvml: Any = None) -> list[str] | None:
@@ -37,7 +37,7 @@ def container_gpu_uuids(nvml: Any = None) -> list[str] | None:
     except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded / ...: no GPU here
         return []
     try:
-        return [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index)))
+        return [uuid_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index)))
                 for index in range(int(nvml.nvmlDeviceGetCount()))]
     except Exception:  # a GPU NVML cannot name cannot be matched by the sidecar either
         return []
@@ -46,8 +46,9 @@ def container_gpu_uuids(nvml: Any = None) -> list[str] | None:
             nvml.nvmlShutdown()  # NVML counts its users: the trainer's own use goes on
 
 
-def _text(uuid: str | bytes) -> str:
-    # nvidia-ml-py answers str; releases before 11.515 answered bytes.
+def uuid_text(uuid: str | bytes) -> str:
+    """What ``nvmlDeviceGetUUID`` answered, as text: nvidia-ml-py answers str, releases
+    before 11.515 answered bytes."""
     return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
 
 

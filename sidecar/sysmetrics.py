@@ -39,6 +39,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
+from pluto.gpus import uuid_text
+
 __all__ = ["SystemSampler"]
 
 log = logging.getLogger("pluto.sidecar.sysmetrics")
@@ -301,10 +303,9 @@ class SystemSampler:
 
 def _device(nvml: Any, index: int) -> _Gpu:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    uuid: str | None
     try:
-        uuid = nvml.nvmlDeviceGetUUID(handle)
+        uuid = uuid_text(nvml.nvmlDeviceGetUUID(handle))
     except Exception:  # cannot be matched with what the ranks tell; sampled until they do
         uuid = None
-    else:  # nvidia-ml-py answers str; releases before 11.515 answered bytes
-        uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
     return _Gpu(index, handle, uuid)

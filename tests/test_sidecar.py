@@ -418,6 +418,15 @@ class GoodClient:
         assert (kind, got_id) == (FrameKind.ACK, request_id), (kind, payload)
         self.steps.append(step)
 
+    def logged_through(self, other: RawClient, *, writer: int, step: int) -> None:
+        """``other`` (a bad client's connection, after its bad frame) still logs to this
+        run: its chunk is acknowledged, and its point is expected at the server."""
+        request_id = other.send(FrameKind.CHUNK, other.chunk_frame(writer=writer, steps=[step],
+                                                                   run=self.run))
+        kind, got_id, _ = other.receive()
+        assert (kind, got_id) == (FrameKind.ACK, request_id)
+        self.extra[("good", step, writer)] = value(writer, step, 0)
+
     def expected(self) -> dict[Point, float]:
         points = {("good", s, self.WRITER): value(self.WRITER, s, 0) for s in self.steps}
         return {**points, **self.extra}
@@ -642,12 +651,8 @@ def test_malformed_payload_is_rejected_and_the_connection_lives_on(
     error = bad.error(request_id)
     assert error.fatal is False
     assert error.detail.startswith("invalid Chunk frame"), error.detail
-    # The same connection still works.
-    request_id = bad.send(FrameKind.CHUNK, bad.chunk_frame(writer=9, steps=[0], run=good.run))
-    kind, got_id, _ = bad.receive()
-    assert (kind, got_id) == (FrameKind.ACK, request_id)
+    good.logged_through(bad, writer=9, step=0)  # the same connection still works
     bad.close()
-    good.extra[("good", 0, 9)] = value(9, 0, 0)
 
 
 def test_a_malformed_hello_can_be_retried(
@@ -742,11 +747,8 @@ def test_a_node_rank_that_is_not_one_is_refused_and_the_connection_goes_on(
     request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": "one"}))
     assert not client.error(request_id).fatal
     client.send(FrameKind.NODE, encode_msgpack(NodeInfo(node_rank=0)))  # not answered
-    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(writer=8, steps=[1],
-                                                                 run=good.run))
-    assert client.receive()[:2] == (FrameKind.ACK, request_id)
+    good.logged_through(client, writer=8, step=1)
     client.close()
-    good.extra[("good", 1, 8)] = value(8, 1, 0)
 
 
 def test_gpus_that_are_not_uuids_are_refused_and_the_connection_goes_on(
@@ -761,11 +763,8 @@ def test_gpus_that_are_not_uuids_are_refused_and_the_connection_goes_on(
         error = client.error(client.send(FrameKind.NODE, encode_msgpack({"gpus": gpus})))
         assert not error.fatal and said in error.detail, error.detail
     assert not events_named(sidecar, "GPUs told by a rank")  # nothing of a refused frame kept
-    request_id = client.send(FrameKind.CHUNK, client.chunk_frame(writer=7, steps=[1],
-                                                                 run=good.run))
-    assert client.receive()[:2] == (FrameKind.ACK, request_id)
+    good.logged_through(client, writer=7, step=1)
     client.close()
-    good.extra[("good", 1, 7)] = value(7, 1, 0)
 
 
 def test_the_gpus_the_ranks_name_are_the_pods_and_one_it_cannot_see_is_said_once(
@@ -809,12 +808,8 @@ def test_a_frame_only_the_sidecar_sends_is_refused(
     request_id = bad.send(FrameKind.ACK, encode_msgpack(Ack(seq=1)))
     error = bad.error(request_id)
     assert not error.fatal and "does not send ACK frames" in error.detail
-    # ... and the connection goes on.
-    request_id = bad.send(FrameKind.CHUNK, bad.chunk_frame(writer=9, steps=[1], run=good.run))
-    kind, got_id, _ = bad.receive()
-    assert (kind, got_id) == (FrameKind.ACK, request_id)
+    good.logged_through(bad, writer=9, step=1)  # ... and the connection goes on
     bad.close()
-    good.extra[("good", 1, 9)] = value(9, 1, 0)
 
 
 def test_a_silent_client_is_dropped_after_the_hello_timeout(
