@@ -1,7 +1,7 @@
 """The ``pluto operator`` command line: flags to ``OperatorSettings`` (docs/operator.md).
 
-Imports nothing beyond the standard library and the settings, so ``pluto --help`` stays fast and
-works without the operator's dependencies installed.
+Imports nothing beyond the standard library, the settings and the key reader, so
+``pluto --help`` stays fast and works without the operator's dependencies installed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pluto.credentials import api_key_from_flags
 from pluto_operator.settings import DEFAULT_IMAGE, DEFAULT_SERVER_URL, OperatorSettings, SecretRef
 
 
@@ -26,7 +27,11 @@ def add_parser(commands: Any) -> None:
                         help=f"tracking server of PlutoRuns that name none (env PLUTO_URL; "
                              f"default {DEFAULT_SERVER_URL})")
     parser.add_argument("--api-key-file", type=Path, default=None,
-                        help="file with the operator's own API key (else env PLUTO_API_KEY)")
+                        help="file with the operator's own API key (else env PLUTO_API_KEY); "
+                             "read again when it changes")
+    parser.add_argument("--api-key-optional", action="store_true",
+                        help="a missing --api-key-file is no key until the file appears (a "
+                             "Secret mounted with optional: true), not an error")
     parser.add_argument("--api-key-secret", default="pluto-api-key:api-key", metavar="NAME:KEY",
                         help="Secret key the sidecars read when the PlutoRun names none "
                              "(default pluto-api-key:api-key)")
@@ -84,14 +89,13 @@ def _resources(text: str | None) -> dict[str, Any] | None:
 
 
 def settings_from(args: argparse.Namespace) -> OperatorSettings:
-    api_key = os.environ.get("PLUTO_API_KEY")
-    if args.api_key_file is not None:
-        api_key = args.api_key_file.read_text().strip()
+    api_key = api_key_from_flags(os.environ.get("PLUTO_API_KEY"), args.api_key_file,
+                                 args.api_key_optional)
     return OperatorSettings(
         role=args.role,
         namespaces=tuple(args.namespace),
         server_url=args.server_url or os.environ.get("PLUTO_URL") or DEFAULT_SERVER_URL,
-        api_key=api_key or None,
+        api_key=api_key,
         api_key_secret=SecretRef.parse(args.api_key_secret),
         default_project=args.default_project,
         sidecar_image=(args.sidecar_image or os.environ.get("PLUTO_SIDECAR_IMAGE")

@@ -51,7 +51,7 @@ from pluto_operator.phases import (
 )
 from pluto_operator.settings import OperatorSettings
 from pluto_operator.targets import NamespaceInfo, namespace_project, namespace_project_problem
-from pluto_operator.tracking import Refused, TrackingServers, Unreachable
+from pluto_operator.tracking import KeyRefused, Refused, TrackingServers, Unreachable
 
 logger = logging.getLogger("pluto.operator.reconciler")
 
@@ -107,6 +107,15 @@ class Reconciler:
             patch.status["phase"] = "Pending"
         try:
             attached = self.servers.open_run(url, known.run.spec, known.run.run_id)
+        except KeyRefused as exc:
+            conditions = cond.set_condition(
+                conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
+                generation)
+            patch.status["conditions"] = cond.set_condition(
+                conditions, cond.RUN_READY, "False", "ApiKeyRefused",
+                f"{exc}: create or fix the operator's API key Secret (docs/operator.md); "
+                "retrying", generation)
+            raise kopf.TemporaryError(f"{exc}; retrying", delay=backoff(retry)) from exc
         except Unreachable as exc:
             patch.status["conditions"] = cond.set_condition(
                 conditions, cond.SERVER_REACHABLE, "False", "ServerUnreachable", str(exc),

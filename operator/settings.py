@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pluto import __version__
+from pluto.credentials import ApiKey
 
 Role = Literal["all", "reconciler", "webhook"]
 SidecarMode = Literal["auto", "native", "classic"]
@@ -41,8 +42,9 @@ class OperatorSettings:
     #: Watched namespaces; empty: all of them.
     namespaces: tuple[str, ...] = ()
     server_url: str = DEFAULT_SERVER_URL
-    #: The operator's own API key for its calls to the server (never given to pods).
-    api_key: str | None = None
+    #: The operator's own API key for its calls to the server (never given to pods); one
+    #: from a file follows the file (a mounted Secret that is rotated).
+    api_key: ApiKey = field(default_factory=lambda: ApiKey(None))
     #: The Secret key sidecars read their API key from, unless the PlutoRun names one.
     api_key_secret: SecretRef = field(default_factory=lambda: SecretRef("pluto-api-key", "api-key"))
     #: Project of namespace-mode runs when the namespace has no pluto.dev/project annotation;

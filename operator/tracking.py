@@ -1,8 +1,9 @@
 """The operator's calls to the tracking server: open (create, attach or fork), update, finish.
 
 The fork of a PlutoRun happens here, once, on the server; the pods then attach to the fork by its
-run id. Errors are sorted for the reconciler: ``Unreachable`` is retried with backoff, while
-``Refused`` (a 4xx the server explains) needs the PlutoRun changed and is not retried.
+run id. Errors are sorted for the reconciler: ``Unreachable`` is retried with backoff, and so is
+``KeyRefused`` (the operator's key is fixed outside the PlutoRun), while ``Refused`` (a 4xx the
+server explains) needs the PlutoRun changed and is not retried.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import urllib.parse
 from typing import Any, TypeVar
 
+from pluto.credentials import ApiKey
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.http import ApiClient
 from pluto.wire import Lineage, RunAttached, RunCreate, RunFinish, RunInfo, RunStatus, RunUpdate
@@ -21,6 +23,12 @@ T = TypeVar("T")
 
 class Unreachable(Exception):
     """The server did not answer, or answered with a retryable error."""
+
+
+class KeyRefused(Unreachable):
+    """The server refuses the operator's own API key (401). Retried like ``Unreachable``:
+    the fix is outside the PlutoRun (the key's Secret created, or rotated; the operator
+    reads its key file again when it changes)."""
 
 
 class Refused(Exception):
@@ -50,7 +58,7 @@ def run_create(spec: PlutoRunSpec, run_id: str) -> RunCreate:
 class TrackingServers:
     """One HTTP client per server URL (PlutoRuns may name different servers)."""
 
-    def __init__(self, api_key: str | None, timeout: float = 10.0) -> None:
+    def __init__(self, api_key: str | ApiKey | None, timeout: float = 10.0) -> None:
         self.api_key = api_key
         self.timeout = timeout
         self._clients: dict[str, ApiClient] = {}
@@ -70,6 +78,8 @@ class TrackingServers:
         except ServerUnavailable as exc:
             raise Unreachable(str(exc)) from exc
         except RequestRejected as exc:
+            if exc.credentials_refused:
+                raise KeyRefused(f"the server refuses the operator's API key: {exc}") from exc
             if exc.permanent:
                 raise Refused(str(exc), exc.status_code) from exc
             raise Unreachable(str(exc)) from exc

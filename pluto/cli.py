@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from pluto.credentials import api_key_from_flags
 from pluto.errors import PlutoError
 
 
@@ -179,19 +180,8 @@ def _sidecar(args: argparse.Namespace) -> int:
     from pluto_sidecar.settings import SidecarSettings, default_api_socket
 
     env = SidecarSettings.env_defaults()
-    api_key = os.environ.get("PLUTO_API_KEY")
-    if args.api_key_optional and args.api_key_file is None:
-        raise PlutoError("--api-key-optional says what to do when the --api-key-file is "
-                         "missing: give --api-key-file too, or leave it out")
-    if args.api_key_file is not None and (args.api_key_file.exists()
-                                          or not args.api_key_optional):
-        try:
-            api_key = args.api_key_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise PlutoError(f"--api-key-file {args.api_key_file}: cannot read the API key "
-                             f"from it ({reason}); give the path of the file that holds "
-                             "it (the mounted Secret), or set PLUTO_API_KEY instead") from None
+    api_key = api_key_from_flags(os.environ.get("PLUTO_API_KEY"), args.api_key_file,
+                                 args.api_key_optional)
     socket = args.socket or Path(env.get("socket", SidecarSettings().socket))
     api_socket_arg = args.api_socket if args.api_socket is not None else env.get("api_socket")
     api_socket = (None if api_socket_arg == "" else
@@ -204,7 +194,7 @@ def _sidecar(args: argparse.Namespace) -> int:
         api_socket=api_socket,
         server=args.server or env.get("server", SidecarSettings().server),
         spool_dir=args.spool_dir or Path(env.get("spool_dir", SidecarSettings().spool_dir)),
-        api_key=api_key,
+        api_key=api_key.value,
         api_key_file=args.api_key_file,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         batch_max_bytes=int(args.batch_max_kb * 1024),

@@ -56,7 +56,7 @@ import httpx
 import uvicorn
 
 from pluto.wire import API_PREFIX
-from pluto_sidecar.credentials import ApiKey
+from pluto.credentials import ApiKey
 from pluto_sidecar.logs import log_event, scrub
 from pluto_sidecar.telemetry import Telemetry
 

@@ -17,7 +17,7 @@ from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
 from pluto_sidecar.connection import ClientError, Connection
-from pluto_sidecar.credentials import ApiKey
+from pluto.credentials import ApiKey
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event

@@ -26,7 +26,7 @@ from pluto.wire import (
     RunUpdateRequest,
     encode_json,
 )
-from pluto_sidecar.credentials import ApiKey
+from pluto.credentials import ApiKey
 
 T = TypeVar("T")
 

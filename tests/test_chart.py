@@ -739,11 +739,22 @@ def test_operator_settings_follow_values(scenario: Scenario) -> None:
         default_project = [a for a in args if a.startswith("--default-project=")]
         expected = [f"--default-project={values['defaultProject']}"]
         assert default_project == (expected if values["defaultProject"] else [])
-    # The reconciler's own API key: from the Secret, optional so it starts before the key exists.
-    [api_key] = [e for e in release.container("operator")["env"] if e["name"] == "PLUTO_API_KEY"]
-    assert api_key["valueFrom"]["secretKeyRef"] == {**secret, "optional": True}
+    # The reconciler's own API key: the Secret mounted as a file the operator follows (a
+    # rotated key needs no restart), optional so the operator starts before the key exists.
+    reconciler = release.container("operator")
+    assert {"--api-key-file=/var/run/pluto-api-key/api-key", "--api-key-optional"} <= set(
+        reconciler["args"])
+    [mount] = [m for m in reconciler["volumeMounts"] if m["mountPath"] == "/var/run/pluto-api-key"]
+    assert mount["readOnly"] is True
+    pod = release.one("Deployment", release.named("operator"))["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": secret["name"], "optional": True,
+                                "items": [{"key": secret["key"], "path": "api-key"}]}
+    assert "PLUTO_API_KEY" not in json.dumps(reconciler)
     # Only the reconciler calls the server; the webhook never sees the key.
-    assert "PLUTO_API_KEY" not in json.dumps(release.container("webhook"))
+    webhook = release.one("Deployment", release.named("webhook"))
+    assert "PLUTO_API_KEY" not in json.dumps(webhook) and secret["name"] not in json.dumps(
+        webhook["spec"]["template"]["spec"].get("volumes", []))
     [resources] = [e for e in release.container("webhook")["env"]
                    if e["name"] == "PLUTO_SIDECAR_RESOURCES"]
     assert json.loads(resources["value"]) == values["sidecar"]["resources"]
@@ -956,7 +967,8 @@ def test_notes_say_how_to_create_the_api_key(scenario: Scenario) -> None:
     secret = values["apiKeySecret"]
     assert (f"kubectl -n {scenario.namespace} create secret generic {secret['name']} "
             f"--from-literal={secret['key']}=") in release.notes
-    assert f"rollout restart deploy/{release.named('operator')}" in release.notes
+    # The operator follows its mounted key file: no restart to pick the Secret up.
+    assert "rollout restart" not in release.notes
     assert "kubectl label namespace" in release.notes
     assert "pluto.dev/inject=enabled" in release.notes
 

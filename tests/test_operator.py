@@ -10,6 +10,7 @@ watches and finalizers, its HTTPS webhook with the generated certificate (``--de
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -34,11 +35,12 @@ from support.kube_emulator import (
     OperatorProcess,
     wait_for,
 )
-from support.server_process import ServerProcess
+from support.server_process import ServerProcess, create_api_key, revoke_api_key
 
 import pluto
 from pluto import query
 from pluto.wire import RunAttached, RunStatus
+from pluto_operator import conditions as cond
 from pluto_operator.names import label_value
 from pluto_operator.reconciler import Reconciler
 from pluto_operator.settings import OperatorSettings
@@ -89,19 +91,18 @@ class Cluster:
         return [e for e in events if e.get("involvedObject", {}).get("name") == name]
 
 
-@pytest.fixture
-def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
-            server_factory: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Cluster]:
-    kube = kube_emulator_factory(crds=[ROOT / "crds" / "plutorun.yaml"],
-                                 namespaces=("default", "kube-system", NS))
-    server = server_factory()
+@contextlib.contextmanager
+def operator_cluster(kube: KubeEmulator, server: ServerProcess, tmp_path: Path,
+                     *extra_args: str) -> Iterator[Cluster]:
+    """``pluto operator --dev`` (``extra_args`` added) on ``kube``, with ``server`` as the
+    server of PlutoRuns; stopped at the end, where it must exit 0 without a traceback."""
     webhook_port, health_port = free_port(), free_port()
     webhook_url = f"https://127.0.0.1:{webhook_port}"
     operator = OperatorProcess(
         [sys.executable, "-m", "pluto", "operator", "--dev", "--webhook-url", webhook_url,
          "--webhook-host", "127.0.0.1", "--health-host", "127.0.0.1",
          "--health-port", str(health_port), "--server-url", server.url,
-         "--poll-interval", "0.5", "--log-level", "DEBUG"],
+         "--poll-interval", "0.5", "--log-level", "DEBUG", *extra_args],
         env=kube.env, log_path=tmp_path / "operator.log", cwd=ROOT,
     ).start()
     cluster = Cluster(kube, server, operator, webhook_url,
@@ -114,6 +115,19 @@ def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
         code = operator.stop()
         assert code == 0, operator.logs()
         assert operator.tracebacks() == [], operator.logs()
+
+
+def emulated_cluster(kube_emulator_factory: Callable[..., KubeEmulator]) -> KubeEmulator:
+    return kube_emulator_factory(crds=[ROOT / "crds" / "plutorun.yaml"],
+                                 namespaces=("default", "kube-system", NS))
+
+
+@pytest.fixture
+def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
+            server_factory: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[Cluster]:
+    with operator_cluster(emulated_cluster(kube_emulator_factory), server_factory(),
+                          tmp_path) as cluster:
+        yield cluster
 
 
 def test_dev_mode_manages_its_webhook_configuration(cluster: Cluster) -> None:
@@ -151,6 +165,45 @@ def test_create_opens_the_run_and_records_it(cluster: Cluster) -> None:
     # The finalizer that makes deletion finish the run first.
     meta = cluster.kube.get(PLUTORUNS, "sft", namespace=NS)["metadata"]
     assert "pluto.dev/finish-run" in meta["finalizers"]
+
+
+def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rotation(
+        kube_emulator_factory: Callable[..., KubeEmulator],
+        server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """The chart mounts the operator's key Secret as an optional file. Created after the
+    operator started, the key is used without a restart (PlutoRuns refused meanwhile are
+    retried, not given up on); rotated, the new key is used and the old one may be revoked."""
+    server = server_factory(start=False, extra_args=["--auth"])
+    first, second = (create_api_key(server.data_dir, name) for name in ("first", "second"))
+    server.start()
+    key_file = tmp_path / "secret" / "api-key"
+    with operator_cluster(emulated_cluster(kube_emulator_factory), server, tmp_path,
+                          "--api-key-file", str(key_file), "--api-key-optional") as cluster:
+        cluster.plutorun("early")
+
+        def ready_reason(status: dict[str, Any]) -> str | None:
+            found = [c for c in status.get("conditions") or [] if c["type"] == cond.RUN_READY]
+            return found[0]["reason"] if found else None
+
+        refused = cluster.status_when("early", lambda s: ready_reason(s) == "ApiKeyRefused")
+        assert "serverRunId" not in refused
+        assert cond.condition_status(refused["conditions"], cond.SERVER_REACHABLE) == "True"
+        key_file.parent.mkdir()
+        key_file.write_text(first + "\n")
+        opened = cluster.status_when("early", lambda s: s.get("serverRunId") is not None,
+                                     timeout=40)
+        assert ready_reason(opened) == "RunCreated"
+        # Rotation as the kubelet does it: a new file swapped in, then the old key revoked.
+        staged = key_file.with_name("staged")
+        staged.write_text(second)
+        staged.replace(key_file)
+        revoke_api_key(server.data_dir, first)
+        cluster.plutorun("later")
+        status = cluster.status_when("later", lambda s: s.get("serverRunId") is not None)
+        run = query.get_run(status["serverRunId"], url=server.url, api_key=second)
+        assert (run.project, run.run_id) == ("ops", "later")
+        assert "API key read again from its file: it changed" in cluster.logs()
+        assert first not in cluster.logs() and second not in cluster.logs()
 
 
 def test_fork_happens_once_on_the_server_and_is_resolved(cluster: Cluster,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Generator
 from typing import Any, TypeVar
 
 import httpx
 import msgspec
 
+from pluto.credentials import ApiKey
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.base import Transport
 from pluto.wire import (
@@ -39,6 +41,20 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
+class _BearerKey(httpx.Auth):
+    """Sends the key's current value with each request: a key that follows its file
+    (``ApiKey``) changes while the client lives."""
+
+    def __init__(self, key: ApiKey) -> None:
+        self.key = key
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        authorization = self.key.authorization
+        if authorization is not None:
+            request.headers["authorization"] = authorization
+        yield request
+
+
 def ingest_body(chunks: list[bytes]) -> bytes:
     """An ``IngestBatch`` built from already-encoded chunks, without re-encoding them."""
     return _INGEST_HEAD + _array_header(len(chunks)) + b"".join(chunks)
@@ -47,18 +63,19 @@ def ingest_body(chunks: list[bytes]) -> bytes:
 class ApiClient:
     """A small typed client of the server's JSON/msgpack API."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0, *,
+    def __init__(self, url: str, api_key: str | ApiKey | None, timeout: float = 30.0, *,
                  uds: str | None = None) -> None:
-        """``uds``: reach the server through the pod sidecar's API socket at this path
-        (the sidecar adds the credentials; ``url`` then only names it in messages)."""
+        """``api_key``: a fixed key, or an ``ApiKey`` read again from its file when that
+        changes (a long-lived client such as the operator's). ``uds``: reach the server
+        through the pod sidecar's API socket at this path (the sidecar adds the
+        credentials; ``url`` then only names it in messages)."""
         self.url = url.rstrip("/")
         self.uds = uds
-        headers = {"user-agent": "pluto-sdk"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+        key = api_key if isinstance(api_key, ApiKey) else ApiKey(api_key)
         transport = httpx.HTTPTransport(uds=uds) if uds else None
         base = SIDECAR_API_BASE if uds else self.url
-        self._client = httpx.Client(base_url=base + API_PREFIX, headers=headers,
+        self._client = httpx.Client(base_url=base + API_PREFIX,
+                                    headers={"user-agent": "pluto-sdk"}, auth=_BearerKey(key),
                                     timeout=timeout, transport=transport)
 
     @property
