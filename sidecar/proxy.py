@@ -55,8 +55,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from pluto.wire import API_PREFIX
 from pluto.credentials import ApiKey
+from pluto.wire import API_PREFIX
 from pluto_sidecar.logs import log_event, scrub
 from pluto_sidecar.telemetry import Telemetry
 

@@ -11,13 +11,13 @@ import time
 import uuid
 from pathlib import Path
 
+from pluto.credentials import ApiKey
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.spool import Position
 from pluto.wire import Chunk, RunCreate, RunOpened, encode_msgpack
 from pluto_sidecar import __version__
 from pluto_sidecar.buffers import FramePool
 from pluto_sidecar.connection import ClientError, Connection
-from pluto.credentials import ApiKey
 from pluto_sidecar.forwarder import Forwarder
 from pluto_sidecar.health import HealthServer
 from pluto_sidecar.logs import log_event

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from pluto.credentials import ApiKey
 from pluto.errors import RequestRejected, ServerUnavailable
 from pluto.transport.http import error_detail, ingest_body
 from pluto.wire import (
@@ -26,7 +27,6 @@ from pluto.wire import (
     RunUpdateRequest,
     encode_json,
 )
-from pluto.credentials import ApiKey
 
 T = TypeVar("T")
 
