@@ -32,6 +32,10 @@ PACKAGE_DIRS := pluto server sidecar operator
 KONDUKTOR_VERSION := 0.1.0.dev20261027031956
 # Typed code outside the packages that pyproject's [tool.mypy] lists.
 MYPY_EXTRA := tests/support tests/conftest.py tests/test_infra_smoke.py examples/train.py
+# pytest worker processes of `make test` (pytest-xdist): most tests wait on the servers,
+# sidecars and trainers they start, so two workers keep two cores busy. 1: one process, in
+# order; auto: one per core.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help venv postgres chromium fault-tools test lint demo bench bench-anchors chaos e2e-kind clean distclean FORCE
 
@@ -41,7 +45,8 @@ help:
 	@echo "make chromium  install Chromium (Debian) for the browser tests unless it exists"
 	@echo "make fault-tools  install libfiu's fiu-run/fiu-ctrl (Debian) for the I/O-error tests"
 	@echo "make lint      ruff + mypy"
-	@echo "make test      lint, then pytest (needs venv, postgres, chromium and fault-tools)"
+	@echo "make test      lint, then pytest on PYTEST_WORKERS processes (default 2; needs venv,"
+	@echo "              postgres, chromium and fault-tools)"
 	@echo "make demo      local server + 2-rank torchrun training, a fork, its lineage"
 	@echo "make bench     benchmarks (prints tables; see docs/benchmarks.md)"
 	@echo "make bench-anchors  log() and end to end against wandb, trackio, neptune-scale, mlflow"
@@ -146,7 +151,9 @@ test: venv postgres chromium fault-tools
 	@$(MAKE) lint
 	@echo "==> pytest"
 	@# The 15 slowest tests are listed at the end: the suite must stay under 25 min on 2 cores.
-	@$(BIN)/pytest -q --durations=15
+	@# --dist loadfile: a module's tests run in one worker, so module-scoped servers and
+	@# databases start once, as they do in a serial run.
+	@$(BIN)/pytest -q --durations=15 $(if $(filter 1,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
 demo: venv
 	@bash scripts/demo.sh

@@ -14,6 +14,7 @@ import contextlib
 import json
 import socket
 import ssl
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from support.kube_emulator import (
     OperatorProcess,
     wait_for,
 )
-from support.server_process import ServerProcess, create_api_key, revoke_api_key
+from support.server_process import ServerProcess, clean_env, create_api_key, revoke_api_key
 
 import pluto
 from pluto import query
@@ -633,3 +634,18 @@ def test_jobset_in_a_namespace_with_an_invalid_project_annotation(
     assert created["spec"]["project"] == NS  # as if the annotation were absent
     [(reason, message)] = [e for e in posted if e[0] != "PlutoRunCreated"]
     assert reason == "InvalidProjectAnnotation" and "LLaMA ft" in message
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--api-key-file", "{tmp}/no-such-key"], "--api-key-file {tmp}/no-such-key: cannot read"),
+    (["--api-key-optional"], "--api-key-optional says what to do"),
+])
+def test_a_key_file_flag_that_cannot_work_is_a_one_line_error(
+        flags: list[str], says: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pluto", "operator", "--health-port", "0",
+         *(f.format(tmp=tmp_path) for f in flags)],
+        capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and says.format(tmp=tmp_path) in line, line
