@@ -16,6 +16,7 @@ the sidecar's JSON logs (``pluto_sidecar.logs``); elsewhere the message alone sh
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from pluto.errors import PlutoError
@@ -36,6 +37,8 @@ class ApiKey:
         #: warned about once, not at every request while it stays so (a deleted Secret's
         #: file is gone for good, and its identity is None).
         self._unreadable: tuple[tuple[int, int, int] | None] | None = None
+        #: The operator's handlers run in threads: one of them reads a changed file.
+        self._reloading = threading.Lock()
 
     @property
     def value(self) -> str | None:
@@ -46,7 +49,9 @@ class ApiKey:
     def authorization(self) -> str | None:
         """The ``authorization`` header value, None without a key."""
         if self.file is not None and self._identity() != self._seen:
-            self._reload()
+            with self._reloading:
+                if self._identity() != self._seen:
+                    self._reload()
         return f"Bearer {self._value}" if self._value else None
 
     def _identity(self) -> tuple[int, int, int] | None:
