@@ -26,9 +26,10 @@ class Unreachable(Exception):
 
 
 class KeyRefused(Unreachable):
-    """The server refuses the operator's own API key (401). Retried like ``Unreachable``:
-    the fix is outside the PlutoRun (the key's Secret created, or rotated; the operator
-    reads its key file again when it changes)."""
+    """The server refuses the operator's own API key (401), or the key may not reach the
+    PlutoRun's project (403). Retried like ``Unreachable``: the fix is outside the PlutoRun
+    (the key's Secret created, or rotated; the operator reads its key file again when it
+    changes)."""
 
 
 class Refused(Exception):
@@ -78,7 +79,9 @@ class TrackingServers:
         except ServerUnavailable as exc:
             raise Unreachable(str(exc)) from exc
         except RequestRejected as exc:
-            if exc.credentials_refused:
+            # 403: a key limited to another project. The PlutoRun's project cannot change,
+            # so the fix is a key that reaches it, as for a 401.
+            if exc.credentials_refused or exc.status_code == 403:
                 raise KeyRefused(f"the server refuses the operator's API key: {exc}") from exc
             if exc.permanent:
                 raise Refused(str(exc), exc.status_code) from exc

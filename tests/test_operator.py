@@ -172,30 +172,42 @@ def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rota
         kube_emulator_factory: Callable[..., KubeEmulator],
         server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """The chart mounts the operator's key Secret as an optional file. Created after the
-    operator started, the key is used without a restart (PlutoRuns refused meanwhile are
-    retried, not given up on); rotated, the new key is used and the old one may be revoked."""
+    operator started, the key is used without a restart (PlutoRuns refused meanwhile, for
+    no key or for a key limited to another project, are retried, not given up on); rotated,
+    the new key is used and the old one may be revoked."""
     server = server_factory(start=False, extra_args=["--auth"])
     first, second = (create_api_key(server.data_dir, name) for name in ("first", "second"))
+    elsewhere = create_api_key(server.data_dir, "elsewhere", "--project", "theirs")
     server.start()
     key_file = tmp_path / "secret" / "api-key"
     with operator_cluster(emulated_cluster(kube_emulator_factory), server, tmp_path,
                           "--api-key-file", str(key_file), "--api-key-optional") as cluster:
         cluster.plutorun("early")
 
-        def ready_reason(status: dict[str, Any]) -> str | None:
+        def run_ready(status: dict[str, Any]) -> dict[str, Any]:
             found = [c for c in status.get("conditions") or [] if c["type"] == cond.RUN_READY]
-            return found[0]["reason"] if found else None
+            return found[0] if found else {}
+
+        def ready_reason(status: dict[str, Any]) -> str | None:
+            return run_ready(status).get("reason")
+
+        def ready_message(status: dict[str, Any]) -> str:
+            return str(run_ready(status).get("message", ""))
 
         refused = cluster.status_when("early", lambda s: ready_reason(s) == "ApiKeyRefused")
         assert "serverRunId" not in refused
         assert cond.condition_status(refused["conditions"], cond.SERVER_REACHABLE) == "True"
         key_file.parent.mkdir()
-        key_file.write_text(first + "\n")
+        # A key limited to another project: refused too (403), and retried the same way.
+        key_file.write_text(elsewhere)
+        cluster.status_when("early", lambda s: "limited to project" in ready_message(s))
+        staged = key_file.with_name("staged")
+        staged.write_text(first + "\n")
+        staged.replace(key_file)
         opened = cluster.status_when("early", lambda s: s.get("serverRunId") is not None,
                                      timeout=40)
         assert ready_reason(opened) == "RunCreated"
         # Rotation as the kubelet does it: a new file swapped in, then the old key revoked.
-        staged = key_file.with_name("staged")
         staged.write_text(second)
         staged.replace(key_file)
         revoke_api_key(server.data_dir, first)
@@ -204,7 +216,7 @@ def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rota
         run = query.get_run(status["serverRunId"], url=server.url, api_key=second)
         assert (run.project, run.run_id) == ("ops", "later")
         assert "API key read again from its file: it changed" in cluster.logs()
-        assert first not in cluster.logs() and second not in cluster.logs()
+        assert all(key not in cluster.logs() for key in (first, second, elsewhere))
 
 
 def test_fork_happens_once_on_the_server_and_is_resolved(cluster: Cluster,
