@@ -6,7 +6,7 @@ answers; a retried batch is harmless because the server applies each chunk once
 (its (run, session, seq) key). Errors that retrying cannot fix move the record to
 a dead-letter file with the server's reason; a refused API key (401) is not one of
 them: it says nothing about the record, so the spool keeps it and the forwarder tries
-again (with the key file's new key, if it changed: ``pluto_sidecar.credentials``).
+again (with the key file's new key, if it changed: ``pluto.credentials``).
 
 One request is in flight at a time, so batches reach the server in spool order.
 While it is, the next batch is read and compressed (in a worker thread): the
