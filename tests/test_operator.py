@@ -200,7 +200,9 @@ def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rota
         key_file.parent.mkdir()
         # A key limited to another project: refused too (403), and retried the same way.
         key_file.write_text(elsewhere)
-        cluster.status_when("early", lambda s: "limited to project" in ready_message(s))
+        # (Retries back off 1, 2, 4, 8, 16 s: the next may be half a minute away.)
+        cluster.status_when("early", lambda s: "limited to project" in ready_message(s),
+                            timeout=40)
         staged = key_file.with_name("staged")
         staged.write_text(first + "\n")
         staged.replace(key_file)
