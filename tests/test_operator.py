@@ -200,7 +200,7 @@ def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rota
         key_file.parent.mkdir()
         # A key limited to another project: refused too (403), and retried the same way.
         key_file.write_text(elsewhere)
-        # (Retries back off 1, 2, 4, 8, 16 s: the next may be half a minute away.)
+        # (Retries back off 1, 2, 4, 8, 16 s, so the next one may be 16 s away.)
         cluster.status_when("early", lambda s: "limited to project" in ready_message(s),
                             timeout=40)
         staged = key_file.with_name("staged")
