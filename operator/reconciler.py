@@ -70,6 +70,13 @@ def backoff(retry: int) -> float:
     return float(min(60, 2 ** min(retry, 6)))
 
 
+def _reached(conditions: list[dict[str, Any]], url: str,
+             generation: int | None) -> list[dict[str, Any]]:
+    """``conditions`` with ``ServerReachable=True``: the server answered, whatever it said."""
+    return cond.set_condition(conditions, cond.SERVER_REACHABLE, "True", "Connected",
+                              f"server at {url}", generation)
+
+
 def _plain(value: Any) -> Any:
     """kopf's mapping views as plain JSON values (pydantic's strict mode wants real dicts)."""
     if isinstance(value, Mapping):
@@ -108,9 +115,7 @@ class Reconciler:
         try:
             attached = self.servers.open_run(url, known.run.spec, known.run.run_id)
         except KeyRefused as exc:
-            conditions = cond.set_condition(
-                conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
-                generation)
+            conditions = _reached(conditions, url, generation)
             patch.status["conditions"] = cond.set_condition(
                 conditions, cond.RUN_READY, "False", "ApiKeyRefused",
                 f"{exc}: create or fix the operator's API key Secret (docs/operator.md); "
@@ -122,9 +127,7 @@ class Reconciler:
                 generation)
             raise kopf.TemporaryError(f"{exc}; retrying", delay=backoff(retry)) from exc
         except Refused as exc:
-            conditions = cond.set_condition(
-                conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
-                generation)
+            conditions = _reached(conditions, url, generation)
             if exc.status_code == 409 and known.run.spec.fork is not None:
                 # The server's word for an attach whose fork differs from the stored run's.
                 self._fork_mismatch(body, patch, conditions, generation, _fork_conflict(
@@ -133,9 +136,7 @@ class Reconciler:
                 conditions, cond.RUN_READY, "False", "ServerRefused", str(exc), generation)
             kopf.warn(body, reason="ServerRefused", message=str(exc))
             raise kopf.PermanentError(f"the server refused the run: {exc}") from exc
-        conditions = cond.set_condition(
-            conditions, cond.SERVER_REACHABLE, "True", "Connected", f"server at {url}",
-            generation)
+        conditions = _reached(conditions, url, generation)
         problem = self._fork_problem(url, known.run.spec, attached)
         if problem is not None:
             self._fork_mismatch(body, patch, conditions, generation, problem)

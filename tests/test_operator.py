@@ -188,27 +188,23 @@ def test_the_operators_key_file_is_followed_from_before_it_exists_through_a_rota
             found = [c for c in status.get("conditions") or [] if c["type"] == cond.RUN_READY]
             return found[0] if found else {}
 
-        def ready_reason(status: dict[str, Any]) -> str | None:
-            return run_ready(status).get("reason")
-
-        def ready_message(status: dict[str, Any]) -> str:
-            return str(run_ready(status).get("message", ""))
-
-        refused = cluster.status_when("early", lambda s: ready_reason(s) == "ApiKeyRefused")
+        refused = cluster.status_when(
+            "early", lambda s: run_ready(s).get("reason") == "ApiKeyRefused")
         assert "serverRunId" not in refused
         assert cond.condition_status(refused["conditions"], cond.SERVER_REACHABLE) == "True"
         key_file.parent.mkdir()
         # A key limited to another project: refused too (403), and retried the same way.
         key_file.write_text(elsewhere)
         # (Retries back off 1, 2, 4, 8, 16 s, so the next one may be 16 s away.)
-        cluster.status_when("early", lambda s: "limited to project" in ready_message(s),
-                            timeout=40)
+        cluster.status_when(
+            "early", lambda s: "limited to project" in run_ready(s).get("message", ""),
+            timeout=40)
         staged = key_file.with_name("staged")
         staged.write_text(first + "\n")
         staged.replace(key_file)
         opened = cluster.status_when("early", lambda s: s.get("serverRunId") is not None,
                                      timeout=40)
-        assert ready_reason(opened) == "RunCreated"
+        assert run_ready(opened)["reason"] == "RunCreated"
         # Rotation as the kubelet does it: a new file swapped in, then the old key revoked.
         staged.write_text(second)
         staged.replace(key_file)
