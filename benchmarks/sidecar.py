@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sidecar.py [--points 2000000] [--repeat 3]
                                            [--writers 1,4,8] [--postgres-url URL]
                                            [--sidecar-args '--batch-max-kb 2048']
+                                           [--values pattern|noisy]
 
 For 1, 4 and 8 writer processes (each ``pluto.init()`` with
 ``PLUTO_SIDECAR_SOCKET``, then ``--points / writers / 10`` calls of 10 scalars
@@ -43,6 +44,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import random
 import shlex
 import socket
 import statistics
@@ -78,16 +80,34 @@ MB = 1024 * 1024
 # -- a writer process ----------------------------------------------------------------
 
 
-def writer_main(calls: int) -> int:
-    """``sidecar.py --_writer CALLS``: init, say "ready", wait for "go", log, finish."""
+def value_rows(kind: str) -> list[list[float]]:
+    """The values logged at successive steps (``len(KEYS)`` per step), repeated after the
+    last row. "pattern": ``step * 0.001 + key`` over 1,000 steps, which compresses about
+    60 times with zstd; "noisy": a random walk per key (a loss curve's jitter) over 10,000
+    steps, every float's mantissa random, which compresses about 2.5 times, as real metrics
+    do."""
+    if kind == "pattern":
+        return [[step * 0.001 + j for j in range(len(KEYS))] for step in range(1000)]
+    rng = random.Random(0)
+    level = [1.0] * len(KEYS)
+    rows = []
+    for _ in range(10_000):
+        level = [value * (1 + rng.gauss(0, 0.01)) for value in level]
+        rows.append(level)
+    return rows
+
+
+def writer_main(calls: int, values: str) -> int:
+    """``sidecar.py --_writer CALLS VALUES``: init, say "ready", wait for "go", log, finish."""
     run = pluto.init(project=PROJECT, settings={"console": False})
-    payloads = [{key: step * 0.001 + j for j, key in enumerate(KEYS)} for step in range(1000)]
+    rows = value_rows(values)
+    payloads = [dict(zip(KEYS, row, strict=True)) for row in rows]
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.time()
     cpu = time.process_time()  # this process, every thread: log() calls and packing
     for step in range(calls):
-        run.log(payloads[step % 1000], step=step)
+        run.log(payloads[step % len(payloads)], step=step)
     logged = time.time()
     run.finish()
     print(f"{start} {logged} {time.time()} {run.undelivered_bytes} "
@@ -110,6 +130,7 @@ class Measurement:
     writers_cpu: float = 0.0  # all writer processes together, first log() to finish()
     server_cpu: float = 0.0  # the server's, over the same span (until it holds every point)
     server_rss_peak: int = 0  # the server's peak RSS over the same span
+    sent_bytes: float = 0.0  # the sidecar's ingest bodies, as sent (compressed)
 
     @property
     def hop_rate(self) -> float:
@@ -152,6 +173,15 @@ def metric(health: str, name: str) -> float:
     raise RuntimeError(f"the sidecar does not report {name}")
 
 
+def sent_bytes(health: str) -> float:
+    """Bytes of ingest bodies the sidecar sent, compressed, whatever their coding."""
+    text = httpx.get(health + "/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("pluto_sidecar_bytes_sent_total{"))
+
+
+#: What the writers and the frame client log (``--values``).
+VALUES: list[str] = ["pattern"]
 #: More ``pluto sidecar`` flags for every sidecar started (``--sidecar-args``).
 SIDECAR_FLAGS: list[str] = []
 
@@ -210,7 +240,8 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
                 env = _clean_env(PLUTO_SIDECAR_SOCKET=str(sock), PLUTO_RUN_ID=run_ref,
                                  RANK=str(rank), PLUTO_DIR=str(directory / f"w{rank}"))
                 procs.append(subprocess.Popen(
-                    [sys.executable, __file__, "--_writer", str(calls)], env=env, text=True,
+                    [sys.executable, __file__, "--_writer", str(calls), VALUES[0]], env=env,
+                    text=True,
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             for proc in procs:
                 assert proc.stdout is not None
@@ -232,6 +263,7 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
                     raise RuntimeError("a writer failed")
                 time.sleep(0.05)
             e2e_end = time.time()
+            sent = sent_bytes(health)
             server_after = psutil.Process(server_pid).cpu_times()
             server_rss = server_sampler.stop()
             times = []
@@ -267,6 +299,7 @@ def measure(url: str, server_pid: int, writers: int, points: int) -> Measurement
         server_cpu=(server_after.user + server_after.system)
         - (server_cpu.user + server_cpu.system),
         server_rss_peak=server_rss,
+        sent_bytes=sent,
     )
 
 
@@ -277,7 +310,7 @@ def chunk_payloads(points: int, run_ref: str) -> list[bytes]:
     """CHUNK payloads as the SDK encodes them for ``points`` points (10 keys per call)."""
     per_chunk = Settings().max_chunk_points
     calls = points // len(KEYS)
-    payloads = [[step * 0.001 + j for j in range(len(KEYS))] for step in range(1000)]
+    payloads = value_rows(VALUES[0])
     frames = []
     session = uuid.uuid4().hex
     now = time.time()
@@ -288,7 +321,7 @@ def chunk_payloads(points: int, run_ref: str) -> list[bytes]:
             writer=0, keys=list(KEYS),
             key_index=[j for _ in steps for j in range(len(KEYS))],
             steps=[step for step in steps for _ in KEYS],
-            values=[v for step in steps for v in payloads[step % 1000]],
+            values=[v for step in steps for v in payloads[step % len(payloads)]],
             times=[now + step * 1e-6 for step in steps for _ in KEYS],
         )
         frames.append(encode_msgpack(chunk))
@@ -326,6 +359,7 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
             while metric(health, "points_sent_total") < points:
                 time.sleep(0.05)
             stored = time.perf_counter()
+            sent = sent_bytes(health)
             server_after = psutil.Process(server_pid).cpu_times()
             server_rss = server_sampler.stop()
             after = psutil.Process(sidecar.pid).cpu_times()
@@ -338,7 +372,7 @@ def frames_through_sidecar(url: str, server_pid: int, points: int) -> Measuremen
                        cpu_seconds=(after.user + after.system) - (cpu.user + cpu.system),
                        server_cpu=(server_after.user + server_after.system)
                        - (server_cpu.user + server_cpu.system),
-                       server_rss_peak=server_rss)
+                       server_rss_peak=server_rss, sent_bytes=sent)
 
 
 def frames_with_the_server_away(points: int) -> float:
@@ -408,8 +442,8 @@ def raw_socket(frames: list[bytes], durable: bool = False) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--_writer":
-        raise SystemExit(writer_main(int(sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--_writer":
+        raise SystemExit(writer_main(int(sys.argv[2]), sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=2_000_000,
@@ -419,7 +453,12 @@ def main() -> None:
     parser.add_argument("--postgres-url", help="also measure into this PostgreSQL database")
     parser.add_argument("--sidecar-args", default="", metavar="FLAGS",
                         help="more flags for each `pluto sidecar`, e.g. '--batch-max-kb 1024'")
+    parser.add_argument("--values", choices=("pattern", "noisy"), default="pattern",
+                        help="what is logged: a repeating pattern that compresses well "
+                             "(default, as in earlier figures) or noisy floats as real "
+                             "metrics are (see value_rows)")
     args = parser.parse_args()
+    VALUES[0] = args.values
     counts = [int(n) for n in args.writers.split(",")]
     SIDECAR_FLAGS[:] = shlex.split(args.sidecar_args)
     console = Console(width=140)
@@ -452,10 +491,10 @@ def main() -> None:
                                          for _ in range(args.repeat)]
 
     table = Table(title=f"pluto sidecar: {points:,} points per run (10 scalars per log() "
-                        f"call), median of {args.repeat} runs")
+                        f"call, {args.values} values), median of {args.repeat} runs")
     for column in ("server", "writers", "sidecar hop\npoints/s", "end to end\npoints/s",
                    "hop / raw\nsocket", "sidecar\npeak RSS", "server\npeak RSS",
-                   "sidecar\nCPU s",
+                   "sidecar\nCPU s", "sent\nbytes/point",
                    "CPU s per 1M points\nwriters/sidecar/server"):
         table.add_column(column, justify="left" if column == "server" else "right")
     for (name, label), runs in results.items():
@@ -467,15 +506,16 @@ def main() -> None:
             f"{max(m.rss_peak for m in runs) / MB:.1f} MB",
             f"{max(m.server_rss_peak for m in runs) / MB:.1f} MB",
             f"{statistics.median(m.cpu_seconds for m in runs):.2f}",
+            f"{statistics.median(m.sent_bytes / m.points for m in runs):.2f}",
             "/".join(f"{statistics.median(getattr(m, f) / m.points * 1e6 for m in runs):.2f}"
                      for f in ("writers_cpu", "cpu_seconds", "server_cpu")),
         )
     table.add_row("server away", "1 frame client (no SDK)", f"{alone_pps:,.0f}", "",
-                  f"{alone_pps / raw_pps:.1%}", "", "", "", "")
+                  f"{alone_pps / raw_pps:.1%}", "", "", "", "", "")
     table.add_row("raw Unix socket", "1 writer process", f"{raw_pps:,.0f}", "", "100%", "",
-                  "", "", "")
+                  "", "", "", "")
     table.add_row("raw socket + write + fsync", "1 writer process", f"{durable_pps:,.0f}", "",
-                  f"{durable_pps / raw_pps:.1%}", "", "", "", "")
+                  f"{durable_pps / raw_pps:.1%}", "", "", "", "", "")
     console.print(table)
     console.print(f"raw Unix socket (writer process -> reader process, no processing): "
                   f"{frame_bytes / MB:.1f} MB of CHUNK frames ({len(frames)} frames, "

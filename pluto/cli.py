@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send a batch once it holds this much (default 1024)")
     sidecar.add_argument("--batch-max-age", type=float, default=0.2,
                          help="... or once its oldest record is this old, seconds (default 0.2)")
+    sidecar.add_argument("--compression", choices=("zstd", "gzip"), default="zstd",
+                         help="how batches are compressed: zstd (default; gzip until the "
+                              "server says it takes zstd) or gzip")
     sidecar.add_argument("--drain-seconds", type=float, default=25.0,
                          help="on SIGTERM, forward for at most this long (default 25)")
     sidecar.add_argument("--open-wait", type=float, default=5.0,
@@ -199,6 +202,7 @@ def _sidecar(args: argparse.Namespace) -> int:
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         batch_max_bytes=int(args.batch_max_kb * 1024),
         batch_max_age=args.batch_max_age,
+        compression=args.compression,
         drain_seconds=args.drain_seconds,
         open_wait=args.open_wait,
         health_host=args.health_host,

@@ -18,6 +18,10 @@ import msgspec
 API_PREFIX: Final = "/api/v1"
 MSGPACK: Final = "application/msgpack"
 JSON: Final = "application/json"
+#: Content codings the server accepts on request bodies (``Content-Encoding``), best first.
+#: It says so on every API response (``Accept-Encoding``, RFC 7694), so a client sends
+#: zstd only to a server that takes it: an older one read an unknown coding as none.
+REQUEST_ENCODINGS: Final = ("zstd", "gzip")
 
 # Limits the server enforces; the SDK checks them too, so that one bad key or tag is dropped
 # with a warning instead of getting the whole chunk or request refused.

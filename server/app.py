@@ -12,7 +12,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pluto_server
 from pluto.wire import (
@@ -44,6 +43,7 @@ from pluto_server.columns import PackedIngestBatch
 from pluto_server.database import Database
 from pluto_server.errors import ApiError
 from pluto_server.ingest import INT32_MAX, INT64_MAX
+from pluto_server.middleware import AdvertiseRequestEncodings, RefuseNulInUrls
 from pluto_server.queries import MetricQuery
 from pluto_server.routing import ProjectParam, Who, reply
 from pluto_server.runs import MAX_RUN_PAGE
@@ -83,6 +83,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
                                                     region=settings.s3_region))
     _install_error_handlers(app)
     app.add_middleware(RefuseNulInUrls)
+    app.add_middleware(AdvertiseRequestEncodings)
     files_api.install(app, transfers, settings.max_body_bytes)
     openapi.install(app)
 
@@ -243,25 +244,6 @@ def _json_safe(result: MetricQueryResult) -> dict[str, Any]:
         for name in FLOAT_FIELDS:
             series[name] = [json_float(v) for v in series[name]]
     return encoded
-
-
-class RefuseNulInUrls:
-    """A NUL character in a path or query is refused with 422 before any route runs:
-    PostgreSQL cannot store or compare strings holding one (it would be a 500)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (
-                "\x00" in scope.get("path", "")
-                or b"%00" in scope.get("query_string", b"").lower()):
-            response = Response(
-                encode_json({"detail": "the URL holds a NUL character (%00): remove it"}),
-                status_code=422, media_type=JSON)
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 async def _check_storage(store: BlobStore) -> None:

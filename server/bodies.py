@@ -1,4 +1,4 @@
-"""Reading request bodies: size limits, gzip, and msgspec decoding with clear errors."""
+"""Reading request bodies: size limits, zstd and gzip, and msgspec decoding with clear errors."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ import zlib
 from typing import Any, TypeVar
 
 import msgspec
+import zstandard
 from starlette.requests import Request
 
 from pluto.digits import parse_digits
-from pluto.wire import MSGPACK, json_float
-from pluto_server.errors import PayloadTooLarge, Unprocessable
+from pluto.wire import MSGPACK, REQUEST_ENCODINGS, json_float
+from pluto_server.errors import PayloadTooLarge, Unprocessable, UnsupportedEncoding
 
 T = TypeVar("T")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 as soon as it passes ``limit`` (compressed or not)."""
+    """The body, decompressed as its ``Content-Encoding`` says (zstd, gzip or none); refused
+    with 413 as soon as it passes ``limit``, compressed or not, and with 415 when it is
+    compressed some other way."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in (*REQUEST_ENCODINGS, "identity", ""):
+        # Before reading: read as uncompressed, such a body would be refused as not valid
+        # MessagePack or JSON, which says nothing of what to change.
+        raise UnsupportedEncoding(
+            f"content-encoding {encoding!r} is not supported: send the body as zstd, gzip "
+            "or uncompressed (one coding, as this server's Accept-Encoding says)")
     declared = parse_digits(request.headers.get("content-length"))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(_too_large(declared, limit))
@@ -26,16 +36,48 @@ async def read_body(request: Request, limit: int) -> bytes:
         received += piece
         if len(received) > limit:
             raise PayloadTooLarge(_too_large(len(received), limit))
-    body = bytes(received)
-    if request.headers.get("content-encoding", "").lower() == "gzip":
-        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
-        try:
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise Unprocessable(f"the gzip body could not be decompressed: {exc}") from None
-        if len(body) > limit or inflater.unconsumed_tail:
-            raise PayloadTooLarge(_too_large(len(body), limit) + " (after decompression)")
-    return body
+    if encoding == "gzip":
+        return _gunzip(received, limit)
+    if encoding == "zstd":
+        return _unzstd(received, limit)
+    return bytes(received)
+
+
+def _gunzip(body: bytearray, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Unprocessable(f"the gzip body could not be decompressed: {exc}") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(_too_large(len(inflated), limit) + " (after decompression)")
+    return inflated
+
+
+#: The largest zstd window a body may need: levels up to 19 compress within it. zstd's own
+#: default is 128 MiB, memory one small request could make the server allocate.
+ZSTD_MAX_WINDOW = 8 * 1024 * 1024
+
+
+def _unzstd(body: bytearray, limit: int) -> bytes:
+    """``body`` decompressed (all its frames), reading no more than ``limit + 1`` bytes of
+    output: a small body that inflates to gigabytes is refused without being inflated."""
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
+        body, read_across_frames=True)
+    inflated = bytearray()
+    try:
+        while len(inflated) <= limit:
+            piece = reader.read(limit + 1 - len(inflated))
+            if not piece:
+                break
+            inflated += piece
+    except zstandard.ZstdError as exc:
+        hint = (f" (its window is over {ZSTD_MAX_WINDOW >> 20} MiB: compress with level 19 "
+                "or lower, without --long)" if "memory" in str(exc).lower() else "")
+        raise Unprocessable(f"the zstd body could not be decompressed: {exc}{hint}") from None
+    if len(inflated) > limit:
+        raise PayloadTooLarge(_too_large(len(inflated), limit) + " (after decompression)")
+    return bytes(inflated)
 
 
 def decode(request: Request, body: bytes, kind: type[T], name: str | None = None) -> T:

@@ -35,5 +35,9 @@ class PayloadTooLarge(ApiError):
     status_code = 413
 
 
+class UnsupportedEncoding(ApiError):
+    status_code = 415
+
+
 class Unprocessable(ApiError):
     status_code = 422

@@ -33,11 +33,12 @@ import msgspec
 from pluto.errors import PlutoError, RequestRejected
 from pluto.spool import Record
 from pluto.wire import RunCreate, RunUpdateRequest, encode_msgpack
+from pluto_sidecar.compression import Body
 from pluto_sidecar.logs import log_event
 from pluto_sidecar.queue import DurableQueue, RecordKind, Span
 from pluto_sidecar.registry import RunRegistry
 from pluto_sidecar.telemetry import Telemetry
-from pluto_sidecar.upstream import GzipStream, Upstream, ingest_body_head
+from pluto_sidecar.upstream import EncodingRefused, Upstream, ingest_body_head
 
 log = logging.getLogger("pluto.sidecar.forwarder")
 
@@ -52,7 +53,7 @@ class Prepared(NamedTuple):
     (the records' payloads are then dropped: see the module docstring)."""
 
     records: list[Record]
-    body: bytes | None
+    body: Body | None
 
 
 class Forwarder:
@@ -81,7 +82,7 @@ class Forwarder:
             self._first_seen = None
             return True
         records: list[Record] = []
-        body: bytes | None = None
+        body: Body | None = None
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
             try:
@@ -153,10 +154,12 @@ class Forwarder:
         body = await asyncio.to_thread(self._compress, spans)
         return Prepared([Record(b"", span.end) for span in spans], body)
 
-    def _compress(self, spans: list[Span]) -> bytes:
+    def _compress(self, spans: list[Span]) -> Body:
         """The compressed ``IngestBatch`` of the chunks at ``spans`` (in a worker thread)."""
-        stream = GzipStream()
-        stream.write(ingest_body_head(len(spans)))
+        head = ingest_body_head(len(spans))
+        # Each payload is written but its kind byte (``stream_payloads``).
+        stream = self.upstream.body_stream(len(head) + sum(span.length - 1 for span in spans))
+        stream.write(head)
         self.queue.spool.stream_payloads(spans, stream.write)
         return stream.finish()
 
@@ -166,7 +169,7 @@ class Forwarder:
             self._ahead.cancel()
             self._ahead = None
 
-    async def _forward(self, records: list[Record], body: bytes | None = None) -> bool:
+    async def _forward(self, records: list[Record], body: Body | None = None) -> bool:
         """Send records in order; False (and nothing acknowledged past the failure) on a
         transient error. ``body``: the records' request body, compressed ahead of time
         (they are then all chunks)."""
@@ -185,7 +188,7 @@ class Forwarder:
                 return False
         return not group or await self._send_chunks(group)
 
-    async def _send_chunks(self, group: list[Record], body: bytes | None = None) -> bool:
+    async def _send_chunks(self, group: list[Record], body: Body | None = None) -> bool:
         try:
             if body is None:
                 body = await self.upstream.prepare(_chunk_views(group))
@@ -206,6 +209,7 @@ class Forwarder:
         else:
             self.telemetry.batches_sent.inc()
             self.telemetry.points_sent.inc(result.points)
+            self.telemetry.bytes_sent.labels(encoding=body.encoding).inc(len(body.data))
         await self.queue.ack(group[-1].end)
         return True
 
@@ -248,6 +252,8 @@ class Forwarder:
         return await self.upstream.find_run_number(update.project, update.run_ref)
 
     def _transient(self, exc: PlutoError) -> bool:
+        if isinstance(exc, EncodingRefused):
+            return False  # sent again as gzip (``Upstream`` logged why)
         if isinstance(exc, RequestRejected) and exc.credentials_refused:
             # About the key, not the data: keep it all and try again, with the key the
             # Secret holds by then when it is mounted as a file (``ApiKey`` follows it).

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pluto.wire import DEFAULT_API_SOCKET, DEFAULT_SOCKET
+from pluto_sidecar.compression import Encoding
 
 DEFAULT_SPOOL = "/var/run/pluto/spool"
 
@@ -33,6 +34,9 @@ class SidecarSettings:
     batch_max_bytes: int = 1024 * 1024
     #: ... or its oldest record is this old.
     batch_max_age: float = 0.2
+    #: Batches are compressed with zstd once the server says it takes it (gzip until then),
+    #: or always with gzip (``pluto_sidecar.compression``).
+    compression: Encoding = "zstd"
     #: SIGTERM: forward what is spooled for at most this long (Kubernetes grants 30 s).
     drain_seconds: float = 25.0
     #: How long OPEN_RUN waits for the server before answering "pending".

@@ -55,7 +55,7 @@ class Sidecar:
         # As many bytes of buffers kept for big frames as may be received at once.
         self.frame_pool = FramePool(settings.receive_budget_bytes)
         api_key = ApiKey(settings.api_key, settings.api_key_file)
-        self.upstream = Upstream(settings.server, api_key)
+        self.upstream = Upstream(settings.server, api_key, compression=settings.compression)
         self.forwarder = Forwarder(
             self.queue, self.upstream, self.registry, self.telemetry,
             batch_max_bytes=settings.batch_max_bytes, batch_max_age=settings.batch_max_age,

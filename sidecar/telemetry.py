@@ -35,6 +35,9 @@ class Telemetry:
         metric points received from clients (acknowledged, i.e. spooled).
     ``batches_sent`` / ``points_sent``
         batches and points the server acknowledged.
+    ``bytes_sent`` [encoding]
+        bytes of the batches the server acknowledged, as sent (compressed: ``zstd`` or
+        ``gzip``, see ``pluto_sidecar.compression``).
     ``retries``
         forwarder send attempts that failed and will be retried.
     ``dead_letters``
@@ -73,6 +76,11 @@ class Telemetry:
         )
         self.points_sent = Counter(
             f"{PREFIX}_points_sent", "Metric points acknowledged by the server.", registry=r
+        )
+        self.bytes_sent = Counter(
+            f"{PREFIX}_bytes_sent",
+            "Bytes of batches acknowledged by the server, as sent (compressed).", ["encoding"],
+            registry=r,
         )
         self.retries = Counter(
             f"{PREFIX}_retries", "Failed send attempts that will be retried.", registry=r

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import zlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 from urllib.parse import quote
@@ -13,7 +12,7 @@ import httpx
 import msgspec
 
 from pluto.credentials import ApiKey
-from pluto.errors import RequestRejected, ServerUnavailable
+from pluto.errors import PlutoError, RequestRejected, ServerUnavailable
 from pluto.transport.http import error_detail, ingest_body
 from pluto.wire import (
     API_PREFIX,
@@ -27,6 +26,10 @@ from pluto.wire import (
     RunUpdateRequest,
     encode_json,
 )
+from pluto_sidecar.compression import PIECE, Body, BodyStream, Encoding, compress_body
+from pluto_sidecar.logs import log_event
+
+log = logging.getLogger("pluto.sidecar.upstream")
 
 T = TypeVar("T")
 
@@ -50,48 +53,36 @@ def ingest_body_parts(chunks: Sequence[bytes | memoryview]) -> list[bytes | memo
     return [ingest_body_head(len(chunks)), *chunks]
 
 
-#: ``GzipStream`` compresses this much at a time, and a body is sent this much at a time.
-_GZIP_PIECE = 256 * 1024
-
-
-class GzipStream:
-    """Builds a gzip member (level 1) from pieces written one after the other.
-
-    Level 1: most of the size win for a small share of the CPU. Each piece is compressed
-    at once, ``_GZIP_PIECE`` at a time, into one buffer that ``finish`` hands over without
-    a copy: neither the input nor a second copy of the output is ever held whole. For a
-    batch of one 4.5 MB chunk that is several MB of the sidecar's peak RSS.
-    """
-
-    def __init__(self) -> None:
-        self._compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: gzip framing
-        self._body = io.BytesIO()
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), _GZIP_PIECE):
-            self._body.write(self._compressor.compress(view[start:start + _GZIP_PIECE]))
-
-    def finish(self) -> bytes:
-        self._body.write(self._compressor.flush())
-        return self._body.getvalue()
-
-
-def gzip_body(parts: Sequence[bytes | memoryview]) -> bytes:
-    """``gzip.compress(b"".join(parts), compresslevel=1)``, without joining the parts."""
-    stream = GzipStream()
-    for part in parts:
-        stream.write(part)
-    return stream.finish()
+class EncodingRefused(PlutoError):
+    """The server (or a proxy before it) refused a zstd body with 415: sent again as gzip."""
 
 
 class Upstream:
-    def __init__(self, url: str, api_key: ApiKey | None, timeout: float = 30.0) -> None:
+    """``compression``: "zstd" (zstd once the server has said it takes it, gzip until then
+    and after a 415 for it) or "gzip" (always)."""
+
+    def __init__(self, url: str, api_key: ApiKey | None, timeout: float = 30.0,
+                 compression: Encoding = "zstd") -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key or ApiKey(None)
+        self.compression: Encoding = compression
+        #: The server said it takes zstd bodies (``Accept-Encoding`` on an answer).
+        self._zstd_offered = False
+        #: A zstd body got a 415: gzip from then on, whatever the server says.
+        self._zstd_refused = False
         self._client = httpx.AsyncClient(base_url=self.url + API_PREFIX,
                                          headers={"user-agent": "pluto-sidecar"},
                                          timeout=timeout)
+
+    @property
+    def encoding(self) -> Encoding:
+        """How the next ingest body is compressed."""
+        zstd = self.compression == "zstd" and self._zstd_offered and not self._zstd_refused
+        return "zstd" if zstd else "gzip"
+
+    def body_stream(self, size: int) -> BodyStream:
+        """A stream to build the next ingest body in, ``size`` bytes (see ``encoding``)."""
+        return BodyStream(self.encoding, size)
 
     async def open_run(self, request: RunCreate) -> RunAttached:
         return await self._call("POST", "/runs", RunAttached, encode_json(request), JSON)
@@ -113,21 +104,22 @@ class Upstream:
                 return run.id
         raise RequestRejected(404, f"run {run_ref!r} does not exist in project {project!r}")
 
-    async def prepare(self, chunks: Sequence[bytes | memoryview]) -> bytes:
+    async def prepare(self, chunks: Sequence[bytes | memoryview]) -> Body:
         """The compressed ``IngestBatch`` body of ``chunks``, for ``send_ingest``."""
-        # Compressed in a worker thread: zlib lets go of the GIL, so the event loop keeps
-        # reading and acknowledging clients' frames meanwhile (on another core).
-        return await asyncio.to_thread(gzip_body, ingest_body_parts(chunks))
+        # Compressed in a worker thread: zstd and zlib let go of the GIL, so the event loop
+        # keeps reading and acknowledging clients' frames meanwhile (on another core).
+        return await asyncio.to_thread(compress_body, ingest_body_parts(chunks), self.encoding)
 
-    async def send_ingest(self, body: bytes) -> IngestResult:
-        return await self._call("POST", "/ingest", IngestResult, body, MSGPACK, gzipped=True)
+    async def send_ingest(self, body: Body) -> IngestResult:
+        return await self._call("POST", "/ingest", IngestResult, body.data, MSGPACK,
+                                encoding=body.encoding)
 
     async def _call(self, method: str, path: str, reply: type[T], body: bytes,
-                    content_type: str, gzipped: bool = False) -> T:
+                    content_type: str, encoding: Encoding | None = None) -> T:
         headers = {"content-type": content_type, "accept": MSGPACK,
                    "content-length": str(len(body))}
-        if gzipped:
-            headers["content-encoding"] = "gzip"
+        if encoding is not None:
+            headers["content-encoding"] = encoding
         # Per request, not once on the client: the key can change (``ApiKey.reload``).
         authorization = self.api_key.authorization
         if authorization is not None:
@@ -137,9 +129,24 @@ class Upstream:
                                                   headers=headers)
         except httpx.TransportError as exc:
             raise ServerUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
+        self._learn_encodings(response)
+        if response.status_code == 415 and encoding == "zstd":
+            self._zstd_refused = True
+            log_event(log, "the server refused a zstd body; sending gzip from now on",
+                      detail=error_detail(response), level=logging.WARNING)
+            raise EncodingRefused(f"{self.url}: zstd refused: {error_detail(response)}")
         if response.status_code >= 400:
             raise RequestRejected(response.status_code, error_detail(response))
         return msgspec.msgpack.decode(response.content, type=reply)
+
+    def _learn_encodings(self, response: httpx.Response) -> None:
+        """Note whether the server takes zstd bodies; once it has said so, a server
+        that stops saying it (rolled back to an older version) gets gzip again."""
+        offered = response.headers.get("accept-encoding")
+        if offered is not None or response.status_code < 400:
+            codings = {coding.split(";")[0].strip().lower()
+                       for coding in (offered or "").split(",")}
+            self._zstd_offered = "zstd" in codings
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -150,5 +157,5 @@ async def _pieces(body: bytes) -> AsyncIterator[bytes]:
     request line and headers, and asyncio keep what the socket did not take at once in
     another (a batch of one big chunk is MBs; the sidecar's RSS counts)."""
     view = memoryview(body)
-    for start in range(0, len(view), _GZIP_PIECE):
-        yield bytes(view[start:start + _GZIP_PIECE])
+    for start in range(0, len(view), PIECE):
+        yield bytes(view[start:start + PIECE])

@@ -1,4 +1,5 @@
-"""Ingest over HTTP: exactly-once chunks, non-finite values, writers, bad and huge bodies.
+"""Ingest over HTTP: exactly-once chunks, non-finite values, writers, bad and huge bodies,
+zstd and gzip bodies.
 
 A chunk's ``(run, session, seq)`` is its idempotency key: however often and
 however concurrently it arrives, its points and log lines are stored once.
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import msgspec
 import pytest
+import zstandard
 from api_helpers import (
     Api,
     Json,
@@ -442,6 +444,69 @@ def test_a_gzip_bomb_is_refused_by_a_server_with_the_default_limit(api: Api, run
 
 
 # -- chunks addressed by external id (how the sidecar spools before ids are known) ------------
+
+
+def _zstd(data: bytes, **params: int) -> bytes:
+    """``data`` as one zstd frame that does not say its size, as a streaming client sends it."""
+    parameters = zstandard.ZstdCompressionParameters.from_level(1, **params)
+    compressor = zstandard.ZstdCompressor(compression_params=parameters).compressobj()
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_a_zstd_body_is_decompressed_and_a_bad_or_huge_one_refused(api: Api, run: Json) -> None:
+    def post(content: bytes, encoding: str = "zstd") -> httpx.Response:
+        return api.request("POST", "/ingest", content=content,
+                           headers={"content-type": MSGPACK, "content-encoding": encoding})
+
+    first = encode_msgpack(IngestBatch(chunks=[chunk(run["id"], {"loss": ramp(0, 9)})]))
+    resp = post(_zstd(first))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["points"] == 10
+    # Frames that say their size (what a sidecar sends), two frames one after the other,
+    # and the coding's name in capitals are all fine.
+    second = encode_msgpack(IngestBatch(chunks=[chunk(run["id"], {"loss": ramp(10, 19)},
+                                                       seq=1)]))
+    assert post(zstandard.ZstdCompressor().compress(second), "ZSTD").json()["points"] == 10
+    half = len(second) // 2
+    third = encode_msgpack(IngestBatch(chunks=[chunk(run["id"], {"loss": ramp(20, 29)},
+                                                      seq=2)]))
+    assert post(_zstd(third[:half]) + _zstd(third[half:])).json()["points"] == 10
+
+    assert_error(post(b"\x28\xb5\x2f\xfd" + b"garbage" * 10), 422,
+                 "the zstd body could not be decompressed")
+    # A window of 128 MiB (zstd's own decoder limit) is memory the server does not give one
+    # request: the answer says how to compress instead.
+    assert_error(post(_zstd(first, window_log=27)), 422, "could not be decompressed",
+                 "level 19 or lower")
+    bomb = _zstd(bytes(80 << 20))  # 80 MiB of zeros, default limit 64 MiB
+    assert len(bomb) < 10_000
+    assert_error(post(bomb), 413, "larger than this server's limit of 67108864 bytes",
+                 "(after decompression)")
+    assert api.one_series(run["id"], "loss").steps == list(range(30))
+
+
+def test_an_unknown_coding_is_415_naming_the_ones_the_server_takes(api: Api, run: Json) -> None:
+    batch = encode_msgpack(IngestBatch(chunks=[chunk(run["id"], {"loss": ramp(0, 9)})]))
+    for coding in ("br", "gzip, zstd", "deflate"):
+        resp = api.request("POST", "/ingest", content=batch,
+                           headers={"content-type": MSGPACK, "content-encoding": coding})
+        assert_error(resp, 415, f"content-encoding {coding!r} is not supported",
+                     "zstd, gzip or uncompressed")
+        assert resp.headers["accept-encoding"] == "zstd, gzip"
+    assert api.series(run["id"], "loss") == []
+    # "identity" is no coding at all.
+    resp = api.request("POST", "/ingest", content=batch,
+                       headers={"content-type": MSGPACK, "content-encoding": "identity"})
+    assert resp.status_code == 200, resp.text
+
+
+def test_every_api_answer_says_which_codings_the_server_takes(api: Api, run: Json) -> None:
+    """RFC 7694: a sidecar learns from any answer that it may send zstd."""
+    for resp in (api.request("GET", "/health"), api.get(run["id"]),
+                 api.request("GET", "/runs/999999999"),
+                 api.request("POST", "/ingest", content=b"{", headers={"content-type": JSON})):
+        assert resp.headers.get("accept-encoding") == "zstd, gzip", (resp.status_code,
+                                                                     resp.headers)
 
 
 def test_a_chunk_can_name_its_run_by_project_and_external_id(api: Api) -> None:

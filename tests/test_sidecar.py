@@ -1275,6 +1275,10 @@ def test_health_readiness_and_metrics_through_an_outage(
     assert after["pluto_sidecar_retries_total"] >= 1
     assert after["pluto_sidecar_oldest_unsent_age_seconds"] == 0
     assert after["pluto_sidecar_dead_letters_total"] == 0
+    # The run was opened first, and the server's answer said it takes zstd: every batch of
+    # chunks went as zstd.
+    assert after['pluto_sidecar_bytes_sent_total{encoding="zstd"}'] > 0
+    assert 'pluto_sidecar_bytes_sent_total{encoding="gzip"}' not in after
     assert httpx.get(sidecar.health_url + "/healthz", timeout=5).status_code == 200
 
 

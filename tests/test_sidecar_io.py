@@ -8,7 +8,7 @@
   reads them back, across segment rotation) and its reads leave the read position alone.
 - ``ReceiveBudget`` holds a frame back while others fill the budget, and never for
   longer than ``max_wait``.
-- The gzip body streamed from record views is the batch ``ingest_body`` builds.
+- The zstd and gzip bodies streamed from record views are the batch ``ingest_body`` builds.
 - ``SidecarSpool.spans_from`` locates the records ``read_from`` returns, and
   ``stream_payloads`` gives their bytes back a piece at a time, refusing a record whose
   bytes no longer match its checksum.
@@ -33,15 +33,17 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from pluto.spool import Spool, SpoolFull
 from pluto.transport.http import ingest_body
 from pluto_sidecar import queue as queue_module
 from pluto_sidecar.buffers import MIN_POOLED_BYTES, FramePool
+from pluto_sidecar.compression import Encoding, compress_body
 from pluto_sidecar.main import tune_malloc
 from pluto_sidecar.queue import STREAM_PIECE, DurableQueue, SidecarSpool, SpoolCorrupt
 from pluto_sidecar.stream import SCRATCH_BYTES, FrameStream, ReceiveBudget
-from pluto_sidecar.upstream import gzip_body, ingest_body_parts
+from pluto_sidecar.upstream import ingest_body_parts
 
 
 async def _serve_stream(sizes: list[int], data: bytes, pieces: list[int]) -> list[bytes]:
@@ -202,12 +204,17 @@ def test_the_receive_budget_holds_frames_back_until_there_is_room() -> None:
     asyncio.run(scenario())
 
 
-def test_the_streamed_gzip_body_is_the_ingest_body() -> None:
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+def test_the_streamed_body_is_the_ingest_body(encoding: Encoding) -> None:
+    decompress = {"zstd": zstandard.ZstdDecompressor().decompress, "gzip": gzip.decompress}
     chunks = [os.urandom(n) for n in (0, 1, 5000, 300_000)] * 5  # 20 chunks: a 0xdc header
     records = [b"C" + chunk for chunk in chunks]
     views = [memoryview(record)[1:] for record in records]
-    assert gzip.decompress(gzip_body(ingest_body_parts(views))) == ingest_body(chunks)
-    assert gzip.decompress(gzip_body(ingest_body_parts([]))) == ingest_body([])
+    body = compress_body(ingest_body_parts(views), encoding)
+    assert body.encoding == encoding
+    assert decompress[encoding](body.data) == ingest_body(chunks)
+    assert decompress[encoding](compress_body(ingest_body_parts([]), encoding).data) == (
+        ingest_body([]))
 
 
 def test_malloc_tuning_leaves_an_explicit_setting_alone(monkeypatch: pytest.MonkeyPatch) -> None:
