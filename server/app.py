@@ -43,7 +43,11 @@ from pluto_server.columns import PackedIngestBatch
 from pluto_server.database import Database
 from pluto_server.errors import ApiError
 from pluto_server.ingest import INT32_MAX, INT64_MAX
-from pluto_server.middleware import AdvertiseRequestEncodings, RefuseNulInUrls
+from pluto_server.middleware import (
+    AdvertiseRequestEncodings,
+    CompressAnswers,
+    RefuseNulInUrls,
+)
 from pluto_server.queries import MetricQuery
 from pluto_server.routing import ProjectParam, Who, reply
 from pluto_server.runs import MAX_RUN_PAGE
@@ -84,6 +88,7 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     _install_error_handlers(app)
     app.add_middleware(RefuseNulInUrls)
     app.add_middleware(AdvertiseRequestEncodings)
+    app.add_middleware(CompressAnswers)
     files_api.install(app, transfers, settings.max_body_bytes)
     openapi.install(app)
 

@@ -7,6 +7,7 @@ route shares. Everything runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -473,3 +474,53 @@ def test_huge_integers_in_urls_are_answered_not_crashed_on(
     elif resp.status_code == 200:
         body = resp.json()
         assert body.get("series", []) == [] and body.get("lines", []) == []
+
+
+# -- compressed answers ----------------------------------------------------------------
+
+
+def test_json_answers_are_gzipped_for_clients_that_take_it_downloads_and_msgpack_never(
+        api: Api, shared_server: ServerProcess) -> None:
+    run = api.create_ok(unique_project("gzip"))
+    api.ingest(chunk(run["id"], {"loss": ramp(0, 4999, lambda step: 1 / (step + 1))})
+               ).raise_for_status()
+    metrics = f"/runs/{run['id']}/metrics"
+
+    def fetch(path: str, coding: str, client: httpx.Client = api.client) -> httpx.Response:
+        return client.get(path, headers={"accept-encoding": coding})
+
+    plain, gzipped = fetch(metrics, "identity"), fetch(metrics, "gzip")
+    assert "content-encoding" not in plain.headers
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert gzipped.headers["vary"] == "Accept-Encoding"
+    assert gzipped.content == plain.content  # httpx decompressed it
+    assert gzipped.num_bytes_downloaded < len(plain.content) / 2
+    # A small answer is not worth it.
+    assert "content-encoding" not in fetch(f"/runs/{run['id']}", "gzip").headers
+    # Nor is MessagePack, which programs ask for.
+    packed = api.client.get(metrics, headers={"accept-encoding": "gzip", "accept": MSGPACK})
+    assert packed.headers["content-type"] == MSGPACK
+    assert "content-encoding" not in packed.headers
+    assert packed.num_bytes_downloaded == len(packed.content) > 1024
+
+    # A file's bytes come as stored, with their length, however the client asks.
+    data = b"0123456789abcdef" * 20_000  # 320 KB that would compress to almost nothing
+    sha = hashlib.sha256(data).hexdigest()
+    api.request("PUT", f"/runs/{run['id']}/blobs/{sha}", content=data,
+                headers={"content-type": "application/octet-stream"}).raise_for_status()
+    api.request("POST", f"/runs/{run['id']}/files",
+                json={"name": "weights.bin", "size": len(data), "sha256": sha}
+                ).raise_for_status()
+    download = fetch(f"/runs/{run['id']}/files/weights.bin", "gzip")
+    assert download.status_code == 200, download.text
+    assert "content-encoding" not in download.headers
+    assert download.headers["content-length"] == str(len(data))
+    assert download.content == data
+    assert download.num_bytes_downloaded == len(data)
+
+    # The dashboard's biggest asset, plotly.js, goes gzipped to a browser.
+    with httpx.Client(base_url=shared_server.url, timeout=30) as browser:
+        plotly = fetch("/static/vendor/plotly.min.js", "gzip, deflate, br, zstd", browser)
+    assert plotly.status_code == 200
+    assert plotly.headers["content-encoding"] == "gzip"
+    assert plotly.num_bytes_downloaded < len(plotly.content) / 2

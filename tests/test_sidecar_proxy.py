@@ -304,6 +304,19 @@ def test_a_process_without_a_key_reaches_a_server_that_requires_one(
             assert fetched.status_code == 200, fetched.text
             assert fetched.json()["run_id"] == "job-1"
             assert fetched.headers["content-type"].startswith("application/json")
+            # A gzipped answer (the server compresses big ones) comes through as it was sent
+            # and reads back whole.
+            lines = [f"step {i}: loss {1 / (i + 1)}" for i in range(500)]
+            ingested = keyless.http.post("/ingest", json={"chunks": [{
+                "run": run_id, "session": "s", "seq": 0, "writer": 0,
+                "logs": [[0.0, 1, line] for line in lines]}]})
+            assert ingested.status_code == 200, ingested.text
+            page = keyless.http.get(f"/runs/{run_id}/logs", params={"limit": 500},
+                                    headers={"accept-encoding": "gzip"})
+            assert page.status_code == 200, page.text
+            assert page.headers["content-encoding"] == "gzip"
+            assert page.num_bytes_downloaded < len(page.content) / 2
+            assert [entry["line"] for entry in page.json()["lines"]] == lines
             # A bogus key from the client does not matter: the sidecar's replaces it.
             listed = impostor.http.get("/projects")
             assert listed.status_code == 200, listed.text
