@@ -129,27 +129,45 @@ class Upstream:
                                                   headers=headers)
         except httpx.TransportError as exc:
             raise ServerUnavailable(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
-        self._learn_encodings(response)
-        if response.status_code == 415 and encoding == "zstd":
+        offered = _offers_zstd(response)
+        if response.status_code < 400 or offered:
+            # Said on every answer, errors too; a server rolled back to a version before
+            # zstd answers without it, and gets gzip again.
+            self._zstd_offered = bool(offered)
+        if encoding == "zstd" and 400 <= response.status_code < 500 and not offered:
+            # Refused by something that does not say it takes zstd: a proxy before the
+            # server (415), or a server rolled back to a version before zstd since the batch
+            # was compressed (it read the body as uncompressed, so as bad data: 422). Not
+            # the data's fault: sent again as gzip, never dead-lettered.
             self._zstd_refused = True
-            log_event(log, "the server refused a zstd body; sending gzip from now on",
+            log_event(log, "a zstd batch was refused by something that does not take zstd; "
+                      "sending gzip from now on", status=response.status_code,
                       detail=error_detail(response), level=logging.WARNING)
-            raise EncodingRefused(f"{self.url}: zstd refused: {error_detail(response)}")
+            raise EncodingRefused(f"{self.url}: zstd refused ({response.status_code}): "
+                                  f"{error_detail(response)}")
         if response.status_code >= 400:
             raise RequestRejected(response.status_code, error_detail(response))
         return msgspec.msgpack.decode(response.content, type=reply)
 
-    def _learn_encodings(self, response: httpx.Response) -> None:
-        """Note whether the server takes zstd bodies; once it has said so, a server
-        that stops saying it (rolled back to an older version) gets gzip again."""
-        offered = response.headers.get("accept-encoding")
-        if offered is not None or response.status_code < 400:
-            codings = {coding.split(";")[0].strip().lower()
-                       for coding in (offered or "").split(",")}
-            self._zstd_offered = "zstd" in codings
-
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _offers_zstd(response: httpx.Response) -> bool | None:
+    """Whether an answer says the server takes zstd bodies (``Accept-Encoding``, RFC 7694;
+    ``zstd;q=0`` says it does not); None when it says nothing of codings."""
+    offered = response.headers.get("accept-encoding")
+    if offered is None:
+        return None
+    for coding in offered.split(","):
+        name, _, parameters = coding.partition(";")
+        if name.strip().lower() == "zstd":
+            weight = parameters.strip().lower().removeprefix("q=") or "1"
+            try:
+                return float(weight) > 0
+            except ValueError:
+                return True  # a parameter other than q: not a refusal
+    return False
 
 
 async def _pieces(body: bytes) -> AsyncIterator[bytes]:

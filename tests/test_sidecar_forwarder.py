@@ -102,14 +102,19 @@ class CodingProxy:
     """A reverse proxy in front of the real server that notes each ingest body's coding.
 
     It stands in for what cannot run here: an older server, which did not say which codings
-    it takes (``advertise=False``: its answers lose ``Accept-Encoding``), and a proxy before
-    the server that refuses zstd bodies with 415 (``refuse_zstd``).
+    it takes (``advertise=False``: its answers lose ``Accept-Encoding``), a proxy before the
+    server that refuses zstd bodies with 415 (``refuse_zstd``), and a server rolled back to
+    such an older version after its first ingest answer (``rolled_back``: from then on its
+    answers lose ``Accept-Encoding`` and it reads a zstd body as uncompressed, so as bad
+    data, as that version did).
     """
 
-    def __init__(self, target: str, *, advertise: bool = True, refuse_zstd: bool = False) -> None:
+    def __init__(self, target: str, *, advertise: bool = True, refuse_zstd: bool = False,
+                 rolled_back: bool = False) -> None:
         self.target = target
         self.advertise = advertise
         self.refuse_zstd = refuse_zstd
+        self.rolled_back = rolled_back
         self.codings: list[str] = []  # of the ingest bodies that reached the server
         self.refused = 0
         self._runner: web.AppRunner | None = None
@@ -140,12 +145,15 @@ class CodingProxy:
                 self.refused += 1
                 return web.json_response({"detail": "zstd is not allowed here"}, status=415)
             self.codings.append(coding)
-        forwarded = {name: value for name, value in request.headers.items()
+        old = self.rolled_back and len(self.codings) > 1  # the first ingest was answered
+        forwarded = {name.lower(): value for name, value in request.headers.items()
                      if name.lower() in ("content-type", "content-encoding", "accept")}
+        if old and coding == "zstd":  # a coding the older version did not know: ignored
+            del forwarded["content-encoding"]
         answer = await self._client.request(request.method, request.path_qs,
                                             content=await request.read(), headers=forwarded)
         headers = {"content-type": answer.headers["content-type"]}
-        if self.advertise:
+        if self.advertise and not old:
             headers["accept-encoding"] = answer.headers["accept-encoding"]
         return web.Response(status=answer.status_code, body=answer.content, headers=headers)
 
@@ -208,12 +216,26 @@ def test_batches_stay_gzip_unless_the_server_says_it_takes_zstd_and_the_sidecar_
     assert telemetry.bytes_sent.labels(encoding="gzip")._value.get() > 0
 
 
-def test_a_refused_zstd_batch_is_sent_again_as_gzip_and_nothing_is_buried(
+def test_a_zstd_batch_refused_by_a_proxy_is_sent_again_as_gzip_and_nothing_is_buried(
         server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     server = server_factory()
     proxy = CodingProxy(server.url, refuse_zstd=True)
     telemetry = forward_through(server, tmp_path, proxy, batches=6)
     assert proxy.refused == 1  # once: gzip for good after it
     assert set(proxy.codings) == {"gzip"}
+    assert telemetry.retries._value.get() == 1
+    assert telemetry.dead_letters._value.get() == 0
+
+
+def test_a_zstd_batch_an_older_server_took_for_bad_data_is_sent_again_as_gzip(
+        server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """The server said it takes zstd, then was rolled back to a version that did not (it
+    reads a zstd body as uncompressed, and refuses it as not valid MessagePack, 422): the
+    batch compressed in between goes again as gzip, and is not dead-lettered."""
+    server = server_factory()
+    proxy = CodingProxy(server.url, rolled_back=True)
+    telemetry = forward_through(server, tmp_path, proxy, batches=6)
+    first_zstd = proxy.codings.index("zstd")  # refused as bad data, 422
+    assert proxy.codings[first_zstd + 1:] == ["gzip"] * (len(proxy.codings) - first_zstd - 1)
     assert telemetry.retries._value.get() == 1
     assert telemetry.dead_letters._value.get() == 0
