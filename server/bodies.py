@@ -57,6 +57,10 @@ def _gunzip(body: bytearray, limit: int) -> bytes:
 #: The largest zstd window a body may need: levels up to 19 compress within it. zstd's own
 #: default is 128 MiB, memory one small request could make the server allocate.
 ZSTD_MAX_WINDOW = 8 * 1024 * 1024
+#: A zstd body is decompressed this much at a time: asking the reader for everything left
+#: under the limit at once had it allocate a buffer of up to the limit (64 MiB) per read,
+#: which made decompressing 2.4 times slower (129 against 54 ms per 2M points).
+ZSTD_PIECE = 1024 * 1024
 
 
 def _unzstd(body: bytearray, limit: int) -> bytes:
@@ -64,20 +68,22 @@ def _unzstd(body: bytearray, limit: int) -> bytes:
     output: a small body that inflates to gigabytes is refused without being inflated."""
     reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
         body, read_across_frames=True)
-    inflated = bytearray()
+    pieces: list[bytes] = []
+    size = 0
     try:
-        while len(inflated) <= limit:
-            piece = reader.read(limit + 1 - len(inflated))
+        while size <= limit:
+            piece = reader.read(min(ZSTD_PIECE, limit + 1 - size))
             if not piece:
                 break
-            inflated += piece
+            pieces.append(piece)
+            size += len(piece)
     except zstandard.ZstdError as exc:
         hint = (f" (its window is over {ZSTD_MAX_WINDOW >> 20} MiB: compress with level 19 "
                 "or lower, without --long)" if "memory" in str(exc).lower() else "")
         raise Unprocessable(f"the zstd body could not be decompressed: {exc}{hint}") from None
-    if len(inflated) > limit:
-        raise PayloadTooLarge(_too_large(len(inflated), limit) + " (after decompression)")
-    return bytes(inflated)
+    if size > limit:
+        raise PayloadTooLarge(_too_large(size, limit) + " (after decompression)")
+    return b"".join(pieces)
 
 
 def decode(request: Request, body: bytes, kind: type[T], name: str | None = None) -> T:
