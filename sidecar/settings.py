@@ -28,9 +28,9 @@ class SidecarSettings:
     api_key_file: Path | None = None
     #: The spool may hold this much unsent data; past it the sidecar stops reading clients.
     spool_max_bytes: int = 1024 * 1024 * 1024
-    #: A batch is sent once it holds this many bytes ... (two batches are in memory at once,
-    #: one being sent and the next compressed; 1 MiB keeps the sidecar's RSS under 60 MB at
-    #: no cost in points/s on loopback: docs/benchmarks.md)
+    #: A batch is sent once it holds this many bytes ... (one batch is in memory at a time,
+    #: compressed; 1 MiB keeps the sidecar's RSS under 60 MB at no cost in points/s on
+    #: loopback: docs/benchmarks.md)
     batch_max_bytes: int = 1024 * 1024
     #: ... or its oldest record is this old.
     batch_max_age: float = 0.2
