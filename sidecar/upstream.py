@@ -54,12 +54,14 @@ def ingest_body_parts(chunks: Sequence[bytes | memoryview]) -> list[bytes | memo
 
 
 class EncodingRefused(PlutoError):
-    """The server (or a proxy before it) refused a zstd body with 415: sent again as gzip."""
+    """A zstd body was refused (4xx) by something that does not say it takes zstd: a proxy
+    before the server (415), or a server rolled back to a version before zstd (422). The
+    batch is sent again as gzip."""
 
 
 class Upstream:
     """``compression``: "zstd" (zstd once the server has said it takes it, gzip until then
-    and after a 415 for it) or "gzip" (always)."""
+    and for good after a refusal, see ``EncodingRefused``) or "gzip" (always)."""
 
     def __init__(self, url: str, api_key: ApiKey | None, timeout: float = 30.0,
                  compression: Encoding = "zstd") -> None:
@@ -68,7 +70,8 @@ class Upstream:
         self.compression: Encoding = compression
         #: The server said it takes zstd bodies (``Accept-Encoding`` on an answer).
         self._zstd_offered = False
-        #: A zstd body got a 415: gzip from then on, whatever the server says.
+        #: A zstd body was refused (``EncodingRefused``): gzip from then on, whatever the
+        #: server says.
         self._zstd_refused = False
         self._client = httpx.AsyncClient(base_url=self.url + API_PREFIX,
                                          headers={"user-agent": "pluto-sidecar"},
