@@ -32,13 +32,14 @@ import msgspec
 
 from pluto.errors import PlutoError, RequestRejected
 from pluto.spool import Record
+from pluto.transport.http import ingest_body_head
 from pluto.wire import RunCreate, RunUpdateRequest, encode_msgpack
 from pluto_sidecar.compression import Body
 from pluto_sidecar.logs import log_event
 from pluto_sidecar.queue import DurableQueue, RecordKind, Span
 from pluto_sidecar.registry import RunRegistry
 from pluto_sidecar.telemetry import Telemetry
-from pluto_sidecar.upstream import EncodingRefused, Upstream, ingest_body_head
+from pluto_sidecar.upstream import EncodingRefused, Upstream
 
 log = logging.getLogger("pluto.sidecar.forwarder")
 

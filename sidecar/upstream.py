@@ -13,7 +13,7 @@ import msgspec
 
 from pluto.credentials import ApiKey
 from pluto.errors import PlutoError, RequestRejected, ServerUnavailable
-from pluto.transport.http import error_detail, ingest_body
+from pluto.transport.http import error_detail, ingest_body_head
 from pluto.wire import (
     API_PREFIX,
     JSON,
@@ -32,20 +32,6 @@ from pluto_sidecar.logs import log_event
 log = logging.getLogger("pluto.sidecar.upstream")
 
 T = TypeVar("T")
-
-#: An ``IngestBatch`` up to its chunk array's header: the same bytes ``ingest_body`` writes.
-_INGEST_HEAD = ingest_body([])[:-1]
-
-
-def ingest_body_head(n: int) -> bytes:
-    """What ``ingest_body`` writes before the first of ``n`` chunks."""
-    if n < 16:
-        header = bytes([0x90 | n])
-    elif n < 2**16:
-        header = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        header = b"\xdd" + n.to_bytes(4, "big")
-    return _INGEST_HEAD + header
 
 
 def ingest_body_parts(chunks: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:

@@ -33,12 +33,16 @@ SIDECAR_API_BASE = "http://pluto-sidecar"
 _INGEST_HEAD = msgspec.msgpack.encode({"chunks": []})[:-1]  # fixmap(1) "chunks" then array
 
 
-def _array_header(n: int) -> bytes:
+def ingest_body_head(n: int) -> bytes:
+    """What ``ingest_body`` writes before the first of ``n`` chunks: the map, then the
+    chunk array's header. The sidecar streams a body from it and the chunks' bytes."""
     if n < 16:
-        return bytes([0x90 | n])
-    if n < 2**16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
+        header = bytes([0x90 | n])
+    elif n < 2**16:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return _INGEST_HEAD + header
 
 
 class _BearerKey(httpx.Auth):
@@ -57,7 +61,7 @@ class _BearerKey(httpx.Auth):
 
 def ingest_body(chunks: list[bytes]) -> bytes:
     """An ``IngestBatch`` built from already-encoded chunks, without re-encoding them."""
-    return _INGEST_HEAD + _array_header(len(chunks)) + b"".join(chunks)
+    return ingest_body_head(len(chunks)) + b"".join(chunks)
 
 
 class ApiClient:
