@@ -165,6 +165,7 @@ bench: venv
 	@$(PY) benchmarks/checkpoints.py
 	@$(PY) benchmarks/dashboard.py
 	@$(PY) benchmarks/lineage.py
+	@$(PY) benchmarks/imports.py
 
 # Other trackers, pinned in benchmarks/anchors/requirements.txt, in a venv of their own.
 bench-anchors: venv

@@ -6,6 +6,7 @@
     run.finish()
 """
 
+import pluto._httpx_without_cli  # noqa: F401  (first: see its docstring)
 from pluto import query
 from pluto.checkpoints import (
     download_checkpoint,

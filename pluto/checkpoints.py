@@ -22,8 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from pluto import torch_io
 from pluto.settings import Settings, default_dir
 from pluto.transfer import Transfer, collect
@@ -210,6 +208,8 @@ def fork_checkpoint(to_run: Run | str | int, from_run: Run | str | int,
                                                from_s3_bucket=from_s3_bucket),
                            params=_params(project))
     if verbose:
+        from rich.console import Console  # here: ``import pluto`` does without rich
+
         origin = info.source_uri or f"{info.source_display_id} step {info.source_step}"
         Console(file=sys.stderr).print(
             f"pluto: forked checkpoint {origin} ({human_size(info.size)}, {len(info.files)} "

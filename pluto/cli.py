@@ -7,15 +7,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
+from typing import TYPE_CHECKING
 
 from pluto.credentials import api_key_from_flags
 from pluto.errors import PlutoError
+
+# rich is imported by the commands that print, not here: ``pluto sidecar`` runs in every
+# pod, and rich's modules would be a few MB of its memory for nothing.
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -138,27 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
     try:
         if args.command == "server":
             return _server(args)
-        if args.command == "keys":
-            return _keys(args, console)
         if args.command == "sidecar":
             return _sidecar(args)
-        if args.command == "checkpoints":
-            from pluto.cli_checkpoints import run as checkpoints_command
-
-            return checkpoints_command(args, console)
         if args.command == "operator":
             from pluto_operator.cli import run as run_operator
 
             return run_operator(args)
+        from rich.console import Console
+
+        console = Console()
+        if args.command == "keys":
+            return _keys(args, console)
+        if args.command == "checkpoints":
+            from pluto.cli_checkpoints import run as checkpoints_command
+
+            return checkpoints_command(args, console)
         if args.command == "runs":
             return _runs(args, console)
         if args.command == "lineage":
             return _lineage(args, console)
     except PlutoError as exc:
+        from rich.console import Console
+        from rich.markup import escape
+
         # One line whatever the terminal's width, and the message as written (not markup).
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 1
@@ -229,6 +235,9 @@ def _env_node_rank(env: dict[str, str]) -> int:
 
 
 def _keys(args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from pluto_server import auth
     from pluto_server.database import Database, sqlite_url
 
@@ -263,6 +272,9 @@ def _keys(args: argparse.Namespace, console: Console) -> int:
 
 
 def _runs(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
     from pluto import query
 
     table = Table("id", "display id", "name", "status", "forked from", "fork step", "steps")
@@ -276,6 +288,9 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 
 
 def _lineage(args: argparse.Namespace, console: Console) -> int:
+    from rich.text import Text
+    from rich.tree import Tree
+
     from pluto import query
 
     view = query.get_lineage(args.run, args.project, url=args.url)
@@ -297,6 +312,8 @@ def _lineage(args: argparse.Namespace, console: Console) -> int:
 
 
 def _label(node: object) -> Text:
+    from rich.text import Text
+
     from pluto.query import LineageTree
 
     assert isinstance(node, LineageTree)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from pluto import checkpoints
+
+if TYPE_CHECKING:  # rich is imported when a command prints, not by ``pluto sidecar``
+    from rich.console import Console
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +54,9 @@ def _connection(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
     if args.checkpoints_command == "list":
         found = checkpoints.list_checkpoints(args.run, project=args.project,
                                              lineage=args.lineage, url=args.url)

@@ -21,23 +21,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 import msgspec
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from pluto.errors import PlutoError, RequestRejected, ServerUnavailable
 from pluto.transport.http import ApiClient, error_detail
 from pluto.wire import SHA256_HEADER, BlobCheck, BlobsMissing, BlobStored, FileEntry
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 T = TypeVar("T")
 
@@ -86,6 +80,18 @@ def sha256_of(path: Path, progress: Callable[[int], None] | None = None) -> str:
 
 
 def _progress(total: int, quiet: bool) -> Progress:
+    # rich is imported here, not with this module: ``import pluto`` (every rank, every
+    # sidecar) should not pay for the progress bars of checkpoint transfers.
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
         TransferSpeedColumn(), TimeRemainingColumn(),
