@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import tempfile
 import urllib.parse
@@ -165,13 +166,17 @@ class Operator:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def _caches_warm(self, **_: Any) -> None:
+    async def _caches_warm(self, **_: Any) -> None:
         # kopf sets its event queue only in the tasks that handle objects, not for startup
         # handlers: kopf.warn from the context copied at startup raised LookupError, so the
         # webhook's events were never posted (found by tests/test_rbac.py). Handlers run in
-        # a copy of such a task's context: keep that one for _report.
+        # (a copy of) such a task's context: keep that one for _report.
+        # Async, so on the loop: kopf runs a sync handler in a worker thread, once per
+        # namespace and concurrently, and the check below would not be once (nor would an
+        # asyncio.Event be set from its own loop).
         self._context = contextvars.copy_context()
-        if self.view is not None:
+        if self.view is not None and not self.view.warm.is_set():
+            freeze_what_start_up_made()  # before ready: its own collection is not in the way
             self.view.mark_warm()
 
     def readiness(self) -> tuple[bool, str]:
@@ -207,6 +212,22 @@ class Operator:
         message = "; ".join(reviewed.warnings) or str(reviewed.error)
         # kopf's event queue lives in its context variables: post from that context.
         self._context.run(kopf.warn, target, reason=reason, message=message)
+
+
+def freeze_what_start_up_made() -> None:
+    """Take the objects start-up made out of the cyclic garbage collector's reach.
+
+    Modules, kopf's registry and the caches' first listing live as long as the process. A
+    full collection walks every tracked object, and in the webhook (200 PlutoRuns cached)
+    one took about 100 ms: a pause for whichever pod CREATEs are in flight. Garbage there
+    is now is collected first (frozen garbage would never be freed); later collections walk
+    only what came after: about 1 ms for a full one, and the young generations' pauses
+    under load went from up to 3.2 ms to 1.3 ms (docs/benchmarks.md, "Pod webhook").
+    """
+    gc.collect()
+    gc.freeze()
+    logger.info("start-up objects frozen out of the garbage collector's walks: %d",
+                gc.get_freeze_count())
 
 
 def run(settings: OperatorSettings) -> int:

@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from support.postgres import free_port
 
 from pluto.cli import main as cli_main
-from tests.support.postgres import free_port
 
 #: Top-level packages that a process which only logs (or only runs the sidecar) never needs.
 UNNEEDED = ("rich", "click", "pygments")

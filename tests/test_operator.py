@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -129,6 +130,15 @@ def cluster(kube_emulator_factory: Callable[..., KubeEmulator],
     with operator_cluster(emulated_cluster(kube_emulator_factory), server_factory(),
                           tmp_path) as cluster:
         yield cluster
+
+
+def test_start_up_objects_are_frozen_out_of_the_collector_once_caches_are_warm(
+        cluster: Cluster) -> None:
+    """A full garbage collection walking kopf, the API client and the caches took ~100 ms,
+    in the middle of admissions; they are frozen once, when the caches are warm."""
+    frozen = re.findall(r"start-up objects frozen out of the garbage collector's walks: "
+                        r"(\d+)", cluster.operator.logs())
+    assert len(frozen) == 1 and int(frozen[0]) > 10_000, cluster.operator.logs()
 
 
 def test_dev_mode_manages_its_webhook_configuration(cluster: Cluster) -> None:
