@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import logging
 import tempfile
 import urllib.parse
@@ -19,6 +18,7 @@ from typing import Any
 
 import kopf
 
+from pluto._gc import freeze_start_up_objects
 from pluto_operator.admission import Reviewed
 from pluto_operator.cache import IndexedView, index_namespaces, index_plutoruns
 from pluto_operator.certs import ReloadingContext, self_signed, write_certificate
@@ -176,7 +176,10 @@ class Operator:
         # asyncio.Event be set from its own loop).
         self._context = contextvars.copy_context()
         if self.view is not None and not self.view.warm.is_set():
-            freeze_what_start_up_made()  # before ready: its own collection is not in the way
+            # Before ready, so that its own collection is not in the way of admissions.
+            frozen = freeze_start_up_objects()
+            logger.info("start-up objects frozen out of the garbage collector's walks: %d",
+                        frozen)
             self.view.mark_warm()
 
     def readiness(self) -> tuple[bool, str]:
@@ -212,22 +215,6 @@ class Operator:
         message = "; ".join(reviewed.warnings) or str(reviewed.error)
         # kopf's event queue lives in its context variables: post from that context.
         self._context.run(kopf.warn, target, reason=reason, message=message)
-
-
-def freeze_what_start_up_made() -> None:
-    """Take the objects start-up made out of the cyclic garbage collector's reach.
-
-    Modules, kopf's registry and the caches' first listing live as long as the process. A
-    full collection walks every tracked object, and in the webhook (200 PlutoRuns cached)
-    one took about 100 ms: a pause for whichever pod CREATEs are in flight. Garbage there
-    is now is collected first (frozen garbage would never be freed); later collections walk
-    only what came after: about 1 ms for a full one, and the young generations' pauses
-    under load went from up to 3.2 ms to 1.3 ms (docs/benchmarks.md, "Pod webhook").
-    """
-    gc.collect()
-    gc.freeze()
-    logger.info("start-up objects frozen out of the garbage collector's walks: %d",
-                gc.get_freeze_count())
 
 
 def run(settings: OperatorSettings) -> int:

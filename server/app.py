@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 import pluto_server
+from pluto._gc import freeze_start_up_objects
 from pluto.wire import (
     API_PREFIX,
     JSON,
@@ -70,6 +71,10 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await _check_storage(store)
+        # Everything made so far lives as long as the server: out of the collector's walks
+        # (a full collection took 50-80 ms, in the middle of whatever queries were running).
+        log.info("start-up objects frozen out of the garbage collector's walks: %d",
+                 freeze_start_up_objects())
         yield
         await store.close()
 
