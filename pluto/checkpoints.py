@@ -219,7 +219,7 @@ def fork_checkpoint(to_run: Run | str | int, from_run: Run | str | int,
 
 def list_files(run: Run | str | int, *, project: str | None = None, url: str | None = None,
                api_key: str | None = None,
-                    settings: Settings | None = None) -> list[FileInfo]:
+               settings: Settings | None = None) -> list[FileInfo]:
     ref, project = _ref(run, project)
     with client_for(settings, url=url, api_key=api_key) as client:
         return client.call("GET", f"/runs/{ref}/files", FileList, params=_params(project)).files
