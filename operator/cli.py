@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pluto.cli import LOG_LEVELS
 from pluto.credentials import api_key_from_flags
 from pluto_operator.settings import DEFAULT_IMAGE, DEFAULT_SERVER_URL, OperatorSettings, SecretRef
 
@@ -71,7 +72,8 @@ def add_parser(commands: Any) -> None:
                         help="port of /healthz and /readyz (default 8081; 0: any)")
     parser.add_argument("--poll-interval", type=float, default=10.0,
                         help="seconds between looks at a PlutoRun's pods and Job (default 10)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="the least severe events logged (default INFO)")
 
 
 def _resources(text: str | None) -> dict[str, Any] | None:

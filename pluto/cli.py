@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 
+#: What ``--log-level`` takes (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(".pluto-data"),
                         help="directory of the embedded SQLite database (default: ./.pluto-data)")
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--exit-when-idle", type=float, default=0.0, metavar="SECONDS",
                          help="exit (after draining) once all clients have been gone this "
                               "long; for classic sidecar containers (default 0: off)")
-    sidecar.add_argument("--log-level", default="INFO")
+    sidecar.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                         help="the least severe events logged (default INFO)")
 
     from pluto_operator.cli import add_parser as add_operator_parser
 
@@ -214,23 +219,31 @@ def _sidecar(args: argparse.Namespace) -> int:
         health_host=args.health_host,
         health_port=args.health_port,
         sys_interval=args.sys_interval,
-        node_rank=args.node_rank if args.node_rank is not None else _env_node_rank(env),
+        node_rank=_node_rank(args.node_rank, env),
         log_level=args.log_level,
         exit_when_idle=args.exit_when_idle,
     )
     return run(settings)
 
 
-def _env_node_rank(env: dict[str, str]) -> int:
-    """``PLUTO_NODE_RANK``, which must be a whole number (0 when unset)."""
-    value = env.get("node_rank", "0")
+def _node_rank(flag: int | None, env: dict[str, str]) -> int:
+    """``--node-rank``, else ``PLUTO_NODE_RANK`` (0 when neither): the writer label of the
+    node's system metrics, so a whole number from 0 to 2**31-1. The server would refuse any
+    other, and each refused batch of system metrics would go to the dead letters."""
+    from pluto.wire import MAX_WRITER
+
+    if flag is not None:
+        given, where = str(flag), f"--node-rank {flag}"
+    else:
+        given = env.get("node_rank", "0")
+        where = f"PLUTO_NODE_RANK={given!r}"
     try:
-        rank = int(value)
+        rank = int(given)
     except ValueError:
         rank = -1
-    if rank < 0:
-        raise PlutoError(f"PLUTO_NODE_RANK={value!r} is not a node rank: set it to a whole "
-                         "number >= 0 (this node's rank), or pass --node-rank")
+    if not 0 <= rank <= MAX_WRITER:
+        raise PlutoError(f"{where} is not a node rank: set it to a whole number from 0 to "
+                         "2**31-1 (this node's rank: torchrun's --node-rank)")
     return rank
 
 

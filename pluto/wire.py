@@ -28,6 +28,8 @@ REQUEST_ENCODINGS: Final = ("zstd", "gzip")
 MAX_KEY_LENGTH: Final = 256  # characters in a metric key
 MAX_STEP: Final = 2**63 - 1  # steps are 64-bit
 MAX_TAGS: Final = 256  # tags on a run
+#: The largest writer label (a rank, or a node rank for system metrics): a 32-bit column.
+MAX_WRITER: Final = 2**31 - 1
 MAX_TAG_LENGTH: Final = 128
 #: Keys the sidecar logs about its pod (CPU, memory, GPUs), with the Unix time as the step:
 #: they are not the run's training steps (a run's step range leaves them out) and a fork

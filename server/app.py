@@ -12,6 +12,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 
 import pluto_server
 from pluto._gc import freeze_start_up_objects
@@ -58,6 +59,9 @@ from pluto_server.transfers import Transfers
 
 log = logging.getLogger("pluto.server")
 
+#: Where the files of the /api/docs page (Swagger UI) are served.
+API_DOCS_STATIC = "/api/docs/static"
+
 
 
 def create_app(settings: ServerSettings, database: Database | None = None) -> FastAPI:
@@ -78,12 +82,15 @@ def create_app(settings: ServerSettings, database: Database | None = None) -> Fa
         yield
         await store.close()
 
-    app = FastAPI(
+    # FastAPI's /api/docs page loads Swagger UI from a CDN, which an air-gapped cluster
+    # cannot reach: fastapi-offline's page is the same, its files served from here.
+    app = FastAPIOffline(
         lifespan=lifespan,
         title="Pluto tracking server",
         version=pluto_server.__version__,
         description="Runs, forks and lineage, metrics and logs of multi-node PyTorch training.",
         docs_url="/api/docs",
+        static_url=API_DOCS_STATIC,
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )

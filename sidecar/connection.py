@@ -28,6 +28,7 @@ from pluto.errors import PlutoError, RequestRejected
 from pluto.wire import (
     FEATURE_NODE,
     FRAME_HEADER,
+    MAX_WRITER,
     PROTOCOL_VERSION,
     Ack,
     ChunkEnvelope,
@@ -240,9 +241,9 @@ class Connection:
             await self._send(FrameKind.UPDATED, request_id, Ack(seq=0))
         elif kind is FrameKind.NODE:
             node = _decode(payload, NodeInfo)
-            if node.node_rank is not None and node.node_rank < 0:
+            if node.node_rank is not None and not 0 <= node.node_rank <= MAX_WRITER:
                 raise ClientError(f"node_rank {node.node_rank} is not a node rank: a whole "
-                                  "number >= 0 (torchrun's GROUP_RANK)")
+                                  "number from 0 to 2**31-1 (torchrun's GROUP_RANK)")
             if node.gpus is not None:
                 _check_gpus(node.gpus, self.sidecar.pod_gpus.uuids)
             if node.node_rank is not None:

@@ -8,6 +8,7 @@ tests speak the same wire format as the SDK and the sidecar.
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -248,3 +249,17 @@ def seed_lineage(
                       fork_run_id=b["display_id"], fork_step=150)
     assert b["forked_from"] == a["id"] and c["forked_from"] == b["id"]
     return a, b, c
+
+
+def docs_page_assets(url: str) -> list[str]:
+    """The /api/docs page's scripts, styles and icons, each checked to come from the server
+    itself (an air-gapped cluster reaches no CDN) and to be there."""
+    page = httpx.get(url + "/api/docs", timeout=30)
+    assert page.status_code == 200 and "/api/openapi.json" in page.text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert len(assets) >= 3, page.text  # Swagger UI's script, its styles, the icon
+    for asset in assets:
+        assert asset.startswith("/api/docs/static/"), f"{asset} is not served by the server"
+        answer = httpx.get(url + asset, timeout=30)
+        assert answer.status_code == 200 and len(answer.content) > 1000, asset
+    return assets

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import sqlalchemy as sa
-from api_helpers import Api, Json, assert_error, chunk, ramp, unique_project
+from api_helpers import (
+    Api,
+    Json,
+    assert_error,
+    chunk,
+    docs_page_assets,
+    ramp,
+    unique_project,
+)
 from support.server_process import ServerProcess, clean_env
 
 from pluto_server.database import sqlite_url
@@ -155,6 +163,13 @@ def ingest_body(run: Json) -> Json:
 def test_health_needs_no_key_and_says_auth_is_on(secured: Secured) -> None:
     body = httpx.get(secured.url + "/api/v1/health", timeout=10).json()
     assert body["status"] == "ok" and body["auth"] is True
+
+
+def test_the_api_docs_page_and_its_files_need_no_key(secured: Secured) -> None:
+    """A browser sends no API key: the page, its Swagger UI files and the OpenAPI document
+    (no data in any of them) are open, as the dashboard's page is."""
+    docs_page_assets(secured.url)
+    assert httpx.get(secured.url + "/api/openapi.json", timeout=10).status_code == 200
 
 
 def test_every_route_refuses_a_request_without_a_key(secured: Secured, target: Json) -> None:

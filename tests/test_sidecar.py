@@ -741,9 +741,10 @@ def test_a_node_rank_that_is_not_one_is_refused_and_the_connection_goes_on(
     _, sidecar = pod
     client = RawClient(sidecar.socket)
     assert FEATURE_NODE in client.handshake().features
-    request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": -1}))
-    error = client.error(request_id)
-    assert not error.fatal and "GROUP_RANK" in error.detail
+    for rank in (-1, 2**31):  # the writer label of system metrics: a 32-bit column
+        request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": rank}))
+        error = client.error(request_id)
+        assert not error.fatal and "GROUP_RANK" in error.detail and str(rank) in error.detail
     request_id = client.send(FrameKind.NODE, encode_msgpack({"node_rank": "one"}))
     assert not client.error(request_id).fatal
     client.send(FrameKind.NODE, encode_msgpack(NodeInfo(node_rank=0)))  # not answered
@@ -1828,16 +1829,33 @@ def test_an_optional_api_key_without_a_key_file_is_a_one_line_error(tmp_path: Pa
     assert not (tmp_path / "pluto.sock").exists()
 
 
-def test_a_node_rank_that_is_not_a_number_is_a_one_line_error_naming_the_variable(
-    tmp_path: Path,
+@pytest.mark.parametrize(("flags", "env", "named"), [
+    ([], {"PLUTO_NODE_RANK": "node1"}, "PLUTO_NODE_RANK='node1'"),
+    ([], {"PLUTO_NODE_RANK": "2147483648"}, "PLUTO_NODE_RANK='2147483648'"),
+    (["--node-rank", "-1"], {}, "--node-rank -1"),
+    (["--node-rank", "2147483648"], {"PLUTO_NODE_RANK": "0"}, "--node-rank 2147483648"),
+], ids=["env-not-a-number", "env-past-32-bits", "flag-negative", "flag-past-32-bits"])
+def test_a_node_rank_that_is_not_one_is_a_one_line_error_naming_where_it_came_from(
+    tmp_path: Path, flags: list[str], env: dict[str, str], named: str,
 ) -> None:
+    """The node rank labels the node's system metrics, which the server refuses unless it
+    is 0 to 2**31-1: found at start, not as dead letters every few seconds."""
     result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
-                              str(tmp_path / "spool"), "--health-port", "0"],
-                             env={"PLUTO_NODE_RANK": "node1"})
+                              str(tmp_path / "spool"), "--health-port", "0", *flags], env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "PLUTO_NODE_RANK" in line and "node1" in line, line
+    assert named in line and "2**31-1" in line, line
+    assert not (tmp_path / "pluto.sock").exists()
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    result = run_sidecar_cli(["--socket", str(tmp_path / "pluto.sock"), "--spool-dir",
+                              str(tmp_path / "spool"), "--health-port", "0",
+                              "--log-level", "verbose"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--log-level: invalid choice: 'VERBOSE'" in result.stderr
+    assert not (tmp_path / "pluto.sock").exists()
 
 
 def test_a_health_port_in_use_is_one_json_line_naming_the_flag_and_leaves_no_socket(
