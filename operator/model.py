@@ -194,8 +194,9 @@ class ServerSpec(_Model):
     url: str | None = Field(default=None, pattern=URL_PATTERN)
     """Base URL of the Pluto server, e.g. http://pluto-server.pluto.svc:7300."""
     api_key_secret_ref: SecretKeyRef | None = Field(default=None, alias="apiKeySecretRef")
-    """The Secret key holding the API key. Only the operator and the sidecars read it; the
-    training containers never see it."""
+    """The Secret key holding the API key the pods' sidecars send; the training containers
+    never see it. The operator opens and finishes runs with its own key (--api-key-file or
+    PLUTO_API_KEY), which this server must accept too."""
 
 
 class ResourceRequirements(_Model):

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import kopf
 
-from pluto.wire import RunAttached, RunUpdate
+from pluto.wire import RunAttached, RunStatus, RunUpdate
 from pluto_operator import conditions as cond
 from pluto_operator.cache import known_run
 from pluto_operator.kube import JOBSET_GROUP, JOBSET_VERSION, JOBSETS, Kube
@@ -132,6 +132,15 @@ class Reconciler:
                 # The server's word for an attach whose fork differs from the stored run's.
                 self._fork_mismatch(body, patch, conditions, generation, _fork_conflict(
                     known.run.spec, known.run.run_id, str(exc)))
+            waiting = self._fork_parent_not_there_yet(url, known.run.spec)
+            if waiting is not None:
+                # As a pod waits for a ConfigMap it names: the parent may be a PlutoRun applied
+                # in the same file, whose training has not reached the step yet.
+                message = f"{waiting}; the fork is made once it has: retrying"
+                patch.status["conditions"] = cond.set_condition(
+                    conditions, cond.RUN_READY, "False", "WaitingForForkParent", message,
+                    generation)
+                raise kopf.TemporaryError(message, delay=backoff(retry)) from exc
             patch.status["conditions"] = cond.set_condition(
                 conditions, cond.RUN_READY, "False", "ServerRefused", str(exc), generation)
             kopf.warn(body, reason="ServerRefused", message=str(exc))
@@ -145,6 +154,34 @@ class Reconciler:
         patch.status["conditions"] = cond.set_condition(
             conditions, cond.RUN_READY, "True", reason, message, generation)
         _normal(body, reason=reason, message=message)
+
+    def _fork_parent_not_there_yet(self, url: str, spec: PlutoRunSpec) -> str | None:
+        """Why the server refused the fork ``spec`` asks for, when waiting can mend it: the
+        parent run does not exist yet, or it is running and has not logged the fork step yet.
+        None when it cannot (no fork asked for, a parent that finished before that step, any
+        other refusal): that refusal is the spec's to fix."""
+        fork = spec.fork
+        if fork is None:
+            return None
+        try:
+            parent = self.servers.find_run(url, spec.project, fork.run_id)
+        except Unreachable as exc:
+            raise kopf.TemporaryError(f"{exc}; retrying", delay=10) from exc
+        except Refused as exc:
+            if exc.status_code == 404:
+                return f"run {fork.run_id!r} does not exist in project {spec.project!r} yet"
+            return None
+        if parent.status is not RunStatus.RUNNING:
+            return None
+        # Its lineage's steps reach its own last one, or the step it forked at.
+        reached = max((s for s in (parent.last_step, parent.fork_step) if s is not None),
+                      default=None)
+        if reached is None:
+            return f"run {parent.display_id} ({fork.run_id!r}) has logged no step yet"
+        if reached < fork.step:
+            return (f"run {parent.display_id} ({fork.run_id!r}) has logged up to step "
+                    f"{reached}, not step {fork.step} yet")
+        return None
 
     def _fork_problem(self, url: str, spec: PlutoRunSpec, run: RunAttached) -> str | None:
         """Why ``run`` is not the fork ``spec`` asks for; None when it is (or none is asked).

@@ -105,6 +105,11 @@ class TrackingServers:
             raise Refused(f"the server returned no lineage for run {ref!r}")
         return lineage.ancestors[-1].id
 
+    def find_run(self, url: str, project: str, ref: str) -> RunInfo:
+        """The run ``ref`` names in ``project`` (its external, display or numeric id)."""
+        return self._call(url, "GET", f"/runs/{urllib.parse.quote(ref, safe='')}", RunInfo,
+                          None, params={"project": project})
+
     def get_run(self, url: str, server_run_id: int) -> RunInfo:
         return self._call(url, "GET", f"/runs/{server_run_id}", RunInfo, None)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import httpx
+import msgspec
 from support.server_process import ServerProcess
 
 import pluto
+from pluto.wire import Chunk, IngestBatch, LogLine
 
 MAX_EXAMPLES = 40
 #: No 5xx, and every answer as documented: its status code, content type and body schema.
@@ -35,6 +39,17 @@ def test_no_generated_request_gets_a_server_error(
     assert run.log_checkpoint(weights, step=3) is not None
     assert run.log_file(weights, name="notes.txt") is not None
     run.finish()
+    # A console line, as a rank's captured output arrives (console capture is off above:
+    # pytest owns this process's stdout), so that the logs route has a page to serve.
+    line = Chunk(run=run.id, session=uuid.uuid4().hex, seq=0, writer=0, keys=["loss"],
+                 key_index=[0], steps=[20], values=[0.01], times=[1.0],
+                 logs=[LogLine(time=1.0, stream=1, line="epoch 1 done")])
+    stored = httpx.post(f"{shared_server.url}/api/v1/ingest", timeout=10,
+                        content=msgspec.msgpack.encode(IngestBatch(chunks=[line])),
+                        headers={"content-type": "application/msgpack"})
+    assert stored.status_code == 200, stored.text
+    logs = httpx.get(f"{shared_server.url}/api/v1/runs/{run.id}/logs", timeout=10)
+    assert "epoch 1 done" in logs.text, logs.text
 
     config = tmp_path / "schemathesis.toml"
     config.write_text(f'[parameters]\n"path.ref" = "{run.id}"\n"path.step" = 3\n'

@@ -526,3 +526,13 @@ def test_the_server_refuses_a_nul_in_a_key_with_422_and_keeps_console_text(
     run.finish()
     stored = query.get_metrics(run.id, url=shared_server.url)
     assert "bad\x00key" not in stored and [r.step for r in stored["fine"]] == [3]
+
+
+def test_a_nul_in_a_run_name_is_stored_as_a_replacement_character_with_a_warning(
+    shared_server: ServerProcess, fuzz_run: Callable[..., pluto.Run],
+) -> None:
+    """PostgreSQL cannot store a NUL in text: ``init()`` used to fail with a 500 there."""
+    with pytest.warns(RuntimeWarning, match="a NUL in the name is stored as U\\+FFFD"):
+        run = fuzz_run(name="a\x00b")
+    assert run.name == "a\ufffdb"
+    assert query.get_run(run.id, url=shared_server.url).name == "a\ufffdb"

@@ -249,14 +249,52 @@ def test_fork_happens_once_on_the_server_and_is_resolved(cluster: Cluster,
     assert {c["reason"] for c in fork["conditions"]} >= {"RunForked"}
 
 
-def test_refused_fork_says_why_and_is_not_retried(cluster: Cluster) -> None:
-    cluster.plutorun("orphan", fork={"runId": "does-not-exist", "step": 5})
+def test_a_fork_waits_for_its_parent_and_is_made_once_the_parent_has_the_step(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Applied together (one file), a fork comes before its parent has run: it waits, as a
+    pod waits for a ConfigMap it names, and is made once the parent has logged the step."""
+    cluster.plutorun("sweep", runId="sweep-1", fork={"runId": "later-base", "step": 50})
+
+    def waiting(text: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda s: any(c["type"] == "RunReady" and c["reason"] == "WaitingForForkParent"
+                             and text in c["message"] for c in s.get("conditions", []))
+
+    status = cluster.status_when("sweep", waiting("'later-base' does not exist"))
+    assert "serverRunId" not in status and status["phase"] == "Pending"
+    parent = pluto.init(project="ops", run_id="later-base", dir=tmp_path / "sdk",
+                        settings={"url": cluster.server.url, "sidecar_socket": None})
+
+    def server_has_up_to(step: int) -> None:
+        wait_for(lambda: query.get_run(parent.id, url=cluster.server.url).last_step == step,
+                 20, message=cluster.logs)
+
+    for step in range(20):
+        parent.log({"loss": 1.0}, step=step)
+    server_has_up_to(19)
+    cluster.status_when("sweep", waiting("has logged up to step 19, not step 50 yet"), 30)
+    for step in range(20, 60):
+        parent.log({"loss": 1.0}, step=step)
+    server_has_up_to(59)
+    fork = cluster.status_when("sweep", lambda s: s.get("serverRunId") is not None, 60)
+    assert fork["forkedFrom"] == parent.id and fork["forkStep"] == 50
+    parent.finish()
+    assert not any(e["reason"] == "ServerRefused" for e in cluster.events_for("sweep"))
+
+
+def test_a_fork_past_the_last_step_of_a_finished_parent_is_refused_for_good(
+        cluster: Cluster, tmp_path: Path) -> None:
+    finished = pluto.init(project="ops", run_id="short-base", dir=tmp_path / "sdk",
+                          settings={"url": cluster.server.url, "sidecar_socket": None})
+    for step in range(10):
+        finished.log({"loss": 1.0}, step=step)
+    finished.finish()
+    cluster.plutorun("too-far", fork={"runId": "short-base", "step": 50})
     status = cluster.status_when(
-        "orphan", lambda s: any(c["type"] == "RunReady" and c["status"] == "False"
-                                for c in s.get("conditions", [])))
+        "too-far", lambda s: any(c["type"] == "RunReady" and c["status"] == "False"
+                                 for c in s.get("conditions", [])))
     ready = next(c for c in status["conditions"] if c["type"] == "RunReady")
     assert ready["reason"] == "ServerRefused"
-    assert "does-not-exist" in ready["message"]
+    assert "outside the steps logged" in ready["message"] and "0-9" in ready["message"]
     assert "serverRunId" not in status
 
 
@@ -456,8 +494,13 @@ def test_old_cluster_gets_classic_sidecars(
         assert operator.stop() == 0
 
 
-def test_a_refused_plutorun_is_opened_once_its_spec_is_fixed(cluster: Cluster) -> None:
-    cluster.plutorun("fixme", fork={"runId": "missing-parent", "step": 5})
+def test_a_refused_plutorun_is_opened_once_its_spec_is_fixed(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
+    finished = pluto.init(project="ops", run_id="ended-parent", dir=tmp_path / "sdk",
+                          settings={"url": cluster.server.url, "sidecar_socket": None})
+    finished.log({"loss": 1.0}, step=0)
+    finished.finish()
+    cluster.plutorun("fixme", fork={"runId": "ended-parent", "step": 5})
     cluster.status_when("fixme", lambda s: any(
         c["reason"] == "ServerRefused" for c in s.get("conditions", [])))
     # The user drops the fork: the operator tries again with the new spec.

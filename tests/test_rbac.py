@@ -201,7 +201,8 @@ def test_the_reconciler_is_granted_what_it_uses_and_no_more(
     plutorun(kube, "tune", config={"lr": 1})
     status_when(kube, "tune", has_run, operator)
     kube.patch(PLUTORUNS, "tune", {"spec": {"config": {"lr": 2}}}, namespace=NS)
-    plutorun(kube, "orphan", fork={"runId": "does-not-exist", "step": 5})
+    # (A fork of "train", finished with no step logged: refused for good, with an event.)
+    plutorun(kube, "orphan", fork={"runId": "train", "step": 5})
     status_when(kube, "orphan", lambda s: any(c["reason"] == "ServerRefused"
                                               for c in s.get("conditions", [])), operator)
     plutorun(kube, "gone")
