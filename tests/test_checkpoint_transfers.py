@@ -154,8 +154,11 @@ def test_an_upload_retries_through_a_server_restart(
                                 preexec_fn=die_with_parent)
     staging = server.data_dir / "files" / ".tmp"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-            staging.exists() and any(p.stat().st_size > 20 * MiB for p in staging.glob("*"))):
+    while not (staging.exists() and any(p.stat().st_size > 20 * MiB for p in staging.glob("*"))):
+        if time.monotonic() > deadline or uploader.poll() is not None:
+            uploader.kill()
+            pytest.fail("the upload was never seen mid-way: nothing to kill the server under "
+                        f"(uploader output: {uploader.communicate()[0]!r})")
         time.sleep(0.01)
     server.kill()
     server.start()

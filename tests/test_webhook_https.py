@@ -55,7 +55,8 @@ def test_pod_create_is_patched_and_answered_for_its_uid(
     assert patch_of(again) == [] and again["response"]["allowed"] is True
 
 
-@pytest.mark.parametrize("body", [
+#: Reviews the webhook cannot read (what a broken or hostile client could send).
+MALFORMED = [
     b"not json at all",
     b"[1, 2, 3]",
     b"{}",
@@ -66,7 +67,12 @@ def test_pod_create_is_patched_and_answered_for_its_uid(
                 "request": {"uid": "x", "kind": {"kind": "Pod", "group": ""},
                             "operation": "CREATE", "namespace": "ml"}}).encode(),
     b"",
-], ids=["text", "array", "empty-object", "no-request", "v1beta1", "pod-missing", "empty"])
+]
+MALFORMED_IDS = ["text", "array", "empty-object", "no-request", "v1beta1", "pod-missing",
+                 "empty"]
+
+
+@pytest.mark.parametrize("body", MALFORMED, ids=MALFORMED_IDS)
 def test_malformed_reviews_get_an_allowed_answer_with_a_warning(
         start_webhook: Callable[..., Webhook], body: bytes) -> None:
     response = start_webhook().post(body)
@@ -75,6 +81,17 @@ def test_malformed_reviews_get_an_allowed_answer_with_a_warning(
     assert answer["allowed"] is True
     assert "patch" not in answer
     assert answer["warnings"][0].startswith("pluto: malformed admission review")
+
+
+@pytest.mark.parametrize("body", MALFORMED, ids=MALFORMED_IDS)
+def test_malformed_reviews_are_denied_with_the_reason_under_failure_policy_fail(
+        start_webhook: Callable[..., Webhook], body: bytes) -> None:
+    response = start_webhook(failure_policy="Fail").post(body)
+    assert response.status_code == 200
+    answer = response.json()["response"]
+    assert answer["allowed"] is False and "patch" not in answer
+    assert answer["status"]["message"].startswith("pluto: malformed admission review, pod "
+                                                  "denied")
 
 
 def test_other_operations_and_kinds_pass_untouched(
