@@ -203,13 +203,15 @@ class Transfer:
             return self._download(files, dest, label)
 
     def _download(self, files: list[tuple[str, FileEntry]], dest: Path, label: str) -> Path:
+        root = dest.resolve()
+        for _, entry in files:  # before anything is read or written: no path leaves dest
+            if not (dest / entry.path).resolve().is_relative_to(root):
+                raise PlutoError(f"refusing to write {entry.path!r} outside {dest}")
         todo = [(url, e) for url, e in files if not _present(dest / e.path, e)]
         with _progress(sum(e.size for _, e in todo), self.quiet) as progress:
             task = progress.add_task(f"downloading {label}", total=sum(e.size for _, e in todo))
             for url, entry in todo:
                 target = dest / entry.path
-                if not target.resolve().is_relative_to(dest.resolve()):
-                    raise PlutoError(f"refusing to write {entry.path!r} outside {dest}")
                 self._retrying(f"downloading {entry.path}",
                                lambda url=url, entry=entry, target=target:  # type: ignore[misc]
                                self._get(url, entry, target, progress, task))

@@ -27,16 +27,24 @@ from pluto_server.bodies import storable_map
 from pluto_server.errors import Conflict, NotFound, Unprocessable
 from pluto_server.ingest import INT64_MAX
 from pluto_server.naming import display_id
-from pluto_server.schema import blobs, checkpoint_files, checkpoints, projects, run_files, runs
+from pluto_server.schema import (
+    blobs,
+    checkpoint_files,
+    checkpoints,
+    project_blobs,
+    projects,
+    run_files,
+    runs,
+)
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no "\n" after it
 MAX_PATH = 1024
 MAX_FILES = 100_000
 MAX_METADATA_BYTES = 64 * 1024
 
 
 def check_sha256(value: str) -> str:
-    if not SHA256_HEX.match(value):
+    if not SHA256_HEX.fullmatch(value):
         raise Unprocessable(f"{value!r} is not a SHA-256: use 64 lowercase hex digits")
     return value
 
@@ -97,20 +105,47 @@ def check_manifest(req: CheckpointCreate) -> None:
 # -- blobs ----------------------------------------------------------------
 
 
-def blob_sizes(conn: Connection, shas: list[str]) -> dict[str, int]:
+def blob_sizes(conn: Connection, shas: list[str], project_id: int | None = None
+               ) -> dict[str, int]:
+    """Sizes of the blobs among ``shas`` that the store holds; with ``project_id``, only of
+    those that project may name (``project_blobs``): what it uploaded or copied itself."""
     if not shas:
         return {}
-    rows = conn.execute(sa.select(blobs.c.sha256, blobs.c.size).where(blobs.c.sha256.in_(shas)))
-    return {sha: int(size) for sha, size in rows}
+    query = sa.select(blobs.c.sha256, blobs.c.size).where(blobs.c.sha256.in_(shas))
+    if project_id is not None:
+        query = query.join(project_blobs, project_blobs.c.sha256 == blobs.c.sha256).where(
+            project_blobs.c.project_id == project_id)
+    return {sha: int(size) for sha, size in conn.execute(query)}
 
 
-def record_blob(conn: Connection, sha256: str, size: int) -> None:
+def record_blob(conn: Connection, sha256: str, size: int, project_id: int | None = None
+                ) -> None:
+    """The store holds this blob now, whole and verified; ``project_id`` uploaded it."""
     if sha256 not in blob_sizes(conn, [sha256]):
         conn.execute(sa.insert(blobs).values(sha256=sha256, size=size, created_at=time.time()))
+    if project_id is not None:
+        grant_blobs(conn, project_id, [sha256])
 
 
-def _require_blobs(conn: Connection, entries: list[FileEntry]) -> None:
-    stored = blob_sizes(conn, sorted({e.sha256 for e in entries}))
+def grant_blobs(conn: Connection, project_id: int, shas: list[str]) -> None:
+    """Let a project name these blobs (those of them the store holds)."""
+    held = set(blob_sizes(conn, sorted(set(shas)), project_id))
+    new = [sha for sha in blob_sizes(conn, sorted(set(shas))) if sha not in held]
+    if new:
+        conn.execute(sa.insert(project_blobs),
+                     [{"project_id": project_id, "sha256": sha} for sha in new])
+
+
+def _project_of(conn: Connection, run_id: int) -> int:
+    return int(conn.execute(sa.select(runs.c.project_id).where(runs.c.id == run_id))
+               .scalar_one())
+
+
+def _require_blobs(conn: Connection, entries: list[FileEntry], project_id: int) -> None:
+    """Every entry's blob is one the project may name, of the size the entry says. A blob
+    of another project's is "not uploaded" here as much as one nobody uploaded: its size or
+    its existence would tell what another project holds."""
+    stored = blob_sizes(conn, sorted({e.sha256 for e in entries}), project_id)
     for entry in entries:
         size = stored.get(entry.sha256)
         if size is None:
@@ -242,7 +277,12 @@ def create_checkpoint(conn: Connection, run_id: int, req: CheckpointCreate, *,
                       ) -> tuple[CheckpointInfo, bool]:
     """Commit a manifest; ``(info, created)``. Committing the same files again at the
     same step is a no-op (a retried request), different ones are a conflict."""
-    _require_blobs(conn, req.files)
+    project_id = _project_of(conn, run_id)
+    if source is not None or source_uri is not None:
+        # Copied by the server from a checkpoint the caller may read (or a bucket it
+        # imported): the target's project may name those blobs from now on.
+        grant_blobs(conn, project_id, [entry.sha256 for entry in req.files])
+    _require_blobs(conn, req.files, project_id)
     existing = get_checkpoint(conn, run_id, req.step)
     if existing is not None:
         if _same_files(existing.files, req.files) and (
@@ -311,7 +351,7 @@ def create_file(conn: Connection, run_id: int, req: FileCreate) -> tuple[FileInf
     if req.step is not None:
         check_step(req.step)
     entry = FileEntry(path=req.name, size=req.size, sha256=req.sha256)
-    _require_blobs(conn, [entry])
+    _require_blobs(conn, [entry], _project_of(conn, run_id))
     existing = get_file(conn, run_id, req.name)
     if existing is not None:
         if existing.sha256 == req.sha256:

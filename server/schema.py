@@ -194,3 +194,15 @@ run_files = Table(
     Column("created_at", Float, nullable=False),
     UniqueConstraint("run_id", "name", name="uq_run_files_run_name"),
 )
+
+# The projects that may name a blob in their files and checkpoints: those that uploaded its
+# bytes, or copied a checkpoint naming it from a run the caller could read. Blobs are stored
+# once for the whole server; without this, a key limited to one project could commit, then
+# download, another project's blob by its SHA-256 alone (found by a security review).
+project_blobs = Table(
+    "project_blobs",
+    metadata,
+    Column("project_id", Integer, ForeignKey("projects.id"), nullable=False),
+    Column("sha256", String(64), ForeignKey("blobs.sha256"), nullable=False),
+    PrimaryKeyConstraint("project_id", "sha256", name="pk_project_blobs"),
+)

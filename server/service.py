@@ -173,11 +173,13 @@ class Service:
         with self.db.read() as conn:
             projects_of = ingest.run_projects(conn, chunks)
             if who is not None and who.project is not None and chunks:
-                names = conn.execute(
-                    sa.select(projects.c.name).where(projects.c.id.in_(set(projects_of.values())))
-                ).scalars().all()
-                for name in names:
-                    self.guard(who, name)
+                # Named by run, never by the other project's name (as ``_find`` does).
+                allowed = conn.execute(sa.select(projects.c.id).where(
+                    projects.c.name == who.project)).scalar()
+                for run, project_id in sorted(projects_of.items()):
+                    if project_id != allowed:
+                        raise Forbidden(f"this API key is limited to project "
+                                        f"{who.project!r} and cannot reach run {run}")
         missing = ingest.unknown_keys(chunks, columns_of, projects_of, self.keys)
         if missing:
             with self.db.write() as conn:

@@ -122,7 +122,7 @@ class Transfers:
 
     async def missing(self, ref: str, project: str | None, who: KeyIdentity | None,
                       shas: list[str]) -> BlobsMissing:
-        await self._run(ref, project, who)
+        run = await self._run(ref, project, who)
         if len(shas) > MAX_CHECKED_BLOBS:
             raise Unprocessable(f"check at most {MAX_CHECKED_BLOBS} blobs per request")
         for sha in shas:
@@ -130,24 +130,26 @@ class Transfers:
 
         def query() -> dict[str, int]:
             with self.service.db.read() as conn:
-                return checkpoints.blob_sizes(conn, sorted(set(shas)))
+                # Only this project's: another project's blob is uploaded again (its bytes
+                # are stored once), so that nobody names bytes they could not produce.
+                return checkpoints.blob_sizes(conn, sorted(set(shas)), run.project_id)
 
         known = await self._db(query)
         return BlobsMissing(missing=[sha for sha in dict.fromkeys(shas) if sha not in known])
 
     async def upload(self, ref: str, project: str | None, who: KeyIdentity | None,
                      sha256: str, size: int | None, body: AsyncIterator[bytes]) -> BlobStored:
-        await self._run(ref, project, who)
+        run = await self._run(ref, project, who)
         checkpoints.check_sha256(sha256)
         if size is None:
             raise BadRequest("a blob upload needs a Content-Length header (its size)")
         with storage_errors(f"storage {self.store.url}"):
             await self.store.put(blob_key(sha256), body, size=size, sha256=sha256)
-        await self._record(sha256, size)
+        await self._record(sha256, size, run.project_id)
         return BlobStored(sha256=sha256, size=size)
 
-    async def _record(self, sha256: str, size: int) -> None:
-        await self._write(lambda conn: checkpoints.record_blob(conn, sha256, size))
+    async def _record(self, sha256: str, size: int, project_id: int | None = None) -> None:
+        await self._write(lambda conn: checkpoints.record_blob(conn, sha256, size, project_id))
 
     async def _have(self, sha256: str) -> bool:
         def query() -> bool:
@@ -217,6 +219,12 @@ class Transfers:
         if req.not_after_step is not None:
             checkpoints.check_step(req.not_after_step, "not_after_step")
         if req.from_s3_bucket:
+            if who is not None and who.project is not None:
+                # The server reads the bucket with its own S3 credentials, which reach any
+                # bucket they can read, whoever's: not for a key limited to one project.
+                raise Forbidden(f"this API key is limited to project {who.project!r}; "
+                                "importing from an S3 bucket (from_s3_bucket) needs a key "
+                                "that is not limited to a project")
             return await self._import_art(target, req)
         source_run = await self._run(req.from_run, req.from_project or target.project, who)
 

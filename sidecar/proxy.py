@@ -235,6 +235,12 @@ class ApiProxy:
         if client is None:  # stopping
             return await _send_error(request, send, 503, "the pluto sidecar is stopping")
         headers = _end_to_end(request.headers, _REQUEST_DROP, request.header_values("connection"))
+        if request.header_values("transfer-encoding"):
+            # RFC 9112 6.3: with transfer-encoding the length is to be ignored, and a proxy
+            # must drop it. Forwarded, it framed the chunked body we send differently
+            # (the server's connection was reset, the client got a 500).
+            headers = [(name, value) for name, value in headers
+                       if name.lower() != "content-length"]
         authorization = self.api_key.authorization
         if authorization is not None:
             headers.append(("authorization", authorization))

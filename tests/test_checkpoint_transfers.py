@@ -24,8 +24,10 @@ from support.processes import die_with_parent, peak_rss_mib, terminate
 from support.server_process import ServerProcess
 
 import pluto
-from pluto.transfer import sha256_of
-from pluto.wire import API_PREFIX
+from pluto.errors import PlutoError
+from pluto.transfer import Transfer, sha256_of
+from pluto.transport.http import ApiClient
+from pluto.wire import API_PREFIX, FileEntry
 
 MiB = 1024 * 1024
 
@@ -307,3 +309,21 @@ def test_big_transfers_show_progress_on_a_terminal_and_nothing_in_logs(
         assert "64.0/64.0 MB" in text or "67.1/67.1 MB" in text, text[-2000:]
     else:
         assert text == "", text
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "sub/../../outside.bin", "/etc/passwd"])
+def test_a_manifest_path_leaving_the_destination_is_refused_before_anything_is_touched(
+    tmp_path: Path, path: str
+) -> None:
+    """The server refuses such paths when a checkpoint is committed; the SDK checks again
+    (a server of another version, a proxy) before it reads or writes any file."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    victim = tmp_path / "outside.bin"
+    victim.write_bytes(b"x" * 10)
+    transfer = Transfer(ApiClient("http://127.0.0.1:9", None), "1", None, quiet=True)
+    entries = [("/unused", FileEntry(path="fine.bin", size=1, sha256="0" * 64)),
+               ("/unused", FileEntry(path=path, size=10, sha256="0" * 64))]
+    with pytest.raises(PlutoError, match="outside"):
+        transfer._download(entries, dest, "checkpoint")
+    assert list(dest.iterdir()) == [] and victim.read_bytes() == b"x" * 10

@@ -417,7 +417,47 @@ def test_the_migrated_schema_matches_the_table_definitions(empty_database_url: s
             tables = set(sa.inspect(conn).get_table_names())
         assert differences == []
         assert tables == set(metadata.tables) | {"alembic_version"}
-        assert database.schema_revision() == "0002"
+        assert database.schema_revision() == "0003"
+    finally:
+        database.dispose()
+
+
+def test_upgrading_to_blobs_per_project_keeps_every_file_and_checkpoint_reachable(
+        empty_database_url: str) -> None:
+    """Revision 0003 grants each project the blobs its runs' files and checkpoints already
+    name, and no other: an upload nobody committed belongs to no project."""
+    database = Database(empty_database_url)
+    try:
+        database.migrate("0002")
+        shas = {name: hashlib.sha256(name.encode()).hexdigest()
+                for name in ("file", "ckpt", "shared", "orphan")}
+        with database.write() as conn:
+            def insert(table: str, **row: object) -> None:
+                conn.execute(sa.text(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
+                                     f"({', '.join(':' + k for k in row)})"), row)
+
+            for project in (1, 2):
+                insert("projects", id=project, name=f"p{project}", prefix="P",
+                       run_counter=1, created_at=1.0)
+                insert("runs", id=project, project_id=project, name="r", config="{}",
+                       tags="[]", status="RUNNING", created_at=1.0, updated_at=1.0)
+            for sha in shas.values():
+                insert("blobs", sha256=sha, size=4, created_at=1.0)
+            insert("run_files", run_id=1, name="f", size=4, sha256=shas["file"],
+                   created_at=1.0)
+            insert("run_files", run_id=1, name="s", size=4, sha256=shas["shared"],
+                   created_at=1.0)
+            insert("checkpoints", id=1, run_id=2, step=0, size=8, metadata="{}",
+                   created_at=1.0)
+            for path, sha in (("c", shas["ckpt"]), ("s", shas["shared"])):
+                insert("checkpoint_files", checkpoint_id=1, path=path, size=4, sha256=sha)
+        database.migrate()
+        assert database.schema_revision() == "0003"
+        with database.read() as conn:
+            granted = {(int(project), str(sha)) for project, sha in conn.execute(
+                sa.text("SELECT project_id, sha256 FROM project_blobs"))}
+        assert granted == {(1, shas["file"]), (1, shas["shared"]), (2, shas["ckpt"]),
+                           (2, shas["shared"])}
     finally:
         database.dispose()
 
@@ -441,7 +481,7 @@ def test_migrating_again_changes_nothing_and_keeps_the_data(empty_database_url: 
         finally:
             second.dispose()
         assert schema_snapshot(database) == before
-        assert database.schema_revision() == "0002"
+        assert database.schema_revision() == "0003"
         with database.read() as conn:
             rows = conn.execute(sa.text("SELECT name, run_counter FROM projects")).all()
             versions = conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar()

@@ -314,3 +314,65 @@ def test_a_server_reachable_beyond_loopback_requires_a_key_without_auth_flag(
         assert_error(anonymous.request("GET", "/projects"), 401, "requires an API key")
         assert_error(anonymous.create(unique_project()), 401, "requires an API key")
     assert "no API key exists" in exposed.logs()  # and the operator is told how to make one
+
+
+def test_a_project_cannot_name_another_projects_blob_by_its_sha256(
+        secured: Secured, admin: Api) -> None:
+    """Blobs are stored once for the server. A key limited to one project that learnt the
+    SHA-256 of another project's weights could commit them as its own file and download
+    them (found by a security review): it must upload the bytes itself first."""
+    secret = b"weights of another team " * 100
+    sha = hashlib.sha256(secret).hexdigest()
+    theirs = admin.create_ok(unique_project("theirs"))
+    stored = admin.request("PUT", f"/runs/{theirs['id']}/blobs/{sha}", content=secret)
+    assert stored.status_code == 201, stored.text
+    committed = admin.request("POST", f"/runs/{theirs['id']}/files",
+                              json={"name": "w.bin", "sha256": sha, "size": len(secret)})
+    assert committed.status_code == 201, committed.text
+
+    with Api(secured.url, key=secured.scoped_key) as scoped:
+        ours = scoped.create_ok(secured.scoped_project)["id"]
+        missing = scoped.request("POST", f"/runs/{ours}/blobs/missing", json={"sha256": [sha]})
+        assert missing.json() == {"missing": [sha]}, "another project's blob is not ours"
+        for size in (1, len(secret)):  # a wrong size must not tell the real one either
+            taken = scoped.request("POST", f"/runs/{ours}/files",
+                                   json={"name": "stolen.bin", "sha256": sha, "size": size})
+            assert taken.status_code == 409, taken.text
+            assert str(len(secret)) not in taken.text and "were not uploaded" in taken.text
+        as_checkpoint = scoped.request("POST", f"/runs/{ours}/checkpoints", json={
+            "step": 0, "files": [{"path": "w.bin", "sha256": sha, "size": len(secret)}]})
+        assert as_checkpoint.status_code == 409, as_checkpoint.text
+        assert scoped.request("GET", f"/runs/{ours}/files/stolen.bin").status_code == 404
+
+        # With the bytes in hand it is its own blob (stored once all the same).
+        uploaded = scoped.request("PUT", f"/runs/{ours}/blobs/{sha}", content=secret)
+        assert uploaded.status_code == 201, uploaded.text
+        mine = scoped.request("POST", f"/runs/{ours}/files",
+                              json={"name": "mine.bin", "sha256": sha, "size": len(secret)})
+        assert mine.status_code == 201, mine.text
+        assert scoped.request("GET", f"/runs/{ours}/files/mine.bin").content == secret
+
+
+def test_a_scoped_key_ingesting_into_another_project_is_not_told_its_name(
+        secured: Secured, admin: Api) -> None:
+    """Run ids are small integers: naming each one's project in the refusal listed every
+    project on the server (found by a security review)."""
+    hidden = unique_project("hidden-name")
+    theirs = admin.create_ok(hidden)["id"]
+    with Api(secured.url, key=secured.scoped_key) as scoped:
+        refused = scoped.request("POST", "/ingest", json={"chunks": [
+            {"run": theirs, "session": "s", "seq": 0, "writer": 0}]})
+    assert refused.status_code == 403, refused.text
+    assert f"cannot reach run {theirs}" in refused.text and hidden not in refused.text
+
+
+def test_a_scoped_key_cannot_import_from_an_s3_bucket(secured: Secured) -> None:
+    """The server reads the bucket with its own credentials, which reach other teams'
+    buckets too: an ART import needs a key not limited to a project."""
+    with Api(secured.url, key=secured.scoped_key) as scoped:
+        ours = scoped.create_ok(secured.scoped_project)["id"]
+        refused = scoped.request("POST", f"/runs/{ours}/checkpoints/fork", json={
+            "from_run": "agent-007", "from_project": "email-agent",
+            "from_s3_bucket": "someone-elses-bucket"})
+    assert refused.status_code == 403, refused.text
+    assert "from_s3_bucket" in refused.text and "not limited to a project" in refused.text

@@ -466,6 +466,27 @@ def test_a_chunked_upload_arrives_whole(client: ApiClient) -> None:
     assert arrived["content_length"] is None
 
 
+def test_a_length_beside_chunked_framing_is_dropped_not_forwarded(
+        sidecar: SidecarProcess) -> None:
+    """RFC 9112 6.3: with transfer-encoding a proxy ignores and drops content-length. It was
+    forwarded beside the chunked body the proxy sends on: the server's connection was reset
+    and the client got a 500 (found by a security review; nothing was smuggled)."""
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(api_socket(sidecar)))
+        sock.sendall(b"POST /api/v1/count HTTP/1.1\r\nHost: pluto-sidecar\r\n"
+                     b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"200", data
+    arrived = json.loads(answer)
+    assert (arrived["bytes"], arrived["content_length"]) == (11, None), arrived
+
+
 def test_an_answer_the_server_breaks_off_is_not_passed_off_as_whole(
         client: ApiClient, sidecar: SidecarProcess) -> None:
     before = metric(sidecar, "pluto_sidecar_api_requests_total", status="broken")
