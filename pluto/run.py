@@ -41,6 +41,16 @@ log = logging.getLogger("pluto")
 MAX_CHECKED_KEYS = 100_000
 
 
+#: Exit codes of a process stopped by SIGINT or SIGTERM (128 + the signal's number), as a
+#: handler passes them to ``sys.exit``: the run is TERMINATED, not FAILED.
+STOPPED_BY_SIGNAL = (128 + 2, 128 + 15)
+
+FORKED_OFF = ("log() in a process forked from the one that called pluto.init() (a "
+              "multiprocessing or DataLoader worker) is not delivered: log from the process "
+              "that called init(), or call pluto.init() here with the same run id "
+              "(PLUTO_RUN_ID) and a RANK of its own")
+
+
 class Run:
     """One process's handle on a run. Every rank of a job holds its own ``Run``
     for the same shared run; ``log()`` never blocks on I/O."""
@@ -64,9 +74,11 @@ class Run:
         self._good_keys: set[str] = set()
         self._step = first_step - 1
         self._finished = False
+        #: This process is a fork of the one that started the run (see ``forked_off``).
+        self._forked_off = False
         self._finish_lock = threading.Lock()
         self._console: ConsoleCapture | None = None
-        self._warned_log_error = False
+        self._warned_log_errors: set[str] = set()
         self.undelivered_bytes = 0
         #: Where ``init(..., fork_checkpoint=True)`` put the forked checkpoint's files.
         self.checkpoint_path: Path | None = None
@@ -140,6 +152,15 @@ class Run:
     def finished(self) -> bool:
         return self._finished
 
+    def forked_off(self) -> None:
+        """Called in a child made by ``os.fork()`` (a multiprocessing or DataLoader worker with
+        the fork start method): the run's sender thread and spool are the parent's, so this
+        copy of the run is closed here. ``log()`` says so once instead of queueing points
+        that nothing would ever send, and ``finish()`` does nothing (the parent finishes)."""
+        self._forked_off = True
+        self._finished = True
+        self._console = None  # its reader threads are the parent's
+
     @property
     def writer(self) -> int:
         return self._pipeline.writer
@@ -155,22 +176,26 @@ class Run:
         """
         try:
             if self._finished:
-                self._warn_once("log() after finish() is ignored; start a new run with init()")
+                if self._forked_off:
+                    self._warn_once("forked", FORKED_OFF)
+                else:
+                    self._warn_once("after finish", "log() after finish() is ignored; start "
+                                    "a new run with init()")
                 return
             if step is None:
                 step = self._step + 1
             elif type(step) is not int:
                 raw: Any = step
                 if isinstance(raw, float) and not raw.is_integer():
-                    self._warn_once(f"log() needs a whole-number step, got {step!r}; this call "
-                                    "was skipped")
+                    self._warn_once("fractional step", f"log() needs a whole-number step, "
+                                    f"got {step!r}; this call was skipped")
                     return
                 step = int(step)
             # Checked here, not by the server: a step beyond 64 bits used to reach the sender
             # thread, where it failed the whole chunk (every valid point packed with it lost).
             if not 0 <= step <= MAX_STEP:
-                self._warn_once(f"log() needs a step between 0 and 2**63-1, got {step}; this "
-                                "call was skipped")
+                self._warn_once("step range", f"log() needs a step between 0 and "
+                                f"2**63-1, got {step}; this call was skipped")
                 return
             if timestamp is None:
                 at = time.time()
@@ -181,11 +206,10 @@ class Run:
                 # sender thread too; the points are kept, at the current time.
                 checked = finite_time(timestamp)
                 if checked is None:
-                    self._warn_once(f"log() got timestamp {timestamp!r}, not a finite number "
-                                    "of seconds; the current time is used")
+                    self._warn_once("timestamp", f"log() got timestamp {timestamp!r}, not "
+                                    "a finite number of seconds; the current time is used")
                     checked = time.time()
                 at = checked
-            self._step = step
             values: dict[str, float] = {}
             convert = self._converter.convert
             good = self._good_keys
@@ -194,7 +218,8 @@ class Run:
                     try:
                         key = str(key)
                     except Exception as exc:  # a key object whose __str__ raises
-                        self._warn_once(f"log() skipped a key whose str() failed: {exc!r}")
+                        self._warn_once("key str",
+                                        f"log() skipped a key whose str() failed: {exc!r}")
                         continue
                 if key not in good:
                     problem = key_problem(key)
@@ -212,12 +237,15 @@ class Run:
             if len(self._rows) >= self._limit:
                 self._pipeline.wait_for_room()
             self._rows.append((step, at, values))
+            self._step = step  # only now: a call that was skipped takes no step
         except Exception as exc:  # never crash the training loop
-            self._warn_once(f"log() failed and skipped this call: {exc!r}")
+            self._warn_once(type(exc).__name__, f"log() failed and skipped this call: {exc!r}")
 
-    def _warn_once(self, message: str) -> None:
-        if not self._warned_log_error:
-            self._warned_log_error = True
+    def _warn_once(self, kind: str, message: str) -> None:
+        """One warning per kind of mistake: the first of each, not only the first of all
+        (a later, different mistake was skipped in silence)."""
+        if kind not in self._warned_log_errors:
+            self._warned_log_errors.add(kind)
             warnings.warn(f"pluto: {message}", RuntimeWarning, stacklevel=3)
 
     # -- metadata -------------------------------------------------------------
@@ -416,6 +444,10 @@ class Run:
             self.finish()
         elif issubclass(kind, KeyboardInterrupt):
             self.finish(status=RunStatus.TERMINATED)
+        elif isinstance(exc, SystemExit) and exc.code in (0, None):
+            self.finish()  # sys.exit() or sys.exit(0): the script ended well
+        elif isinstance(exc, SystemExit) and exc.code in STOPPED_BY_SIGNAL:
+            self.finish(status=RunStatus.TERMINATED)  # e.g. a SIGTERM handler's sys.exit(143)
         else:
             self.finish(status=RunStatus.FAILED)
 

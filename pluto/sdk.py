@@ -21,7 +21,7 @@ from pluto.gpus import GpuLookup
 from pluto.pipeline import Pipeline
 from pluto.settings import Settings, default_dir
 from pluto.transport.base import Transport
-from pluto.transport.http import HttpTransport
+from pluto.transport.http import HttpTransport, check_server_url
 from pluto.transport.sidecar import SidecarTransport
 from pluto.values import MetadataCleaner
 from pluto.wire import RunCreate, RunStatus
@@ -117,6 +117,8 @@ def init(
         warnings.warn("pluto: inherit_config/inherit_tags only apply to forks; ignored",
                       RuntimeWarning, stacklevel=2)
     resolved = Settings.build(settings)
+    if not resolved.sidecar_socket:
+        check_server_url(resolved.url)  # before any request: a typo is not an outage
     project = project or os.environ.get("PLUTO_PROJECT") or DEFAULT_PROJECT
     if run_id is None and fork_run_id is None and not resume and os.environ.get("PLUTO_RUN_ID"):
         # The operator's pods of a forked PlutoRun: whichever process opens the run first
@@ -225,6 +227,16 @@ def current() -> Run | None:
     """The newest run of this process that is not finished."""
     with _lock:
         return _runs[-1] if _runs else None
+
+
+def _forked_off() -> None:
+    """In a child of ``os.fork()``: this process's copies of the runs send nothing. They stay
+    listed, so that ``pluto.log()`` there says why, not "before pluto.init()"."""
+    for run in _runs:
+        run.forked_off()
+
+
+os.register_at_fork(after_in_child=_forked_off)
 
 
 def forget(run: Run) -> None:

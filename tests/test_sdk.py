@@ -479,6 +479,86 @@ def test_context_manager_fails_the_run_on_an_exception(
     assert [r.value for r in metrics(shared_server, run)["v"]] == [1.0]
 
 
+@pytest.mark.parametrize(("code", "status"), [
+    (None, pluto.RunStatus.COMPLETED), (0, pluto.RunStatus.COMPLETED),
+    (3, pluto.RunStatus.FAILED), ("bad input", pluto.RunStatus.FAILED),
+    (143, pluto.RunStatus.TERMINATED), (130, pluto.RunStatus.TERMINATED)])
+def test_sys_exit_in_the_context_manager_ends_the_run_by_its_code(
+    shared_server: ServerProcess, start: Callable[..., pluto.Run], code: object,
+    status: pluto.RunStatus,
+) -> None:
+    """``sys.exit()`` / ``sys.exit(0)`` is a script that ended well: it marked the run
+    FAILED, as any other exception does."""
+    with pytest.raises(SystemExit), start() as run:
+        run.log({"v": 1.0})
+        sys.exit(code)
+    assert query.get_run(run.id, url=shared_server.url).status is status
+
+
+def test_each_kind_of_bad_log_call_warns_once_and_a_skipped_call_takes_no_step(
+    shared_server: ServerProcess, start: Callable[..., pluto.Run]
+) -> None:
+    """Only the first bad call of a run used to warn: a later, different mistake was
+    skipped in silence; and a call skipped for its data still took a step number."""
+    run = start()
+    run.log({"x": 1.0}, step=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.log({"x": 1.0}, step=-1)
+        run.log({"x": 1.0}, step=1.5)
+        run.log("not a mapping")  # type: ignore[arg-type]
+        run.log(None)  # type: ignore[arg-type]  # the same kind as the one before
+        run.log({"x": 2.0})
+    said = [str(w.message) for w in caught if "pluto" in str(w.message)]
+    assert len(said) == 3, said
+    assert "2**63-1" in said[0] and "whole-number" in said[1] and "skipped" in said[2]
+    run.finish()
+    assert [(r.step, r.value) for r in metrics(shared_server, run)["x"]] == [(0, 1.0), (1, 2.0)]
+
+
+FORKED_SCRIPT = """
+import os, sys, warnings, multiprocessing as mp
+import pluto
+
+def work(i):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pluto.log({"worker": i}, step=i)
+    return [str(w.message) for w in caught]
+
+if __name__ == "__main__":
+    run = pluto.init(project=sys.argv[2], dir=sys.argv[3],
+                     settings={"url": sys.argv[1], "console": False})
+    with mp.get_context("fork").Pool(2) as pool:
+        said = pool.map(work, range(4))
+    print("WORKER", said[0])
+    if os.fork() == 0:  # a bare fork whose child exits the usual way (atexit runs)
+        sys.exit(0)
+    os.wait()
+    run.log({"parent": 1.0}, step=0)
+    run.finish()
+    print("RUN", run.id)
+"""
+
+
+def test_logging_in_a_forked_child_says_it_is_not_delivered(
+    shared_server: ServerProcess, project: str, tmp_path: Path
+) -> None:
+    """A fork's copy of the run has no sender thread: its points were dropped in silence,
+    and a forked child that exited printed that its (nonexistent) data would be sent by the
+    next init()."""
+    done = subprocess.run([sys.executable, "-c", FORKED_SCRIPT, shared_server.url, project,
+                           str(tmp_path / "pluto")], capture_output=True, text=True,
+                          timeout=120, check=True)
+    worker = next(line for line in done.stdout.splitlines() if line.startswith("WORKER"))
+    assert "forked from the one that called pluto.init()" in worker, done.stdout
+    assert "could not deliver" not in done.stderr, done.stderr
+    run_id = int(done.stdout.split("RUN ")[1].split()[0])
+    stored = query.get_metrics(run_id, url=shared_server.url)
+    assert set(stored) == {"parent"}
+    assert query.get_run(run_id, url=shared_server.url).status is pluto.RunStatus.COMPLETED
+
+
 def test_module_level_log_and_finish_act_on_the_newest_run(
     shared_server: ServerProcess, start: Callable[..., pluto.Run]
 ) -> None:
@@ -510,6 +590,36 @@ def test_init_with_the_server_down_names_the_url(tmp_path: Path) -> None:
     assert 0.5 <= elapsed <= 4.0, f"init gave up after {elapsed:.1f}s with init_timeout=2"
     assert url in str(caught.value)
     assert not list(tmp_path.iterdir())  # nothing spooled for a run that never started
+
+
+def test_init_gives_up_within_init_timeout_on_a_server_that_never_answers(
+        tmp_path: Path) -> None:
+    """A server that takes the connection and never answers held init() for the whole HTTP
+    timeout (30 s), whatever init_timeout said."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(pluto.ServerUnavailable, match="gave up after 2s"):
+            pluto.init(project="p", dir=tmp_path, settings={
+                "url": url, "init_timeout": 2, "http_timeout": 30, "console": False})
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert elapsed <= 4.0, f"init gave up after {elapsed:.1f}s with init_timeout=2"
+
+
+@pytest.mark.parametrize("url", ["localhost:7300", "127.0.0.1:7300", "ftp://x", "",
+                                 " http://127.0.0.1:7300", "http://[::1", "http://"])
+def test_a_url_that_cannot_name_a_server_is_a_value_error_at_once(
+        tmp_path: Path, url: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"PLUTO_URL .* is not a server URL.*http://HOST:PORT"):
+        pluto.init(project="p", dir=tmp_path, settings={"url": url, "console": False})
+    # No request, no retry for init_timeout (15 s): a typo is not an outage.
+    assert time.monotonic() - started < 5.0
 
 
 def test_module_level_log_before_init_warns() -> None:

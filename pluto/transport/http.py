@@ -45,6 +45,23 @@ def ingest_body_head(n: int) -> bytes:
     return _INGEST_HEAD + header
 
 
+def check_server_url(url: str) -> str:
+    """``url`` as given when it can name a pluto server; ``ValueError`` saying what to set
+    otherwise. Without this, "localhost:7300" or "ftp://x" was retried for all of
+    ``init_timeout`` as if the server were down."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        problem = str(exc)
+    else:
+        problem = "" if parsed.scheme in ("http", "https") and parsed.host else (
+            "it needs http:// or https:// and a host")
+    if problem:
+        raise ValueError(f"PLUTO_URL (or url=) {url!r} is not a server URL: {problem}; set "
+                         "it to http://HOST:PORT, e.g. http://127.0.0.1:7300")
+    return url
+
+
 class _BearerKey(httpx.Auth):
     """Sends the key's current value with each request: a key that follows its file
     (``ApiKey``) changes while the client lives."""
@@ -75,6 +92,7 @@ class ApiClient:
         credentials; ``url`` then only names it in messages)."""
         self.url = url.rstrip("/")
         self.uds = uds
+        self.timeout = timeout
         key = api_key if isinstance(api_key, ApiKey) else ApiKey(api_key)
         transport = httpx.HTTPTransport(uds=uds) if uds else None
         base = SIDECAR_API_BASE if uds else self.url
@@ -94,7 +112,9 @@ class ApiClient:
 
     def call(self, method: str, path: str, reply: type[T], *, body: Any = None,
              params: dict[str, Any] | None = None, msgpack_reply: bool = False,
-             raw_body: bytes | None = None, content_type: str = JSON) -> T:
+             raw_body: bytes | None = None, content_type: str = JSON,
+             timeout: float | None = None) -> T:
+        """One request; ``timeout`` (seconds) instead of the client's for this one."""
         headers = {"accept": MSGPACK if msgpack_reply else JSON}
         content: bytes | None = raw_body
         if body is not None:
@@ -102,8 +122,9 @@ class ApiClient:
         if content is not None:
             headers["content-type"] = content_type
         try:
-            response = self._client.request(method, path, content=content, params=params,
-                                            headers=headers)
+            response = self._client.request(
+                method, path, content=content, params=params, headers=headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout)
         except httpx.TransportError as exc:
             raise ServerUnavailable(
                 f"cannot reach {self.where()}: {exc.__class__.__name__}: {exc}; "
@@ -147,8 +168,12 @@ class HttpTransport(Transport):
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
+            # Each try within what is left: a server that takes the connection and never
+            # answers must not hold init() for the client's whole (longer) timeout.
+            left = max(deadline - time.monotonic(), 0.1)
             try:
-                return self.client.call("POST", "/runs", RunAttached, body=request)
+                return self.client.call("POST", "/runs", RunAttached, body=request,
+                                        timeout=min(self.client.timeout, left))
             except ServerUnavailable as exc:
                 last = exc
             except RequestRejected as exc:
