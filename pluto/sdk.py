@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import sys
@@ -119,6 +120,8 @@ def init(
     resolved = Settings.build(settings)
     if not resolved.sidecar_socket:
         check_server_url(resolved.url)  # before any request: a typo is not an outage
+    root = default_dir(dir)
+    _check_spool_root(Path(root) / "spool")  # before the run exists on the server
     project = project or os.environ.get("PLUTO_PROJECT") or DEFAULT_PROJECT
     if run_id is None and fork_run_id is None and not resume and os.environ.get("PLUTO_RUN_ID"):
         # The operator's pods of a forked PlutoRun: whichever process opens the run first
@@ -180,7 +183,6 @@ def init(
         first_step = info.fork_step + 1
     else:
         first_step = 0
-    root = default_dir(dir)
     pipeline = Pipeline(
         run_id=info.id,
         writer=resolved.writer,
@@ -217,6 +219,29 @@ def init(
     return run
 
 
+def _check_spool_root(spool: Path) -> None:
+    """``ValueError`` naming ``dir`` / ``PLUTO_DIR`` when the local spool cannot live there:
+    found after the run was opened, it was an ``OSError`` that left an empty run RUNNING."""
+    # Made and taken away again: a run that is never opened leaves nothing behind.
+    made: list[Path] = []  # deepest first
+    probe = spool
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        if not os.access(spool, os.W_OK | os.X_OK):
+            raise PermissionError(f"{spool} is not writable")
+    except OSError as exc:
+        raise ValueError(f"dir= (or PLUTO_DIR) {str(spool.parent)!r} cannot hold pluto's local "
+                         f"spool: {exc.strerror or exc}; point it at a writable directory"
+                         ) from None
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 def _direct(settings: Settings) -> dict[str, Any]:
     """Connection arguments of the module-level calls: the sidecar's API socket when
     these settings have a sidecar, else their server and key."""
@@ -249,8 +274,10 @@ def log(data: Mapping[str, Any], step: int | None = None,
         timestamp: float | None = None) -> None:
     run = current()
     if run is None:
-        warnings.warn("pluto.log() before pluto.init(): nothing was logged", RuntimeWarning,
-                      stacklevel=2)
+        when = ("after every run of this process finished" if _hooks_installed
+                else "before pluto.init()")
+        warnings.warn(f"pluto.log() {when}: nothing was logged; start a run with "
+                      "pluto.init()", RuntimeWarning, stacklevel=2)
         return
     run.log(data, step=step, timestamp=timestamp)
 

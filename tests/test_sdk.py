@@ -559,6 +559,20 @@ def test_logging_in_a_forked_child_says_it_is_not_delivered(
     assert query.get_run(run_id, url=shared_server.url).status is pluto.RunStatus.COMPLETED
 
 
+def test_a_dir_that_cannot_hold_the_spool_is_a_value_error_and_no_run_is_made(
+    shared_server: ServerProcess, project: str, tmp_path: Path
+) -> None:
+    """Found after the run was opened, it was an ``OSError`` (not one init() documents) and
+    the run stayed on the server, empty and RUNNING."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"PLUTO_DIR.*cannot hold pluto's local spool"):
+        pluto.init(project=project, dir=blocker / "sub", settings={
+            "url": shared_server.url, "console": False})
+    with pytest.raises(pluto.RequestRejected, match="does not exist"):  # no run, no project
+        query.list_runs(project, url=shared_server.url)
+
+
 def test_module_level_log_and_finish_act_on_the_newest_run(
     shared_server: ServerProcess, start: Callable[..., pluto.Run]
 ) -> None:
@@ -627,6 +641,15 @@ def test_module_level_log_before_init_warns() -> None:
     with pytest.warns(RuntimeWarning, match="init"):
         pluto.log({"v": 1.0})
     pluto.finish()  # nothing to finish: a no-op, not an error
+
+
+def test_module_level_log_after_the_run_finished_says_so(
+    start: Callable[..., pluto.Run]
+) -> None:
+    """It said "before pluto.init()", to a script that had called it."""
+    start().finish()
+    with pytest.warns(RuntimeWarning, match="after every run of this process finished"):
+        pluto.log({"v": 1.0})
 
 
 # -- process exit (real subprocesses) ---------------------------------------------------
