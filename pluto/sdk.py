@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import secrets
 import sys
@@ -222,12 +221,8 @@ def init(
 def _check_spool_root(spool: Path) -> None:
     """``ValueError`` naming ``dir`` / ``PLUTO_DIR`` when the local spool cannot live there:
     found after the run was opened, it was an ``OSError`` that left an empty run RUNNING."""
-    # Made and taken away again: a run that is never opened leaves nothing behind.
-    made: list[Path] = []  # deepest first
-    probe = spool
-    while not probe.exists() and probe != probe.parent:
-        made.append(probe)
-        probe = probe.parent
+    # Made, and left (empty) when the run is not opened after all: taken away again, it
+    # could vanish under another rank that shares the dir and is making its session there.
     try:
         spool.mkdir(parents=True, exist_ok=True)
         if not os.access(spool, os.W_OK | os.X_OK):
@@ -236,10 +231,6 @@ def _check_spool_root(spool: Path) -> None:
         raise ValueError(f"dir= (or PLUTO_DIR) {str(spool.parent)!r} cannot hold pluto's local "
                          f"spool: {exc.strerror or exc}; point it at a writable directory"
                          ) from None
-    finally:
-        for path in made:
-            with contextlib.suppress(OSError):
-                path.rmdir()
 
 
 def _direct(settings: Settings) -> dict[str, Any]:
