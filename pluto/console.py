@@ -114,6 +114,17 @@ _active: list[ConsoleCapture] = []
 _active_lock = threading.Lock()
 
 
+def _forget_in_forked_child() -> None:
+    """A child of ``os.fork()`` has none of the parent's reader threads (and the lock may
+    have been held by one of the parent's threads): it starts with no capture."""
+    global _active_lock
+    _active.clear()
+    _active_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_forked_child)
+
+
 class ConsoleCapture:
     def __init__(self, sink: Callable[[LogLine], None]) -> None:
         for stream in (sys.stdout, sys.stderr):
