@@ -262,7 +262,8 @@ class Pipeline:
             else:  # one log() call of hundreds of thousands of keys: no server takes it
                 _dead_letter(self.spool_root, payload, RequestRejected(
                     413, f"one log() call made a chunk of {len(payload)} bytes, more than "
-                    f"{MAX_CHUNK_BYTES} can be sent; log fewer keys per call"), self.state)
+                    f"{MAX_CHUNK_BYTES} can be sent; log fewer keys per call"), self.state,
+                    refused_by="pluto (before sending it)")
                 return
             del payload
             for part_rows, part_lines in parts:
@@ -405,8 +406,9 @@ def _deliver_one(payload: bytes, transport: Transport, state: DeliveryState,
     return True
 
 
-def _dead_letter(root: Path, payload: bytes, exc: RequestRejected, state: DeliveryState) -> None:
-    """Set a refused chunk aside with the server's reason: never retried forever, never lost."""
+def _dead_letter(root: Path, payload: bytes, exc: RequestRejected, state: DeliveryState, *,
+                 refused_by: str = "the server") -> None:
+    """Set a refused chunk aside with the reason: never retried forever, never lost."""
     state.dead_letters += 1
     path = root.parent / "dead-letter.msgpack"
     record: dict[str, Any] = {"at": time.time(), "status": exc.status_code,
@@ -414,6 +416,7 @@ def _dead_letter(root: Path, payload: bytes, exc: RequestRejected, state: Delive
     with open(path, "ab") as handle:
         handle.write(encode_msgpack(record))
     warnings.warn(
-        f"pluto: the server refused a chunk of data for good ({exc}); it was set aside in "
+        f"pluto: {refused_by} refused a chunk of data for good "
+        f"({exc if refused_by == 'the server' else exc.detail}); it was set aside in "
         f"{path}", RuntimeWarning, stacklevel=2,
     )

@@ -117,6 +117,8 @@ def test_one_log_call_too_big_for_any_chunk_is_set_aside_saying_so(
     said = [str(w.message) for w in caught if "refused a chunk" in str(w.message)]
     assert len(said) == 1 and "log fewer keys per call" in said[0], [
         str(w.message) for w in caught]
+    # Refused before it was sent: not the server's 413 (as the warning used to say).
+    assert "pluto (before sending it) refused" in said[0] and "HTTP 413" not in said[0]
     assert (tmp_path / "pluto" / "dead-letter.msgpack").stat().st_size > MAX_CHUNK_BYTES
     small = query.get_metrics(run.id, url=shared_server.url)["small"]
     assert [row.value for row in small] == [1.0, 2.0]  # type: ignore[union-attr]
