@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from pluto.wire import (
     LOG_STREAMS,
     MAX_KEY_LENGTH,
+    MAX_WRITER,
     STDERR,
     STDOUT,
     SYSTEM_PREFIX,
@@ -106,7 +107,7 @@ def validate(chunks: Sequence[ChunkHeader]) -> list[Points]:
                 raise Unprocessable(f"{where}: {name} holds a NUL character: remove it")
         if not 0 <= chunk.seq <= INT64_MAX:
             raise Unprocessable(f"{where}: seq must be between 0 and 2**63-1")
-        if not 0 <= chunk.writer <= INT32_MAX:
+        if not 0 <= chunk.writer <= MAX_WRITER:
             raise Unprocessable(f"{where}: writer (the rank) must be between 0 and 2**31-1")
         for key in chunk.keys:
             if not key or len(key) > MAX_KEY_LENGTH:
