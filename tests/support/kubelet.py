@@ -1056,7 +1056,9 @@ class LocalKubelet:
                 if container.running and container.liveness_failed.is_set():
                     self._stop(container, grace=self.grace, reason="Killed")
                 self._reap(container)
-            running = [c for c in regular if c.running]
+            # Not ``c.running``: a process that ends between its ``_reap`` and here would be
+            # neither running nor reaped, and the pod failed with its exit code unknown.
+            running = [c for c in regular if c.result.exit_code is None]
             if not running:
                 break
             exits = [c.result.finished_at for c in regular if c.result.finished_at is not None]
